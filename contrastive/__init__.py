@@ -1,0 +1,1 @@
+"""Contrastive image-text pretraining: CLIP, SigLIP, CapPa and CoCa with torchrun, Hydra and webdataset."""

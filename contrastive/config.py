@@ -1,0 +1,191 @@
+"""Typed configuration schemas, registered in Hydra's ConfigStore.
+
+`conf/train.yaml` composes on top of `TrainConfig`, so an unknown key or a value of the wrong type fails at
+start-up with a message naming it. `validate` adds the checks types cannot express (ranges, choices,
+divisibility) and raises `ValueError` with one clear line.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "clip"  # registry name, see contrastive.models.list_models()
+    open_clip_name: str | None = None  # start from an open_clip model config, e.g. ViT-B-32
+    embed_dim: int | None = None  # overrides the open_clip config when set
+    vision: dict[str, Any] = field(default_factory=dict)  # open_clip CLIPVisionCfg fields
+    text: dict[str, Any] = field(default_factory=dict)  # open_clip CLIPTextCfg fields
+    quick_gelu: bool = False
+    init_logit_scale: float = math.log(1 / 0.07)
+    init_logit_bias: float | None = None
+    max_logit_scale: float = 100.0
+    pretrained: str | None = None  # a local checkpoint file; nothing is downloaded
+    image_mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
+    image_std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+    interpolation: str = "bicubic"
+
+
+@dataclass
+class LossConfig:
+    name: str = "clip"  # registry name, see contrastive.losses.list_losses()
+
+
+@dataclass
+class SourceConfig:
+    name: str = "default"
+    shards: str = "???"  # brace pattern(s), several joined with '::'
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    batch_size: int = 256  # global, over all ranks
+    num_workers: int = 2  # per rank
+    shuffle_buffer: int = 2000
+    resampled: bool = True  # draw shards with replacement (infinite stream) instead of epoch passes
+    crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
+    horizontal_flip: bool = False
+    max_skip_fraction: float = 0.1  # stop when more than this fraction of samples is bad
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "torch.optim.AdamW"  # import path; the kwargs below are passed to it
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    extra_kwargs: dict[str, Any] = field(default_factory=dict)
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | linear | constant, after warmup
+    min_lr_ratio: float = 0.0
+    grad_clip_norm: float | None = 1.0
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    log_every: int = 10
+    checkpoint_every: int = 200
+    keep_last_checkpoints: int = 2
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    threads_per_process: int | None = None  # CPU threads; None divides the cores among local ranks
+    progress_bar: bool = True
+    deterministic: bool = False
+
+
+@dataclass
+class DistConfig:
+    device: str = "auto"  # auto | cpu | cuda
+    backend: str = "auto"  # auto | gloo | nccl
+    timeout_minutes: float = 30.0
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "contrastive"
+    entity: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class ZeroShotDatasetConfig:
+    name: str = "???"
+    root: str = "???"  # clip_benchmark wds layout: ROOT/{split}/*.tar, classnames.txt, templates file
+    split: str = "test"
+
+
+@dataclass
+class EvalConfig:
+    zeroshot: list[ZeroShotDatasetConfig] = field(default_factory=list)
+    every_steps: int = 0  # 0: only at the end of training
+    at_end: bool = True
+    batch_size: int = 512
+
+
+@dataclass
+class TrainConfig:
+    name: str = "default"
+    run_dir: str = "runs/${name}"
+    seed: int = 0
+    resume: str | None = None  # None | latest | path to a checkpoint file
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def register_configs() -> None:
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _require_choice(value: str, name: str, choices: tuple[str, ...]) -> None:
+    _require(value in choices, f"{name}={value!r} is not one of {', '.join(choices)}")
+
+
+def validate(cfg: TrainConfig, world_size: int = 1) -> None:
+    """Check what the schema's types cannot; raise ValueError naming the offending key."""
+    from contrastive.losses import list_losses
+    from contrastive.models import list_models
+
+    _require_choice(cfg.model.arch, "model.arch", tuple(list_models()))
+    _require_choice(cfg.loss.name, "loss.name", tuple(list_losses()))
+    _require(cfg.model.max_logit_scale > 0, "model.max_logit_scale must be positive")
+    _require(len(cfg.model.image_mean) == 3 and len(cfg.model.image_std) == 3,
+             "model.image_mean and model.image_std need three values (RGB)")
+    data = cfg.data
+    _require(len(data.sources) > 0, "data.sources is empty: give at least one source with shards")
+    for index, source in enumerate(data.sources):
+        _require(source.weight > 0, f"data.sources[{index}].weight must be positive, got {source.weight}")
+    _require(data.batch_size > 0, f"data.batch_size must be positive, got {data.batch_size}")
+    _require(data.batch_size % world_size == 0,
+             f"data.batch_size={data.batch_size} is not divisible by the world size {world_size}")
+    _require(data.num_workers >= 0, f"data.num_workers must be >= 0, got {data.num_workers}")
+    _require(data.shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0, got {data.shuffle_buffer}")
+    _require(len(data.crop_scale) == 2 and 0 < data.crop_scale[0] <= data.crop_scale[1] <= 1,
+             f"data.crop_scale must be [low, high] with 0 < low <= high <= 1, got {list(data.crop_scale)}")
+    _require(0 <= data.max_skip_fraction <= 1, "data.max_skip_fraction must be within [0, 1]")
+    optim = cfg.optim
+    _require(optim.lr > 0, f"optim.lr must be positive, got {optim.lr}")
+    _require(optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {optim.weight_decay}")
+    _require(len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas),
+             f"optim.betas must be two values in [0, 1), got {list(optim.betas)}")
+    _require(optim.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {optim.warmup_steps}")
+    _require_choice(optim.schedule, "optim.schedule", ("cosine", "linear", "constant"))
+    _require(0 <= optim.min_lr_ratio <= 1, "optim.min_lr_ratio must be within [0, 1]")
+    _require(optim.grad_clip_norm is None or optim.grad_clip_norm > 0, "optim.grad_clip_norm must be positive or null")
+    trainer = cfg.trainer
+    _require(trainer.max_steps > 0, f"trainer.max_steps must be positive, got {trainer.max_steps}")
+    _require(trainer.log_every > 0, f"trainer.log_every must be positive, got {trainer.log_every}")
+    _require(trainer.checkpoint_every > 0, f"trainer.checkpoint_every must be positive, got {trainer.checkpoint_every}")
+    _require(trainer.keep_last_checkpoints > 0, "trainer.keep_last_checkpoints must be positive")
+    _require_choice(trainer.precision, "trainer.precision", ("auto", "fp32", "bf16"))
+    _require_choice(cfg.dist.device, "dist.device", ("auto", "cpu", "cuda"))
+    _require_choice(cfg.dist.backend, "dist.backend", ("auto", "gloo", "nccl"))
+    _require_choice(cfg.logger.wandb.mode, "logger.wandb.mode", ("offline", "online", "disabled"))
+    _require(cfg.eval.every_steps >= 0, "eval.every_steps must be >= 0")
+    _require(cfg.resume in (None, "latest") or cfg.resume.endswith(".pt"),
+             f"resume must be null, 'latest' or a checkpoint .pt file, got {cfg.resume!r}")

@@ -1,0 +1,99 @@
+"""Builds the DataLoaders the trainer and evaluators use, from the typed configs."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from contrastive.config import DataConfig, ModelConfig
+from contrastive.data.reader import iter_shard
+from contrastive.data.shards import check_epoch_mode_slots, check_local_shards_exist, expand_shards
+from contrastive.data.stream import ImageTextStream, Source, StreamLayout, decode_sample
+from contrastive.data.transforms import BadSample, build_eval_transform, build_train_transform
+
+
+def model_image_size(model_cfg: ModelConfig) -> int:
+    from contrastive.models.registry import tower_configs
+
+    _, vision, _ = tower_configs(model_cfg)
+    size = vision.get("image_size", 224)
+    if isinstance(size, (list, tuple)):
+        if size[0] != size[1]:
+            raise ValueError(f"model.vision.image_size={size}: only square images are supported")
+        size = size[0]
+    return int(size)
+
+
+def build_train_loader(
+    data: DataConfig,
+    model_cfg: ModelConfig,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    *,
+    rank: int,
+    world_size: int,
+    seed: int,
+    start_step: int = 0,
+    positions: dict[int, dict] | None = None,
+    pin_memory: bool = False,
+) -> DataLoader:
+    sources = []
+    for source in data.sources:
+        urls = expand_shards(source.shards)
+        check_local_shards_exist(urls, source.name)
+        sources.append(Source(name=source.name, urls=urls, weight=source.weight))
+    image_size = model_image_size(model_cfg)
+    transform = build_train_transform(
+        image_size, list(model_cfg.image_mean), list(model_cfg.image_std), model_cfg.interpolation,
+        crop_scale=tuple(data.crop_scale), horizontal_flip=data.horizontal_flip,
+    )
+    layout = StreamLayout(
+        rank=rank, world_size=world_size, num_workers=max(1, data.num_workers), seed=seed,
+        resampled=data.resampled, shuffle_buffer=data.shuffle_buffer,
+    )
+    if not data.resampled:
+        for source in sources:  # fail now, not inside a worker
+            check_epoch_mode_slots(len(source.urls), world_size, layout.num_workers, source.name)
+    stream = ImageTextStream(
+        sources, layout, transform, tokenizer, image_size, data.batch_size // world_size,
+        max_skip_fraction=data.max_skip_fraction, start_step=start_step, positions=positions,
+    )
+    return DataLoader(
+        stream, batch_size=None, num_workers=data.num_workers, pin_memory=pin_memory,
+        persistent_workers=data.num_workers > 0, prefetch_factor=4 if data.num_workers > 0 else None,
+    )
+
+
+class LabelledShards(IterableDataset):
+    """Every sample of a fixed shard list once, in order (for evaluation): (image, caption, label, key)."""
+
+    def __init__(self, urls: list[str], transform: Callable, image_size: int) -> None:
+        super().__init__()
+        self.urls = urls
+        self.transform = transform
+        self.image_size = image_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, str, int, str]]:
+        info = get_worker_info()
+        urls = self.urls if info is None else self.urls[info.id :: info.num_workers]
+        skipped: Counter = Counter()
+        for url in urls:
+            for raw in iter_shard(url, skipped):
+                try:
+                    image, caption, label = decode_sample(raw, self.transform, self.image_size, require_caption=False)
+                except BadSample as bad:
+                    # Skipping would change the denominator of every metric, so evaluation refuses bad data.
+                    raise ValueError(f"bad evaluation sample {raw['__key__']} in {url}: {bad}") from bad
+                yield image, caption, -1 if label is None else label, str(raw["__key__"])
+        if skipped:
+            raise ValueError(f"evaluation shards are damaged: {dict(skipped)} in {urls}")
+
+
+def build_eval_loader(urls: list[str], model_cfg: ModelConfig, batch_size: int, num_workers: int = 0) -> DataLoader:
+    check_local_shards_exist(urls, "evaluation")
+    image_size = model_image_size(model_cfg)
+    transform = build_eval_transform(image_size, list(model_cfg.image_mean), list(model_cfg.image_std), model_cfg.interpolation)
+    dataset = LabelledShards(urls, transform, image_size)
+    return DataLoader(dataset, batch_size=batch_size, num_workers=min(num_workers, len(urls)))

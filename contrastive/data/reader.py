@@ -1,0 +1,53 @@
+"""Reading raw samples (bytes per extension) out of webdataset tar shards, counting what is broken."""
+
+from __future__ import annotations
+
+import logging
+import tarfile
+from collections import Counter
+from collections.abc import Iterator
+
+import webdataset as wds
+
+log = logging.getLogger(__name__)
+
+RawSample = dict[str, object]  # {"__key__": str, "__url__": str, "jpg": bytes, "txt": bytes, ...}
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """img2dataset names files KEY.EXT; the key ends at the first dot of the base name."""
+    directory, _, base = name.rpartition("/")
+    stem, _, extension = base.partition(".")
+    key = f"{directory}/{stem}" if directory else stem
+    return key, extension.lower()
+
+
+def iter_shard(url: str, skipped: Counter) -> Iterator[RawSample]:
+    """Yield the samples of one shard; an unopenable or truncated shard is counted and ends early, not fatally."""
+    try:
+        stream = wds.gopen(url)
+    except Exception as error:  # noqa: BLE001 - any opener failure (missing file, pipe, network) is a bad shard
+        skipped["unreadable_shard"] += 1
+        log.warning("cannot open shard %s: %s", url, error)
+        return
+    current: RawSample | None = None
+    try:
+        with stream, tarfile.open(fileobj=stream, mode="r|*") as archive:
+            for member in archive:
+                if not member.isreg():
+                    continue
+                key, extension = split_key(member.name)
+                if key.startswith("__") or not extension:
+                    continue
+                data = archive.extractfile(member).read()
+                if current is None or current["__key__"] != key:
+                    if current is not None:
+                        yield current
+                    current = {"__key__": key, "__url__": url}
+                current[extension] = data
+    except (tarfile.TarError, EOFError, OSError, ValueError) as error:
+        skipped["truncated_shard"] += 1
+        log.warning("shard %s is truncated or corrupt after %s: %s", url, current and current["__key__"], error)
+        current = None  # the sample being read when the shard broke may be missing files
+    if current is not None:
+        yield current

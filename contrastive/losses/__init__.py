@@ -1,0 +1,6 @@
+"""Training objectives. Each is a small module with one interface: loss(output, batch, collectives) -> LossOutput."""
+
+from contrastive.losses.registry import LOSSES, build_loss, list_losses
+from contrastive.losses import clip  # noqa: F401  (registers "clip")
+
+__all__ = ["LOSSES", "build_loss", "list_losses"]

@@ -1,0 +1,52 @@
+"""CLIP softmax contrastive loss over the global batch (Radford et al. 2021).
+
+Each rank scores its local images against every text in the global batch and its local texts against every
+image, so the mean of the per-rank losses is the symmetric cross-entropy over the global batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from contrastive.config import LossConfig
+from contrastive.dist.collectives import Collectives
+from contrastive.losses.registry import LOSSES
+from contrastive.types import Batch, LossOutput, ModelOutput
+
+
+def clip_loss(
+    image_features: torch.Tensor,  # (B, D) local
+    text_features: torch.Tensor,  # (B, D) local
+    logit_scale: torch.Tensor,
+    collectives: Collectives,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (loss, image-to-text accuracy of the local rows)."""
+    all_image_features = collectives.all_gather_with_grad(image_features)  # (N, D)
+    all_text_features = collectives.all_gather_with_grad(text_features)  # (N, D)
+    local_batch = image_features.shape[0]
+    targets = torch.arange(local_batch, device=image_features.device) + collectives.rank * local_batch
+    logits_per_image = logit_scale * image_features @ all_text_features.T  # (B, N)
+    logits_per_text = logit_scale * text_features @ all_image_features.T  # (B, N)
+    loss = (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets)) / 2
+    accuracy = (logits_per_image.argmax(dim=-1) == targets).float().mean()
+    return loss, accuracy
+
+
+class ClipLoss:
+    def __init__(self, cfg: LossConfig) -> None:
+        self.cfg = cfg
+
+    def __call__(self, output: ModelOutput, batch: Batch, collectives: Collectives) -> LossOutput:
+        loss, accuracy = clip_loss(output.image_features, output.text_features, output.logit_scale, collectives)
+        return LossOutput(
+            loss=loss,
+            metrics={
+                "contrastive_loss": loss.detach(),
+                "i2t_accuracy": accuracy.detach(),
+                "logit_scale": output.logit_scale.detach(),
+            },
+        )
+
+
+LOSSES.register("clip")(ClipLoss)

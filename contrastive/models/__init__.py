@@ -1,0 +1,7 @@
+"""Models: two-tower contrastive (CLIP / SigLIP) and captioning models, built from typed configs."""
+
+from contrastive.models.registry import MODELS, build_model, list_models
+from contrastive.models.tokenizer import build_tokenizer
+from contrastive.models import two_tower  # noqa: F401  (registers "clip")
+
+__all__ = ["MODELS", "build_model", "build_tokenizer", "list_models"]

@@ -1,0 +1,63 @@
+"""Two-tower contrastive model (CLIP, SigLIP): an open_clip image tower and text tower with a learnable temperature."""
+
+from __future__ import annotations
+
+import math
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+from torch import nn
+
+from contrastive.config import ModelConfig
+from contrastive.models.registry import MODELS, tower_configs
+from contrastive.types import ModelOutput
+
+
+@MODELS.register("clip")
+class TwoTowerModel(nn.Module):
+    """Wraps an open_clip `CLIP` (or `CustomTextCLIP`), so its state dict stays loadable by open_clip under `clip.`."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        embed_dim, vision, text = tower_configs(cfg)
+        custom_text = bool(cfg.open_clip_name and open_clip.get_model_config(cfg.open_clip_name).get("custom_text"))
+        model_class = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
+        self.clip = model_class(
+            embed_dim,
+            CLIPVisionCfg(**vision),
+            CLIPTextCfg(**text),
+            quick_gelu=cfg.quick_gelu,
+            init_logit_scale=cfg.init_logit_scale,
+            init_logit_bias=cfg.init_logit_bias,
+        )
+        self.max_log_logit_scale = math.log(cfg.max_logit_scale)
+        self.embed_dim = embed_dim
+        self.context_length = text.get("context_length", 77)
+
+    @property
+    def visual(self) -> nn.Module:
+        return self.clip.visual
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        features = self.clip.encode_image(images)  # (B, D)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        features = self.clip.encode_text(tokens)  # (B, D)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def logit_scale(self) -> torch.Tensor:
+        # Clamping the log-parameter in the forward pass zeroes its gradient at the cap, so it stays there.
+        return self.clip.logit_scale.clamp(max=self.max_log_logit_scale).exp()
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> ModelOutput:
+        bias = self.clip.logit_bias if getattr(self.clip, "logit_bias", None) is not None else None
+        return ModelOutput(
+            image_features=self.encode_image(images),
+            text_features=self.encode_text(tokens),
+            logit_scale=self.logit_scale(),
+            logit_bias=bias,
+        )

@@ -1,0 +1,1 @@
+"""Training: the trainer, optimiser and schedule, checkpoints, metric logging."""

@@ -1,0 +1,218 @@
+"""The trainer: builds everything in one fixed order, then runs a short loop.
+
+Order: process group -> model -> data parallel wrap -> optimiser and schedule -> checkpoint restore ->
+data (it needs the restored stream position) -> evaluators -> loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from contrastive.config import TrainConfig, validate
+from contrastive.data.loader import build_train_loader
+from contrastive.dist import DistEnv, init_distributed
+from contrastive.dist.parallel import unwrap, wrap_data_parallel
+from contrastive.eval.zeroshot import ZeroShotClassification
+from contrastive.losses import build_loss
+from contrastive.models import build_model, build_tokenizer
+from contrastive.train import checkpoint as ckpt
+from contrastive.train.metrics import MetricsLogger
+from contrastive.train.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+MAX_CONSECUTIVE_NONFINITE_STEPS = 5
+
+
+@dataclass
+class TrainResult:
+    final_step: int
+    final_loss: float | None
+    eval_metrics: dict[str, float]
+
+
+def _set_threads(cfg: TrainConfig) -> None:
+    threads = cfg.trainer.threads_per_process
+    if threads is None:
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        threads = max(1, (os.cpu_count() or 1) // local_ranks)
+    torch.set_num_threads(threads)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, env: DistEnv | None = None) -> None:
+        self.cfg = cfg
+        self.env = env or init_distributed(cfg.dist.device, cfg.dist.backend, cfg.dist.timeout_minutes)
+        validate(cfg, self.env.world_size)
+        _set_threads(cfg)
+        torch.manual_seed(cfg.seed + self.env.rank)
+        random.seed(cfg.seed + self.env.rank)
+        if cfg.trainer.deterministic:
+            torch.use_deterministic_algorithms(True)
+        self.run_dir = Path(cfg.run_dir)
+        resume_path = ckpt.resolve_resume(cfg.resume, self.run_dir)
+        if cfg.resume is None and ckpt.list_checkpoints(self.run_dir):
+            raise ValueError(f"{self.run_dir} already holds checkpoints of another run; "
+                             f"pass resume=latest to continue it, or choose another name=")
+
+        self.model = build_model(cfg.model).to(self.env.device)
+        self.tokenizer = build_tokenizer(cfg.model)
+        self.parallel_model = wrap_data_parallel(self.model, self.env)
+        self.objective = build_loss(cfg.loss)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
+
+        self.step = 0
+        self.data_positions: dict[int, dict] = {}
+        if resume_path is not None:
+            self._restore(resume_path)
+        self.loader = build_train_loader(
+            cfg.data, cfg.model, self.tokenizer, rank=self.env.rank, world_size=self.env.world_size,
+            seed=cfg.seed, start_step=self.step, positions=self.data_positions,
+            pin_memory=self.env.device.type == "cuda",
+        )
+        self.evaluators = [
+            ZeroShotClassification(d.name, d.root, d.split, batch_size=cfg.eval.batch_size)
+            for d in cfg.eval.zeroshot
+        ]
+        self.config_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+        self.logger = MetricsLogger(
+            cfg.logger, self.run_dir, cfg.name, self.config_dict, enabled=self.env.is_main,
+            total_steps=cfg.trainer.max_steps, start_step=self.step, progress_bar=cfg.trainer.progress_bar,
+        )
+
+    def _autocast(self):
+        precision = self.cfg.trainer.precision
+        use_bf16 = precision == "bf16" or (precision == "auto" and self.env.device.type == "cuda")
+        return torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    def train(self) -> TrainResult:
+        cfg, env = self.cfg, self.env
+        local_batch = cfg.data.batch_size // env.world_size
+        batches = iter(self.loader)
+        metrics: dict[str, float] = {}
+        nonfinite_in_a_row = 0
+        window_start, window_samples = time.perf_counter(), 0
+        while self.step < cfg.trainer.max_steps:
+            batch = next(batches).to(env.device)
+            self.data_positions[batch.stream_state["worker"]] = batch.stream_state
+            with self._autocast():
+                output = self.parallel_model(batch.images, batch.tokens)
+                result = self.objective(output, batch, env.collectives)
+            result.loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip_norm or float("inf"))
+            # Gradients are all-reduced, so every rank sees the same norm and takes the same branch.
+            if torch.isfinite(grad_norm):
+                self.optimizer.step()
+                nonfinite_in_a_row = 0
+            else:
+                nonfinite_in_a_row += 1
+                self._on_nonfinite(result, nonfinite_in_a_row)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self.step += 1
+            window_samples += local_batch * env.world_size
+            self.logger.advance()
+
+            if self.step % cfg.trainer.log_every == 0 or self.step == cfg.trainer.max_steps:
+                elapsed = time.perf_counter() - window_start
+                metrics = self._reduce_metrics(result, grad_norm, batch)
+                metrics["samples_per_second"] = window_samples / max(elapsed, 1e-9)
+                self.logger.log(self.step, metrics)
+                window_start, window_samples = time.perf_counter(), 0
+            if self.step % cfg.trainer.checkpoint_every == 0 or self.step == cfg.trainer.max_steps:
+                self.save()
+            if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < cfg.trainer.max_steps:
+                self.evaluate()
+        eval_metrics = self.evaluate() if cfg.eval.at_end else {}
+        self.logger.close()
+        return TrainResult(self.step, metrics.get("loss"), eval_metrics)
+
+    def _on_nonfinite(self, result, in_a_row: int) -> None:
+        log.warning("step %d: non-finite loss or gradients (loss=%s); step skipped", self.step, result.loss.item())
+        if in_a_row >= MAX_CONSECUTIVE_NONFINITE_STEPS:
+            last = ckpt.list_checkpoints(self.run_dir)
+            raise FloatingPointError(
+                f"{in_a_row} non-finite steps in a row ending at step {self.step} "
+                f"(loss terms: { {k: float(v) for k, v in result.metrics.items()} }); "
+                f"last good checkpoint: {last[-1][1] if last else 'none'}"
+            )
+
+    def _reduce_metrics(self, result, grad_norm: torch.Tensor, batch) -> dict[str, float]:
+        names = ["loss", *result.metrics]
+        values = torch.stack([result.loss.detach().float(), *(v.float() for v in result.metrics.values())])
+        values = self.env.collectives.all_reduce_mean(values)
+        metrics = {name: float(value) for name, value in zip(names, values)}
+        skipped = sum(batch.stream_state["skipped"].values())
+        metrics["data_skipped_samples"] = float(self.env.collectives.all_reduce_sum(torch.tensor(float(skipped))))
+        metrics["grad_norm"] = float(grad_norm)
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        return metrics
+
+    def evaluate(self) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if self.env.is_main and self.evaluators:
+            self.model.eval()
+            for evaluator in self.evaluators:
+                result = evaluator.run(self.model, self.tokenizer, self.env.device)
+                metrics.update({f"eval/{evaluator.name}/{k}": v for k, v in result.items()})
+            self.model.train()
+            self.logger.log(self.step, metrics)
+        return self.env.collectives.broadcast_object(metrics)
+
+    def save(self) -> None:
+        positions = self.env.collectives.all_gather_object(self.data_positions)
+        rng = self.env.collectives.all_gather_object(_rng_state())
+        if not self.env.is_main:
+            return
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "samples_seen": self.step * self.cfg.data.batch_size,
+            "world_size": self.env.world_size,
+            "data_positions": positions,
+            "rng": rng,
+            "config": self.config_dict,
+            "git_commit": ckpt.git_commit(),
+        }
+        ckpt.save_checkpoint(state, ckpt.checkpoint_path(self.run_dir, self.step), self.cfg.trainer.keep_last_checkpoints)
+
+    def _restore(self, path: Path) -> None:
+        state = ckpt.load_checkpoint(path)
+        ckpt.apply_model_state(self.model, state["model"], path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+        if state["world_size"] == self.env.world_size:
+            self.data_positions = state["data_positions"][self.env.rank]
+            _restore_rng(state["rng"][self.env.rank])
+        else:
+            log.warning("checkpoint was written by %d ranks, this run has %d: the data stream restarts with a "
+                        "fresh seed instead of resuming its exact position", state["world_size"], self.env.world_size)
+            self.cfg.seed += self.step
+        if self.env.is_main:
+            log.info("resumed from %s at step %d", path, self.step)

@@ -1,0 +1,56 @@
+"""The types that cross module lines: what the data pipeline yields, what models return, what losses return."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+
+
+@dataclass
+class Batch:
+    """One local batch as the data pipeline yields it.
+
+    ``stream_state`` records where in its stream the worker that produced this batch stands after it,
+    so the trainer can checkpoint an exact data position.
+    """
+
+    images: torch.Tensor  # (B, 3, H, W) float, normalised
+    tokens: torch.Tensor  # (B, L) int64, 0 = padding
+    keys: list[str] = field(default_factory=list)
+    labels: torch.Tensor | None = None  # (B,) int64, present on labelled data
+    stream_state: dict | None = None
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def to(self, device: torch.device, non_blocking: bool = True) -> Batch:
+        moved = {
+            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return replace(self, **moved)
+
+
+@dataclass
+class ModelOutput:
+    """What every model returns; objectives read the fields they need.
+
+    Features are L2-normalised. ``logit_scale`` is already exponentiated (a temperature multiplier).
+    """
+
+    image_features: torch.Tensor | None = None  # (B, D)
+    text_features: torch.Tensor | None = None  # (B, D)
+    logit_scale: torch.Tensor | None = None  # scalar
+    logit_bias: torch.Tensor | None = None  # scalar, SigLIP only
+    caption_logits: torch.Tensor | None = None  # (B, L, V), captioning objectives only
+    caption_targets: torch.Tensor | None = None  # (B, L) int64, -100 where ignored
+
+
+@dataclass
+class LossOutput:
+    """A scalar loss to minimise and detached metrics to log (name -> value)."""
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
