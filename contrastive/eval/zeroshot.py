@@ -50,10 +50,10 @@ class ZeroShotClassification:
     `model` is one of ours (its `cfg` gives the preprocessing) with encode_image / encode_text.
     """
 
-    def __init__(self, name: str, root: str | Path, split: str = "test", batch_size: int = 512,
+    def __init__(self, name: str | None, root: str | Path, split: str = "test", batch_size: int = 512,
                  num_workers: int = 0, progress: bool = False) -> None:
         self.dataset = load_classification_dataset(root, split, name)
-        self.name = name
+        self.name = self.dataset.name
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.progress = progress

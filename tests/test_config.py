@@ -1,0 +1,71 @@
+"""Every config in conf/ composes against the typed schema, and the schema rejects mistakes clearly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from contrastive.config import TrainConfig, validate
+from contrastive.models import build_model
+from tests.conftest import CONF_DIR, compose_config
+
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
+GLOBAL_GROUPS = {"experiment", "debug"}
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in _options(g)])
+def test_every_config_composes(group, option):
+    cfg = compose_config([f"{group}={option}"])
+    schema_fields = set(OmegaConf.structured(TrainConfig).keys())
+    assert schema_fields <= set(cfg.keys())
+    if group not in GLOBAL_GROUPS and group != "data":
+        validate(cfg)
+
+
+@pytest.mark.parametrize("option", _options("experiment"))
+def test_every_experiment_validates_and_builds_its_model(option):
+    cfg = compose_config([f"experiment={option}"])
+    validate(cfg, world_size=1)
+    build_model(cfg.model)
+
+
+@pytest.mark.parametrize("option", _options("model"))
+def test_every_model_config_builds(option):
+    build_model(compose_config([f"model={option}"]).model)
+
+
+def test_unknown_key_and_wrong_type_fail_at_composition():
+    with pytest.raises(ConfigCompositionException, match="data.bogus"):
+        compose_config(["data.bogus=1"])
+    with pytest.raises(ConfigCompositionException, match="data.batch_size"):
+        compose_config(["data.batch_size=abc"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.schedule=exponential", "optim.schedule='exponential' is not one of cosine, linear, constant"),
+        ("data.crop_scale=[0.5,1.5]", "data.crop_scale must be [low, high]"),
+        ("trainer.precision=fp8", "trainer.precision='fp8'"),
+        ("resume=somewhere", "resume must be null, 'latest' or a checkpoint .pt file"),
+        ("data.sources=[]", "data.sources is empty"),
+    ],
+)
+def test_validate_names_the_bad_key(override, message):
+    cfg = compose_config([override])
+    with pytest.raises(ValueError) as error:
+        validate(cfg)
+    assert message in str(error.value)
+
+
+def test_every_experiment_names_its_launch_command():
+    for path in Path(CONF_DIR, "experiment").glob("*.yaml"):
+        header = path.read_text().split("\n\n")[0]
+        assert "torchrun" in header or "sbatch" in header, f"{path.name} has no launch command in its header"
