@@ -22,6 +22,19 @@ def split_key(name: str) -> tuple[str, str]:
     return key, extension.lower()
 
 
+class _CountingReader:
+    """Counts the bytes tarfile pulls, to tell a proper end-of-archive marker from a file that just stops."""
+
+    def __init__(self, raw) -> None:
+        self.raw = raw
+        self.bytes_read = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.bytes_read += len(data)
+        return data
+
+
 def iter_shard(url: str, skipped: Counter) -> Iterator[RawSample]:
     """Yield the samples of one shard; an unopenable or truncated shard is counted and ends early, not fatally."""
     try:
@@ -32,7 +45,8 @@ def iter_shard(url: str, skipped: Counter) -> Iterator[RawSample]:
         return
     current: RawSample | None = None
     try:
-        with stream, tarfile.open(fileobj=stream, mode="r|*") as archive:
+        counting = _CountingReader(stream)
+        with stream, tarfile.open(fileobj=counting, mode="r|*") as archive:
             for member in archive:
                 if not member.isreg():
                     continue
@@ -45,6 +59,9 @@ def iter_shard(url: str, skipped: Counter) -> Iterator[RawSample]:
                         yield current
                     current = {"__key__": key, "__url__": url}
                 current[extension] = data
+            # Streaming tarfile ends quietly at EOF; a complete archive has a zero block after the last member.
+            if counting.bytes_read < archive.offset + tarfile.BLOCKSIZE:
+                raise EOFError(f"no end-of-archive marker after {counting.bytes_read} bytes")
     except (tarfile.TarError, EOFError, OSError, ValueError) as error:
         skipped["truncated_shard"] += 1
         log.warning("shard %s is truncated or corrupt after %s: %s", url, current and current["__key__"], error)

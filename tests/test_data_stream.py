@@ -1,0 +1,144 @@
+"""The training stream: determinism, exact resume, epoch coverage across ranks and workers, bad data counting."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from contrastive.config import ModelConfig
+from contrastive.data.loader import build_train_loader
+from contrastive.data.shards import expand_shards, shards_for_slot
+from contrastive.data.stream import ImageTextStream, Source, StreamLayout
+from contrastive.data.transforms import build_train_transform
+from contrastive.models import build_tokenizer
+from tests.conftest import compose_config
+
+
+@pytest.fixture(scope="module")
+def tiny_model_cfg() -> ModelConfig:
+    return compose_config(["model=test_tiny"]).model
+
+
+def _stream(shards: list[str], tokenizer, *, rank=0, world_size=1, num_workers=1, resampled=True, batch=8,
+            start_step=0, positions=None, max_skip_fraction=1.0, shuffle_buffer=50) -> ImageTextStream:
+    layout = StreamLayout(rank=rank, world_size=world_size, num_workers=num_workers, seed=7, resampled=resampled,
+                          shuffle_buffer=shuffle_buffer)
+    transform = build_train_transform(28, [0.5] * 3, [0.5] * 3)
+    return ImageTextStream([Source("demo", shards, 1.0)], layout, transform, tokenizer, 28, batch,
+                           max_skip_fraction=max_skip_fraction, start_step=start_step, positions=positions)
+
+
+def _batches(stream: ImageTextStream, count: int, num_workers: int) -> list:
+    loader = DataLoader(stream, batch_size=None, num_workers=num_workers)
+    iterator = iter(loader)
+    return [next(iterator) for _ in range(count)]
+
+
+@pytest.mark.parametrize("resampled", [True, False])
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_at_step_k_reproduces_the_batch_sequence(demo_root, tiny_model_cfg, resampled, num_workers):
+    shards = expand_shards(str(demo_root / "train"))
+    tokenizer = build_tokenizer(tiny_model_cfg)
+    slots = max(1, num_workers)
+    straight = _batches(_stream(shards, tokenizer, num_workers=slots, resampled=resampled), 14, num_workers)
+    for k in (3, 8):  # 8 batches of 8 = 64 samples: crosses a shard boundary
+        positions = {}
+        for batch in straight[:k]:
+            positions[batch.stream_state["worker"]] = batch.stream_state
+        resumed = _batches(_stream(shards, tokenizer, num_workers=slots, resampled=resampled, start_step=k,
+                                   positions=positions), 14 - k, num_workers)
+        assert [b.keys for b in resumed] == [b.keys for b in straight[k:]]
+        assert all((a.images == b.images).all() for a, b in zip(resumed, straight[k:])), "augmentation differs"
+
+
+def test_resampled_stream_is_deterministic_for_a_seed(demo_root, tiny_model_cfg):
+    shards = expand_shards(str(demo_root / "train"))
+    tokenizer = build_tokenizer(tiny_model_cfg)
+    first = [b.keys for b in _batches(_stream(shards, tokenizer), 5, 0)]
+    second = [b.keys for b in _batches(_stream(shards, tokenizer), 5, 0)]
+    assert first == second
+    other_rank = [b.keys for b in _batches(_stream(shards, tokenizer, rank=1, world_size=2), 5, 0)]
+    assert other_rank != first
+
+
+def test_epoch_mode_sees_every_key_exactly_once_across_ranks_and_workers(demo_root):
+    shards = expand_shards(str(demo_root / "train"))  # 8 shards for 2 ranks x 2 workers
+    assigned = [url for rank in range(2) for worker in range(2)
+                for url in shards_for_slot(shards, epoch=0, rank=rank, world_size=2, worker=worker, num_workers=2,
+                                           seed=7, resampled=False)]
+    assert sorted(assigned) == sorted(shards)
+    with pytest.raises(ValueError, match="at least one shard per"):
+        shards_for_slot(shards, epoch=0, rank=0, world_size=4, worker=0, num_workers=4, seed=7, resampled=False)
+
+
+def test_epoch_mode_stream_covers_all_samples(demo_root, tiny_model_cfg):
+    shards = expand_shards(str(demo_root / "train"))
+    tokenizer = build_tokenizer(tiny_model_cfg)
+    keys: Counter = Counter()
+    for rank in range(2):
+        batches = _batches(_stream(shards, tokenizer, rank=rank, world_size=2, num_workers=2, resampled=False,
+                                   batch=16), 16, 2)  # 2 ranks x 16 batches x 16 = 512 samples = one epoch
+        keys.update(key for batch in batches for key in batch.keys)
+    assert len(keys) == 512 and set(keys.values()) == {1}
+
+
+def _png(size=(28, 28)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", size, 128).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+    with tarfile.open(path, "w") as archive:
+        for key, files in samples:
+            for extension, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{extension}")
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+
+
+def test_bad_samples_are_skipped_and_counted_by_reason(tmp_path, tiny_model_cfg):
+    good = [(f"good{i:03d}", {"png": _png(), "txt": b"a photo of a bag."}) for i in range(40)]
+    bad = [
+        ("corrupt", {"png": b"\x89PNG not really", "txt": b"a caption"}),
+        ("nocaption", {"png": _png()}),
+        ("emptycaption", {"png": _png(), "txt": b"   "}),
+        ("noimage", {"txt": b"a caption"}),
+    ]
+    _write_tar(tmp_path / "0.tar", good[:10] + bad + good[10:20])
+    _write_tar(tmp_path / "1.tar", good[20:])
+    whole = (tmp_path / "1.tar").read_bytes()
+    (tmp_path / "2.tar").write_bytes(whole[: len(whole) // 2])  # truncated copy: its first samples still count
+    shards = [str(tmp_path / f"{i}.tar") for i in range(3)] + [str(tmp_path / "missing.tar")]
+    stream = _stream(shards, build_tokenizer(tiny_model_cfg), resampled=False, batch=4, shuffle_buffer=0)
+    # One epoch holds 52 good samples = 13 batches; the 14th starts the next epoch with good samples only, after
+    # every bad thing of the first epoch (wherever the epoch's shard order put it) has been met.
+    batches = _batches(stream, 14, 0)
+    assert batches[-1].stream_state["sources"]["demo"][0] == 1
+    assert batches[-1].stream_state["skipped"] == {
+        "corrupt_image": 1, "missing_caption": 1, "empty_caption": 1, "missing_image": 1,
+        "truncated_shard": 1, "unreadable_shard": 1,
+    }
+    assert batches[-1].stream_state["samples_seen"] == 56
+
+
+def test_too_many_bad_samples_stop_with_a_clear_error(tmp_path, tiny_model_cfg):
+    samples = [(f"s{i:03d}", {"png": _png(), **({"txt": b"caption"} if i % 2 else {})}) for i in range(300)]
+    _write_tar(tmp_path / "0.tar", samples)
+    stream = _stream([str(tmp_path / "0.tar")], build_tokenizer(tiny_model_cfg), max_skip_fraction=0.1)
+    with pytest.raises(ValueError, match="more than data.max_skip_fraction=0.1"):
+        _batches(stream, 20, 0)
+
+
+def test_train_loader_from_config(demo_root, tiny_model_cfg):
+    cfg = compose_config(["model=test_tiny", "debug=tiny", f"data.sources.0.shards={demo_root / 'train'}"])
+    loader = build_train_loader(cfg.data, cfg.model, build_tokenizer(cfg.model), rank=0, world_size=1, seed=0)
+    batch = next(iter(loader))
+    assert batch.images.shape == (16, 3, 28, 28) and batch.tokens.shape == (16, 16)
+    assert batch.labels.min() >= 0 and len(batch.keys) == 16
