@@ -21,6 +21,7 @@ class ModelConfig:
     embed_dim: int | None = None  # overrides the open_clip config when set
     vision: dict[str, Any] = field(default_factory=dict)  # open_clip CLIPVisionCfg fields
     text: dict[str, Any] = field(default_factory=dict)  # open_clip CLIPTextCfg fields
+    decoder: dict[str, Any] = field(default_factory=dict)  # caption decoder (CapPa, CoCa multimodal tower)
     quick_gelu: bool = False
     init_logit_scale: float = math.log(1 / 0.07)
     init_logit_bias: float | None = None
@@ -34,6 +35,11 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     name: str = "clip"  # registry name, see contrastive.losses.list_losses()
+    block_size: int | None = None  # contrastive losses: score logits in blocks of this many columns (memory)
+    parallel_prob: float = 0.75  # CapPa: chance an example uses parallel prediction instead of teacher forcing
+    clip_weight: float = 1.0  # CoCa: weight of the contrastive term
+    caption_weight: float = 2.0  # CoCa: weight of the captioning term
+    label_smoothing: float = 0.0  # captioning cross-entropy
 
 
 @dataclass
