@@ -46,7 +46,9 @@ class LossConfig:
 class SourceConfig:
     name: str = "default"
     shards: str = "???"  # brace pattern(s), several joined with '::'
-    weight: float = 1.0
+    weight: float = 1.0  # relative share of the mixed stream
+    epochs: int | None = None  # passes over this source's shards (upsample/cap); None: data.epochs
+    max_samples: int | None = None  # cap on the samples this source gives in the whole run, over all ranks
 
 
 @dataclass
@@ -59,6 +61,8 @@ class DataConfig:
     crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
     horizontal_flip: bool = False
     max_skip_fraction: float = 0.1  # stop when more than this fraction of samples is bad
+    epochs: int | None = None  # a finite run: passes over every source; None: loop forever (trainer.max_steps)
+    min_image_size: int = 8  # pixels; a smaller side is a bad sample (wrong_image_size)
 
 
 @dataclass
@@ -115,8 +119,16 @@ class ZeroShotDatasetConfig:
 
 
 @dataclass
+class RetrievalDatasetConfig:
+    name: str = "???"
+    root: str = "???"  # paired image-text shards ROOT/{split}/*.tar; .txt holds one caption per line
+    split: str = "test"
+
+
+@dataclass
 class EvalConfig:
     zeroshot: list[ZeroShotDatasetConfig] = field(default_factory=list)
+    retrieval: list[RetrievalDatasetConfig] = field(default_factory=list)
     every_steps: int = 0  # 0: only at the end of training
     at_end: bool = True
     batch_size: int = 512
@@ -166,6 +178,12 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _require(len(data.sources) > 0, "data.sources is empty: give at least one source with shards")
     for index, source in enumerate(data.sources):
         _require(source.weight > 0, f"data.sources[{index}].weight must be positive, got {source.weight}")
+        _require(source.epochs is None or source.epochs > 0, f"data.sources[{index}].epochs must be positive")
+        _require(source.max_samples is None or source.max_samples > 0,
+                 f"data.sources[{index}].max_samples must be positive")
+    _require(len({s.name for s in data.sources}) == len(data.sources), "data.sources names must be distinct")
+    _require(data.epochs is None or data.epochs > 0, f"data.epochs must be positive or null, got {data.epochs}")
+    _require(data.min_image_size > 0, f"data.min_image_size must be positive, got {data.min_image_size}")
     _require(data.batch_size > 0, f"data.batch_size must be positive, got {data.batch_size}")
     _require(data.batch_size % world_size == 0,
              f"data.batch_size={data.batch_size} is not divisible by the world size {world_size}")

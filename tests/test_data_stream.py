@@ -15,7 +15,7 @@ from contrastive.config import ModelConfig
 from contrastive.data.loader import build_train_loader
 from contrastive.data.shards import expand_shards, shards_for_slot
 from contrastive.data.stream import ImageTextStream, Source, StreamLayout
-from contrastive.data.transforms import build_train_transform
+from contrastive.data.transforms import BatchNormalize, build_train_transform
 from contrastive.models import build_tokenizer
 from tests.conftest import compose_config
 
@@ -26,11 +26,11 @@ def tiny_model_cfg() -> ModelConfig:
 
 
 def _stream(shards: list[str], tokenizer, *, rank=0, world_size=1, num_workers=1, resampled=True, batch=8,
-            start_step=0, positions=None, max_skip_fraction=1.0, shuffle_buffer=50) -> ImageTextStream:
+            start_step=0, positions=None, max_skip_fraction=1.0, shuffle_buffer=50, sources=None) -> ImageTextStream:
     layout = StreamLayout(rank=rank, world_size=world_size, num_workers=num_workers, seed=7, resampled=resampled,
                           shuffle_buffer=shuffle_buffer)
-    transform = build_train_transform(28, [0.5] * 3, [0.5] * 3)
-    return ImageTextStream([Source("demo", shards, 1.0)], layout, transform, tokenizer, 28, batch,
+    return ImageTextStream(sources or [Source("demo", shards, 1.0)], layout, build_train_transform(28),
+                           BatchNormalize([0.5] * 3, [0.5] * 3), tokenizer, 28, batch,
                            max_skip_fraction=max_skip_fraction, start_step=start_step, positions=positions)
 
 

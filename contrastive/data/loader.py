@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
 
@@ -9,10 +10,15 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from contrastive.config import DataConfig, ModelConfig
+from contrastive.data.plan import RunPlan, plan_finite_run
 from contrastive.data.reader import iter_shard
 from contrastive.data.shards import check_epoch_mode_slots, check_local_shards_exist, expand_shards
 from contrastive.data.stream import ImageTextStream, Source, StreamLayout, decode_sample
-from contrastive.data.transforms import BadSample, build_eval_transform, build_train_transform
+from contrastive.data.transforms import (
+    BadSample, BatchNormalize, build_eval_transform, build_train_transform, train_decode_size,
+)
+
+log = logging.getLogger(__name__)
 
 
 def model_image_size(model_cfg: ModelConfig) -> int:
@@ -27,6 +33,27 @@ def model_image_size(model_cfg: ModelConfig) -> int:
     return int(size)
 
 
+def build_sources(data: DataConfig) -> list[Source]:
+    sources = []
+    for source in data.sources:
+        urls = expand_shards(source.shards)
+        check_local_shards_exist(urls, source.name)
+        epochs = source.epochs if source.epochs is not None else data.epochs
+        sources.append(Source(source.name, urls, source.weight, epochs, source.max_samples))
+    return sources
+
+
+def plan_run(data: DataConfig, *, world_size: int, seed: int) -> RunPlan | None:
+    """The agreed last step of a finite run (see contrastive.data.plan); None for an endless stream."""
+    plan = plan_finite_run(build_sources(data), world_size=world_size, num_workers=max(1, data.num_workers),
+                           seed=seed, resampled=data.resampled, local_batch_size=data.batch_size // world_size)
+    if plan is not None:
+        log.info("finite run: %d steps use %d of the %d planned samples; %d left over (slots holding more samples "
+                 "than the slowest one)", plan.steps, plan.steps * data.batch_size, plan.planned_samples,
+                 plan.leftover_samples)
+    return plan
+
+
 def build_train_loader(
     data: DataConfig,
     model_cfg: ModelConfig,
@@ -39,15 +66,10 @@ def build_train_loader(
     positions: dict[int, dict] | None = None,
     pin_memory: bool = False,
 ) -> DataLoader:
-    sources = []
-    for source in data.sources:
-        urls = expand_shards(source.shards)
-        check_local_shards_exist(urls, source.name)
-        sources.append(Source(name=source.name, urls=urls, weight=source.weight))
+    sources = build_sources(data)
     image_size = model_image_size(model_cfg)
     transform = build_train_transform(
-        image_size, list(model_cfg.image_mean), list(model_cfg.image_std), model_cfg.interpolation,
-        crop_scale=tuple(data.crop_scale), horizontal_flip=data.horizontal_flip,
+        image_size, model_cfg.interpolation, crop_scale=tuple(data.crop_scale), horizontal_flip=data.horizontal_flip,
     )
     layout = StreamLayout(
         rank=rank, world_size=world_size, num_workers=max(1, data.num_workers), seed=seed,
@@ -57,8 +79,10 @@ def build_train_loader(
         for source in sources:  # fail now, not inside a worker
             check_epoch_mode_slots(len(source.urls), world_size, layout.num_workers, source.name)
     stream = ImageTextStream(
-        sources, layout, transform, tokenizer, image_size, data.batch_size // world_size,
-        max_skip_fraction=data.max_skip_fraction, start_step=start_step, positions=positions,
+        sources, layout, transform, BatchNormalize(list(model_cfg.image_mean), list(model_cfg.image_std)), tokenizer,
+        image_size, data.batch_size // world_size, max_skip_fraction=data.max_skip_fraction,
+        decode_size=train_decode_size(image_size, tuple(data.crop_scale)), min_image_size=data.min_image_size,
+        start_step=start_step, positions=positions,
     )
     return DataLoader(
         stream, batch_size=None, num_workers=data.num_workers, pin_memory=pin_memory,

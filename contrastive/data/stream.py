@@ -34,6 +34,18 @@ class Source:
     name: str
     urls: list[str]
     weight: float
+    epochs: int | None = None  # passes over the shards, then the source leaves the mix
+    max_samples: int | None = None  # raw samples over all (rank, worker) slots, then it leaves the mix
+
+    @property
+    def capped(self) -> bool:
+        return self.epochs is not None or self.max_samples is not None
+
+    def slot_share(self, slot: int, slots: int) -> int | None:
+        """This slot's part of max_samples: the parts differ by at most one and add up to max_samples."""
+        if self.max_samples is None:
+            return None
+        return self.max_samples // slots + (1 if slot < self.max_samples % slots else 0)
 
 
 @dataclass(frozen=True)
@@ -65,7 +77,8 @@ def shuffled(samples: Iterator[RawSample], buffer_size: int, rng: random.Random)
 
 
 def decode_sample(
-    raw: RawSample, transform: Callable, image_size: int, require_caption: bool = True
+    raw: RawSample, transform: Callable, image_size: int, *, decode_size: int | None = None, min_image_size: int = 1,
+    require_caption: bool = True,
 ) -> tuple[torch.Tensor, str, int | None]:
     image_bytes = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
     if image_bytes is None:
@@ -84,7 +97,7 @@ def decode_sample(
             label = int(raw["cls"].decode("ascii").strip())
         except (UnicodeDecodeError, ValueError) as error:
             raise BadSample("bad_label", str(error)) from error
-    image = transform(decode_image(image_bytes, image_size))
+    image = transform(decode_image(image_bytes, decode_size or image_size, min_image_size))
     if image.shape[-2:] != (image_size, image_size):
         raise BadSample("wrong_image_size", f"transform gave {tuple(image.shape)}")
     return image, caption, label
@@ -98,28 +111,40 @@ class ImageTextStream(IterableDataset):
         sources: list[Source],
         layout: StreamLayout,
         transform: Callable,
+        normalize: Callable[[torch.Tensor], torch.Tensor],
         tokenizer: Callable[[list[str]], torch.Tensor],
         image_size: int,
         local_batch_size: int,
         max_skip_fraction: float = 1.0,
+        decode_size: int | None = None,
+        min_image_size: int = 1,
         start_step: int = 0,
         positions: dict[int, dict] | None = None,
     ) -> None:
         super().__init__()
         self.sources = sources
         self.layout = layout
-        self.transform = transform
+        self.transform = transform  # PIL image -> uint8 (3, H, W)
+        self.normalize = normalize  # uint8 (B, 3, H, W) -> float32
+        self.decode_size = decode_size or image_size
         self.tokenizer = tokenizer
         self.image_size = image_size
         self.local_batch_size = local_batch_size
         self.max_skip_fraction = max_skip_fraction
+        self.min_image_size = min_image_size
         self.start_step = start_step
         self.positions = positions or {}
 
-    def _source_samples(self, source: Source, worker: int, epoch: int, consumed: int, skipped: Counter):
-        """Yield (epoch, consumed after this sample, raw sample) forever, starting after `consumed` in `epoch`."""
+    def _source_samples(self, source: Source, worker: int, position: tuple[int, int, int], skipped: Counter,
+                        capped: bool):
+        """Yield (epoch, consumed in that epoch, taken in the run, raw sample) from `position` on; when `capped`,
+        end at the source's epoch or sample cap, else loop forever."""
         layout = self.layout
+        epoch, consumed, taken = position
+        share = source.slot_share(layout.rank * layout.num_workers + worker, layout.world_size * layout.num_workers)
         for current_epoch in itertools.count(epoch):
+            if capped and source.epochs is not None and current_epoch >= source.epochs:
+                return
             urls = shards_for_slot(
                 source.urls, epoch=current_epoch, rank=layout.rank, world_size=layout.world_size,
                 worker=worker, num_workers=layout.num_workers, seed=layout.seed, resampled=layout.resampled,
@@ -131,7 +156,10 @@ class ImageTextStream(IterableDataset):
                 yielded = True
                 if current_epoch == epoch and index < consumed:
                     continue
-                yield current_epoch, index + 1, sample
+                if capped and share is not None and taken >= share:
+                    return
+                taken += 1
+                yield current_epoch, index + 1, taken, sample
             if not yielded:
                 raise ValueError(f"data source {source.name!r} yielded no samples in a full pass over {urls[:3]}...")
 
@@ -142,50 +170,78 @@ class ImageTextStream(IterableDataset):
         position = self.positions.get(worker, {})
         skipped: Counter = Counter(position.get("skipped", {}))
         seen = position.get("samples_seen", 0)
-        source_positions = {s.name: tuple(position.get("sources", {}).get(s.name, (0, 0))) for s in self.sources}
-        streams = {
-            s.name: self._source_samples(s, worker, *source_positions[s.name], skipped) for s in self.sources
-        }
+        saved = position.get("sources", {})
+        source_positions = {s.name: (*saved.get(s.name, ()), 0, 0, 0)[:3] for s in self.sources}
+        # A run whose every source is capped is finite; once all caps are met (bad samples made the shard
+        # counts overstate the data, or prefetching reads past the planned last step) the sources go on uncapped.
+        finite = all(s.capped for s in self.sources)
+        past_plan = position.get("past_plan", not finite)
+        past_plan_samples = position.get("past_plan_samples", 0)
+        exhausted = set(position.get("exhausted", []))
+
+        def open_streams() -> dict:
+            return {s.name: self._source_samples(s, worker, source_positions[s.name], skipped, not past_plan)
+                    for s in self.sources if s.name not in exhausted}
+
+        streams = open_streams()
         mixer = random.Random(slot_seed(self.layout.seed, "mix", self.layout.rank, worker))
         mixer_draws = position.get("mixer_draws", 0)
-        names, weights = [s.name for s in self.sources], [s.weight for s in self.sources]
-        for _ in range(mixer_draws):
-            mixer.choices(names, weights)
+        weights = {s.name: s.weight for s in self.sources}
+        for _ in range(mixer_draws):  # one random() per draw whatever the weights, so replay needs only the count
+            mixer.random()
 
-        images, captions, labels, keys = [], [], [], []
+        size = self.image_size
+        images = torch.empty((self.local_batch_size, 3, size, size), dtype=torch.uint8)
+        captions, labels, keys = [], [], []
         while True:
-            name = mixer.choices(names, weights)[0]
+            active = [s.name for s in self.sources if s.name not in exhausted]
+            if not active:
+                log.debug("rank %d worker %d met every source cap; reading on past the plan", self.layout.rank, worker)
+                past_plan, exhausted = True, set()
+                streams = open_streams()
+                continue
+            name = mixer.choices(active, [weights[n] for n in active])[0]
             mixer_draws += 1
-            epoch, consumed, raw = next(streams[name])
-            source_positions[name] = (epoch, consumed)
+            try:
+                epoch, consumed, taken, raw = next(streams[name])
+            except StopIteration:
+                exhausted.add(name)
+                continue
+            source_positions[name] = (epoch, consumed, taken)
+            if past_plan and finite:
+                past_plan_samples += 1
             try:
                 torch.manual_seed(slot_seed(self.layout.seed, "augment", name, self.layout.rank, worker, epoch, consumed))
-                image, caption, label = decode_sample(raw, self.transform, self.image_size)
+                image, caption, label = decode_sample(raw, self.transform, self.image_size, decode_size=self.decode_size,
+                                                      min_image_size=self.min_image_size)
             except BadSample as bad:
                 skipped[bad.reason] += 1
                 self._check_skip_rate(skipped, seen, raw, bad)
                 continue
             seen += 1
-            images.append(image)
+            images[len(keys)] = image
             captions.append(caption)
             labels.append(-1 if label is None else label)
             keys.append(str(raw["__key__"]))
-            if len(images) < self.local_batch_size:
+            if len(keys) < self.local_batch_size:
                 continue
             yield Batch(
-                images=torch.stack(images),
+                images=self.normalize(images),
                 tokens=self.tokenizer(captions),
                 keys=keys,
                 labels=torch.tensor(labels),
                 stream_state={
                     "worker": worker,
                     "sources": {n: list(p) for n, p in source_positions.items()},
+                    "exhausted": sorted(exhausted),
+                    "past_plan": past_plan,
+                    "past_plan_samples": past_plan_samples,
                     "mixer_draws": mixer_draws,
                     "skipped": dict(skipped),
                     "samples_seen": seen,
                 },
             )
-            images, captions, labels, keys = [], [], [], []
+            captions, labels, keys = [], [], []
 
     def _check_skip_rate(self, skipped: Counter, seen: int, raw: RawSample, bad: BadSample) -> None:
         total_skipped = sum(skipped.values())
