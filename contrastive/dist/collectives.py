@@ -19,6 +19,15 @@ class Collectives(Protocol):
     def all_gather_with_grad(self, tensor: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's (B, ...) tensor along dim 0 into (world_size * B, ...), differentiably."""
 
+    def ring_exchange_with_grad(
+        self, to_next: torch.Tensor, to_previous: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Send `to_next` to rank + 1 and `to_previous` (if given) to rank - 1, around the ring, at the same time.
+
+        Returns (what rank - 1 sent to its next, what rank + 1 sent to its previous or None). Every rank passes
+        tensors of the same shape. Gradients of the received tensors travel back to the ranks that sent them.
+        """
+
     def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         """Mean over ranks, without gradient (for metrics)."""
 
@@ -38,6 +47,12 @@ class LocalCollectives:
 
     def all_gather_with_grad(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
+
+    def ring_exchange_with_grad(
+        self, to_next: torch.Tensor, to_previous: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # A ring of one: my next and my previous are both me.
+        return to_next, to_previous
 
     def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.detach()
@@ -81,6 +96,61 @@ class _AllGatherWithGrad(torch.autograd.Function):
         return grad_output.chunk(world_size)[rank].clone()
 
 
+def _neighbours() -> tuple[int, int]:
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    return (rank + 1) % world_size, (rank - 1) % world_size
+
+
+def _point_to_point(sends: list[tuple[torch.Tensor, int, int]], receives: list[tuple[torch.Tensor, int, int]]):
+    """Post every (tensor, peer, tag) send and receive at once and wait for all; fills the receive buffers.
+
+    Tags tell the two directions apart when next and previous are the same rank (a ring of two).
+    """
+    ops = [dist.P2POp(dist.isend, tensor.contiguous(), peer, tag=tag) for tensor, peer, tag in sends]
+    ops += [dist.P2POp(dist.irecv, buffer, peer, tag=tag) for buffer, peer, tag in receives]
+    for request in dist.batch_isend_irecv(ops):
+        request.wait()
+
+
+class _RingExchangeWithGrad(torch.autograd.Function):
+    """Forward: pass tensors one step around the ring. Backward: pass their gradients one step the other way.
+
+    What I received from rank - 1 is rank - 1's `to_next`, so its gradient goes back to rank - 1; what I received
+    from rank + 1 is its `to_previous`, so its gradient goes back to rank + 1.
+    """
+
+    @staticmethod
+    def forward(ctx, to_next: torch.Tensor, to_previous: torch.Tensor | None):
+        next_rank, previous_rank = _neighbours()
+        ctx.templates = [torch.empty_like(to_next, device="meta")]
+        from_previous, from_next = torch.empty_like(to_next), None
+        sends, receives = [(to_next, next_rank, 0)], [(from_previous, previous_rank, 0)]
+        if to_previous is not None:
+            ctx.templates.append(torch.empty_like(to_previous, device="meta"))
+            from_next = torch.empty_like(to_previous)
+            sends.append((to_previous, previous_rank, 1))
+            receives.append((from_next, next_rank, 1))
+        _point_to_point(sends, receives)
+        ctx.device = to_next.device
+        return from_previous, from_next
+
+    @staticmethod
+    def backward(ctx, grad_from_previous: torch.Tensor | None, grad_from_next: torch.Tensor | None):
+        next_rank, previous_rank = _neighbours()
+        # A received tensor that no loss used has no gradient, but its sender still waits for one.
+        grads = [grad if grad is not None else torch.zeros_like(template, device=ctx.device)
+                 for grad, template in zip((grad_from_previous, grad_from_next), ctx.templates)]
+        grad_to_next = torch.empty_like(grads[0])
+        sends, receives = [(grads[0], previous_rank, 2)], [(grad_to_next, next_rank, 2)]
+        grad_to_previous = None
+        if len(grads) == 2:
+            grad_to_previous = torch.empty_like(grads[1])
+            sends.append((grads[1], next_rank, 3))
+            receives.append((grad_to_previous, previous_rank, 3))
+        _point_to_point(sends, receives)
+        return grad_to_next, grad_to_previous
+
+
 class ProcessGroupCollectives:
     def __init__(self) -> None:
         if not dist.is_initialized():
@@ -90,6 +160,11 @@ class ProcessGroupCollectives:
 
     def all_gather_with_grad(self, tensor: torch.Tensor) -> torch.Tensor:
         return _AllGatherWithGrad.apply(tensor)
+
+    def ring_exchange_with_grad(
+        self, to_next: torch.Tensor, to_previous: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return _RingExchangeWithGrad.apply(to_next, to_previous)
 
     def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         reduced = tensor.detach().clone()

@@ -2,5 +2,6 @@
 
 from contrastive.losses.registry import LOSSES, build_loss, list_losses
 from contrastive.losses import clip  # noqa: F401  (registers "clip")
+from contrastive.losses import siglip  # noqa: F401  (registers "siglip")
 
 __all__ = ["LOSSES", "build_loss", "list_losses"]

@@ -2,6 +2,8 @@
 
 Each rank scores its local images against every text in the global batch and its local texts against every
 image, so the mean of the per-rank losses is the symmetric cross-entropy over the global batch.
+With `loss.block_size` the (B, N) logits are never materialised: an online log-sum-exp runs over blocks of
+columns and is recomputed in backward, so the loss needs O(B x (D + block)) memory beyond the gathered features.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import torch.nn.functional as F
 
 from contrastive.config import LossConfig
 from contrastive.dist.collectives import Collectives
+from contrastive.losses.blockwise import blockwise_log_sum_exp
 from contrastive.losses.registry import LOSSES
 from contrastive.types import Batch, LossOutput, ModelOutput
 
@@ -33,12 +36,38 @@ def clip_loss(
     return loss, accuracy
 
 
+def blockwise_clip_loss(
+    image_features: torch.Tensor,  # (B, D) local
+    text_features: torch.Tensor,  # (B, D) local
+    logit_scale: torch.Tensor,
+    collectives: Collectives,
+    block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`clip_loss` as -logit(matching pair) + log-sum-exp over the row, the latter computed block by block."""
+    all_image_features = collectives.all_gather_with_grad(image_features)  # (N, D)
+    all_text_features = collectives.all_gather_with_grad(text_features)  # (N, D)
+    local_batch = image_features.shape[0]
+    targets = torch.arange(local_batch, device=image_features.device) + collectives.rank * local_batch
+    image_log_sum_exp, best_text = blockwise_log_sum_exp(image_features, all_text_features, logit_scale, block_size)
+    text_log_sum_exp, _ = blockwise_log_sum_exp(text_features, all_image_features, logit_scale, block_size)
+    matching_logits = logit_scale * (image_features * text_features).sum(dim=-1)  # (B,), the same in both directions
+    loss = ((image_log_sum_exp - matching_logits).mean() + (text_log_sum_exp - matching_logits).mean()) / 2
+    accuracy = (best_text == targets).float().mean()
+    return loss, accuracy
+
+
 class ClipLoss:
     def __init__(self, cfg: LossConfig) -> None:
+        if cfg.block_size is not None and cfg.block_size <= 0:
+            raise ValueError(f"loss.block_size must be a positive integer or null, got {cfg.block_size}")
         self.cfg = cfg
 
     def __call__(self, output: ModelOutput, batch: Batch, collectives: Collectives) -> LossOutput:
-        loss, accuracy = clip_loss(output.image_features, output.text_features, output.logit_scale, collectives)
+        if self.cfg.block_size is None:
+            loss, accuracy = clip_loss(output.image_features, output.text_features, output.logit_scale, collectives)
+        else:
+            loss, accuracy = blockwise_clip_loss(output.image_features, output.text_features, output.logit_scale,
+                                                 collectives, self.cfg.block_size)
         return LossOutput(
             loss=loss,
             metrics={
