@@ -44,10 +44,12 @@ def iter_shard(url: str, skipped: Counter) -> Iterator[RawSample]:
         log.warning("cannot open shard %s: %s", url, error)
         return
     current: RawSample | None = None
+    members = 0
     try:
         counting = _CountingReader(stream)
         with stream, tarfile.open(fileobj=counting, mode="r|*") as archive:
             for member in archive:
+                members += 1
                 if not member.isreg():
                     continue
                 key, extension = split_key(member.name)
@@ -63,8 +65,10 @@ def iter_shard(url: str, skipped: Counter) -> Iterator[RawSample]:
             if counting.bytes_read < archive.offset + tarfile.BLOCKSIZE:
                 raise EOFError(f"no end-of-archive marker after {counting.bytes_read} bytes")
     except (tarfile.TarError, EOFError, OSError, ValueError) as error:
-        skipped["truncated_shard"] += 1
-        log.warning("shard %s is truncated or corrupt after %s: %s", url, current and current["__key__"], error)
+        # A pipe: or remote opener often fails only at the first read: nothing read means the shard never opened.
+        reason = "truncated_shard" if members else "unreadable_shard"
+        skipped[reason] += 1
+        log.warning("shard %s: %s after %s: %s", url, reason, current and current["__key__"], error)
         current = None  # the sample being read when the shard broke may be missing files
     if current is not None:
         yield current

@@ -1,0 +1,104 @@
+"""Mixing several sources, caps and upsampling, finite epoch-mode runs (same last step on every rank), shard URLs,
+and every kind of bad sample."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from torch.utils.data import DataLoader
+
+from contrastive.data.plan import count_shard_samples, plan_finite_run
+from contrastive.data.stream import ImageTextStream, Source, StreamLayout
+from contrastive.data.transforms import BatchNormalize, build_train_transform
+from contrastive.models import build_tokenizer
+from tests.conftest import compose_config
+from tests.data_factory import bad_shard_set, good_samples, write_tar
+
+MIXING_TOLERANCE = 0.03  # absolute, on a source's share of 2000 draws (binomial sd is about 0.01)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer(compose_config(["model=test_tiny"]).model)
+
+
+def _stream(sources, tokenizer, *, rank=0, world_size=1, num_workers=1, resampled=False, batch=4, start_step=0,
+            positions=None, shuffle_buffer=8):
+    layout = StreamLayout(rank=rank, world_size=world_size, num_workers=num_workers, seed=3, resampled=resampled,
+                          shuffle_buffer=shuffle_buffer)
+    return ImageTextStream(sources, layout, build_train_transform(28), BatchNormalize([0.5] * 3, [0.5] * 3),
+                           tokenizer, 28, batch, min_image_size=8, start_step=start_step, positions=positions)
+
+
+def _batches(stream, count, num_workers=0):
+    iterator = iter(DataLoader(stream, batch_size=None, num_workers=num_workers))
+    return [next(iterator) for _ in range(count)]
+
+
+def _shards(root, prefix, sizes):
+    root.mkdir(parents=True, exist_ok=True)
+    return [str(write_tar(root / f"{prefix}{i}.tar", good_samples(f"{prefix}{i}_", size))) for i, size in enumerate(sizes)]
+
+
+def test_mixing_weights_are_honoured_within_tolerance(tmp_path, tokenizer):
+    sources = [Source("big", _shards(tmp_path, "big", [60, 60]), 0.7),
+               Source("small", _shards(tmp_path, "small", [40]), 0.3)]
+    batches = _batches(_stream(sources, tokenizer, resampled=True, batch=50), 40)
+    keys = [key for batch in batches for key in batch.keys]
+    share = sum(key.startswith("big") for key in keys) / len(keys)
+    assert len(keys) == 2000 and abs(share - 0.7) < MIXING_TOLERANCE, share
+
+
+def test_capped_and_upsampled_sources_give_exactly_their_share(tmp_path, tokenizer):
+    """A source capped at 30 of its 40 samples and one upsampled to 2 epochs: 50 samples, 10 batches of 5."""
+    sources = [Source("capped", _shards(tmp_path, "capped", [40]), 1.0, max_samples=30),
+               Source("upsampled", _shards(tmp_path, "up", [10]), 1.0, epochs=2)]
+    plan = plan_finite_run(sources, world_size=1, num_workers=1, seed=3, resampled=False, local_batch_size=5)
+    assert (plan.steps, plan.planned_samples, plan.leftover_samples) == (10, 50, 0)
+    straight = _batches(_stream(sources, tokenizer, batch=5), plan.steps)
+    keys = Counter(key for batch in straight for key in batch.keys)
+    assert sum(1 for key in keys if key.startswith("capped")) == 30 and set(keys.values()) == {1, 2}
+    assert all(count == 2 for key, count in keys.items() if key.startswith("up"))
+    assert straight[-1].stream_state["past_plan_samples"] == 0
+    for k in (3, 7):  # resume before and after a source meets its cap
+        positions = {0: straight[k - 1].stream_state}
+        resumed = _batches(_stream(sources, tokenizer, batch=5, start_step=k, positions=positions), plan.steps - k)
+        assert [b.keys for b in resumed] == [b.keys for b in straight[k:]]
+
+
+def test_finite_epoch_run_with_uneven_shards_stops_every_rank_at_the_same_step(tmp_path, tokenizer):
+    """2 ranks x 2 workers over shards of different sizes: the planned steps use each key at most once, every
+    rank can take them, and the keys left unused are exactly the stated leftover."""
+    sizes = [10, 23, 7, 13, 9, 11, 15, 5]
+    shards = _shards(tmp_path, "s", sizes)
+    sources = [Source("web", shards, 1.0, epochs=1)]
+    plan = plan_finite_run(sources, world_size=2, num_workers=2, seed=3, resampled=False, local_batch_size=4)
+    assert plan.planned_samples == sum(sizes) and len(plan.rank_steps) == 2
+    assert plan.steps == min(plan.rank_steps) and plan.steps > 0
+    seen: Counter = Counter()
+    for rank in range(2):
+        batches = _batches(_stream(sources, tokenizer, rank=rank, world_size=2, num_workers=2), plan.steps, 2)
+        assert all(batch.stream_state["past_plan_samples"] == 0 for batch in batches)
+        seen.update(key for batch in batches for key in batch.keys)
+    assert set(seen.values()) == {1}
+    assert sum(sizes) - len(seen) == plan.leftover_samples == sum(sizes) - plan.steps * 4 * 2
+
+
+def test_pipe_urls_read_like_local_paths(tmp_path, tokenizer):
+    shards = _shards(tmp_path, "p", [12, 12])
+    piped = [f"pipe:cat {shard}" for shard in shards]
+    assert [count_shard_samples(url) for url in piped] == [12, 12]
+    local = _batches(_stream([Source("web", shards, 1.0)], tokenizer, num_workers=2), 6)
+    remote = _batches(_stream([Source("web", piped, 1.0)], tokenizer, num_workers=2), 6)
+    assert [b.keys for b in local] == [b.keys for b in remote]
+
+
+def test_every_kind_of_bad_sample_is_skipped_and_counted(tmp_path, tokenizer):
+    shards, expected, good = bad_shard_set(tmp_path)
+    shards[-1] = f"pipe:cat {shards[-1]}"  # an opener that fails, not just a missing path
+    stream = _stream([Source("web", shards, 1.0, epochs=1)], tokenizer, batch=good, shuffle_buffer=0)
+    batch = _batches(stream, 1)[0]
+    assert len(set(batch.keys)) == good
+    assert batch.stream_state["skipped"] == expected
+    assert batch.stream_state["past_plan_samples"] == 0
