@@ -1,58 +1,140 @@
-"""`contrastive-eval`: evaluate checkpoints of ours.
+"""`contrastive-eval`: evaluate checkpoints of ours or open_clip models (local weights) on local datasets.
 
     contrastive-eval zeroshot --checkpoint runs/demo --dataset-root data/demo/fashion-mnist \\
         --output runs/demo/zeroshot.json
+    contrastive-eval zeroshot --checkpoint runs/a runs/b --open-clip ViT-B-32 weights/vit_b_32.pt \\
+        --dataset-root data/imagenet --classnames imagenet1k --templates openai_imagenet --output-dir results/
+    contrastive-eval retrieval --checkpoint runs/demo --dataset-root data/flickr30k --output-dir results/
 
---checkpoint takes a checkpoint file or a run directory (its newest checkpoint); --dataset-root a dataset in
-clip_benchmark's wds layout (ROOT/SPLIT/*.tar with .cls labels, classnames.txt,
-zeroshot_classification_templates.txt). The result JSON has clip_benchmark's shape.
+Models: --checkpoint takes checkpoint files or run directories (their newest checkpoint); --open-clip NAME WEIGHTS
+(repeatable) an open_clip config name and a local weights file. Datasets: clip_benchmark's wds layout
+(ROOT/SPLIT/*.tar; .cls labels, classnames.txt, zeroshot_classification_templates.txt; for retrieval, .txt with
+one caption per line) or, for classification, an image folder ROOT/SPLIT/CLASS/*.jpg. --classnames / --templates
+take a file or a built-in list (imagenet1k, cifar10, cifar100 / openai_imagenet, simple).
+Every (model, dataset) pair gives one clip_benchmark-shaped JSON in --output-dir, plus summary.csv there;
+--output names the JSON file when there is one pair.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import re
 import sys
+from pathlib import Path
 
 import torch
 
 from contrastive.eval.loading import load_trained_model
+from contrastive.eval.open_clip_models import load_open_clip_model
+from contrastive.eval.retrieval import ZeroShotRetrieval
 from contrastive.eval.zeroshot import ZeroShotClassification, result_record, write_result
 
+TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval"}
 
-def _zeroshot(args: argparse.Namespace) -> int:
+
+def _model_specs(args: argparse.Namespace) -> list[tuple[str, ...]]:
+    specs = [("checkpoint", path) for path in args.checkpoint or []]
+    specs += [("open_clip", name, weights) for name, weights in args.open_clip or []]
+    if not specs:
+        raise ValueError("give at least one model: --checkpoint PATH or --open-clip NAME WEIGHTS")
+    return specs
+
+
+def _load(spec: tuple[str, ...]) -> tuple[torch.nn.Module, object, str, str]:
+    """(model, tokenizer, model name, weights path) as clip_benchmark's `model` / `pretrained` fields use them."""
+    if spec[0] == "checkpoint":
+        model, tokenizer, run = load_trained_model(spec[1])
+        return model, tokenizer, str(run.get("name", "model")), run["checkpoint"]
+    model, tokenizer, info = load_open_clip_model(spec[1], spec[2])
+    return model, tokenizer, info["name"], info["checkpoint"]
+
+
+def _evaluators(args: argparse.Namespace) -> list:
+    if args.dataset_name and len(args.dataset_root) > 1:
+        raise ValueError("--dataset-name needs a single --dataset-root")
+    common = {"batch_size": args.batch_size, "num_workers": args.workers, "progress": not args.no_progress}
+    if args.command == "zeroshot":
+        return [ZeroShotClassification(args.dataset_name, root, args.split, classnames=args.classnames,
+                                       templates=args.templates, **common) for root in args.dataset_root]
+    return [ZeroShotRetrieval(args.dataset_name, root, args.split, **common) for root in args.dataset_root]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
+
+
+def result_filename(record: dict) -> str:
+    return f"{_slug(record['model'])}-{_slug(Path(record['pretrained']).stem)}__{_slug(record['dataset'])}.json"
+
+
+def write_summary(path: Path, records: list[dict]) -> None:
+    metrics = list(dict.fromkeys(name for record in records for name in record["metrics"]))
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["model", "pretrained", "dataset", "task", *metrics])
+        for r in records:
+            writer.writerow([r["model"], r["pretrained"], r["dataset"], r["task"],
+                             *(f"{r['metrics'][m]:.6f}" if m in r["metrics"] else "" for m in metrics)])
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, tokenizer, run = load_trained_model(args.checkpoint)
-    model.to(device)
-    evaluator = ZeroShotClassification(args.dataset_name, args.dataset_root, args.split,
-                                       batch_size=args.batch_size, num_workers=args.workers, progress=True)
-    metrics = evaluator.run(model, tokenizer, device)
-    record = result_record(evaluator.dataset.name, run.get("name", "model"), metrics, pretrained=run["checkpoint"])
-    print(f"\nzero-shot classification: {evaluator.dataset.name} ({args.split}), {run['checkpoint']} (step {run['step']})")
-    print(f"  {'acc1':>8} {'acc5':>8} {'mean_per_class_recall':>22}")
-    print(f"  {metrics['acc1']:8.4f} {metrics['acc5']:8.4f} {metrics['mean_per_class_recall']:22.4f}")
+    specs = _model_specs(args)
+    evaluators = _evaluators(args)  # opened first, so a bad dataset fails before any model is loaded
+    if args.output and len(specs) * len(evaluators) > 1:
+        raise ValueError("--output names one result file; with several models or datasets use --output-dir")
+    records = []
+    for spec in specs:
+        model, tokenizer, model_name, weights = _load(spec)
+        model.to(device)
+        for evaluator in evaluators:
+            metrics = evaluator.run(model, tokenizer, device)
+            records.append(result_record(evaluator.name, model_name, metrics, weights, task=TASKS[args.command]))
+            print(f"{TASKS[args.command]}: {evaluator.name} ({args.split}), {model_name} {weights}")
+            print("  " + "  ".join(f"{name}={value:.4f}" for name, value in metrics.items()))
+        del model
     if args.output:
-        write_result(args.output, record)
-        print(f"  written to {args.output}")
+        write_result(args.output, records[0])
+        print(f"written to {args.output}")
+    if args.output_dir:
+        out = Path(args.output_dir)
+        for record in records:
+            write_result(out / result_filename(record), record)
+        write_summary(out / "summary.csv", records)
+        print(f"{len(records)} result(s) and summary.csv written to {out}")
     return 0
+
+
+def _add_evaluation_command(commands, name: str, help_text: str) -> argparse.ArgumentParser:
+    parser = commands.add_parser(name, help=help_text)
+    parser.add_argument("--checkpoint", nargs="+", default=None, help="checkpoint files or run directories")
+    parser.add_argument("--open-clip", nargs=2, action="append", metavar=("NAME", "WEIGHTS"),
+                        help="an open_clip model config name and a local weights file (repeatable)")
+    parser.add_argument("--dataset-root", nargs="+", required=True, help="dataset directories")
+    parser.add_argument("--dataset-name", default=None, help="name in the result (default: the directory name)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--output", default=None, help="result JSON path (one model and one dataset)")
+    parser.add_argument("--output-dir", default=None, help="one result JSON per (model, dataset) and summary.csv")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(run=_evaluate)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="contrastive-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    zeroshot = commands.add_parser("zeroshot", help="zero-shot classification on labelled shards")
-    zeroshot.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
-    zeroshot.add_argument("--dataset-root", required=True, help="clip_benchmark wds layout directory")
-    zeroshot.add_argument("--dataset-name", default=None, help="name in the result (default: the directory name)")
-    zeroshot.add_argument("--split", default="test")
-    zeroshot.add_argument("--output", default=None, help="result JSON path")
-    zeroshot.add_argument("--batch-size", type=int, default=256)
-    zeroshot.add_argument("--workers", type=int, default=2)
-    zeroshot.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    zeroshot.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
-    zeroshot.set_defaults(run=_zeroshot)
+    zeroshot = _add_evaluation_command(commands, "zeroshot", "zero-shot classification on labelled images")
+    zeroshot.add_argument("--classnames", default=None, help="file or built-in list (default: the dataset's)")
+    zeroshot.add_argument("--templates", default=None, help="file or built-in list (default: the dataset's)")
+    _add_evaluation_command(commands, "retrieval", "zero-shot image-text retrieval on paired shards")
     return parser
 
 

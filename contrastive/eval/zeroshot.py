@@ -1,4 +1,4 @@
-"""Zero-shot classification: a prompt-ensemble classifier from the text tower, scored on labelled shards.
+"""Zero-shot classification: a prompt-ensemble classifier from the text tower, scored on labelled images.
 
 Metric names and the result JSON follow clip_benchmark, so numbers are comparable with published tables.
 """
@@ -14,24 +14,32 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from contrastive.data.loader import build_eval_loader
-from contrastive.eval.datasets import PLACEHOLDER, load_classification_dataset
+from contrastive.eval.captioning import caption_classification_scores
+from contrastive.eval.features import encode_images
+from contrastive.eval.labelled import open_classification_dataset
+from contrastive.eval.prompts import fill_template
+
+
+def require_text_tower(model: nn.Module, task: str) -> None:
+    if not hasattr(model, "encode_text"):
+        raise ValueError(f"{task} needs a text encoder; a {type(model).__name__} model has none")
 
 
 @torch.no_grad()
 def build_classifier(model: nn.Module, tokenizer: Callable, classnames: list[str], templates: list[str],
-                     device: torch.device) -> torch.Tensor:
+                     device: torch.device, progress: bool = False) -> torch.Tensor:
     """(C, D): per class, the renormalised mean of the normalised text embeddings of all its prompts."""
+    require_text_tower(model, "a zero-shot classifier")
     weights = []
-    for classname in classnames:
-        tokens = tokenizer([template.replace(PLACEHOLDER, classname) for template in templates]).to(device)
+    for classname in tqdm(classnames, desc="classifier", disable=not progress):
+        tokens = tokenizer([fill_template(template, classname) for template in templates]).to(device)
         embeddings = model.encode_text(tokens, normalize=True)  # (T, D)
-        weights.append(F.normalize(embeddings.mean(dim=0), dim=-1))
+        weights.append(F.normalize(embeddings.float().mean(dim=0), dim=-1))
     return torch.stack(weights)
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """acc1, acc5 and mean per-class recall (balanced accuracy), as clip_benchmark reports them."""
+    """acc1, acc5 and mean per-class recall (balanced accuracy over the classes present), as clip_benchmark reports."""
     num_classes = logits.shape[1]
     top = logits.topk(min(5, num_classes), dim=1).indices  # (N, k)
     correct = top == labels[:, None]
@@ -47,12 +55,14 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[s
 class ZeroShotClassification:
     """Evaluator: run(model, tokenizer, device) -> {"acc1", "acc5", "mean_per_class_recall"}.
 
-    `model` is one of ours (its `cfg` gives the preprocessing) with encode_image / encode_text.
+    `model` has encode_image / encode_text and a `cfg` (ModelConfig) that gives the preprocessing.
+    `classnames` / `templates` (a file or a built-in name) replace the dataset's own files.
     """
 
     def __init__(self, name: str | None, root: str | Path, split: str = "test", batch_size: int = 512,
-                 num_workers: int = 0, progress: bool = False) -> None:
-        self.dataset = load_classification_dataset(root, split, name)
+                 num_workers: int = 0, progress: bool = False, classnames: str | None = None,
+                 templates: str | None = None) -> None:
+        self.dataset = open_classification_dataset(root, split, name, classnames, templates)
         self.name = self.dataset.name
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -60,24 +70,26 @@ class ZeroShotClassification:
 
     @torch.no_grad()
     def run(self, model: nn.Module, tokenizer: Callable, device: torch.device) -> dict[str, float]:
-        classifier = build_classifier(model, tokenizer, self.dataset.classnames, self.dataset.templates, device)
-        loader = build_eval_loader(self.dataset.urls, model.cfg, self.batch_size, self.num_workers)
-        all_logits, all_labels = [], []
-        for images, _, labels, _ in tqdm(loader, desc=f"zero-shot {self.name}", disable=not self.progress):
-            features = model.encode_image(images.to(device), normalize=True)
-            all_logits.append((features @ classifier.T).float().cpu())
-            all_labels.append(labels)
-        labels = torch.cat(all_labels)
+        if not hasattr(model, "encode_text"):  # a captioner (CapPa): classes ranked by caption log-likelihood
+            loader = self.dataset.loader(model.cfg, self.batch_size, self.num_workers)
+            return classification_metrics(*caption_classification_scores(
+                model, tokenizer, self.dataset.classnames, self.dataset.templates, loader, device, self.progress))
+        classifier = build_classifier(model, tokenizer, self.dataset.classnames, self.dataset.templates, device,
+                                      self.progress)
+        loader = self.dataset.loader(model.cfg, self.batch_size, self.num_workers)
+        images = encode_images(model, loader, device, progress=self.progress, desc=f"zero-shot {self.name}")
+        labels = images.labels
         if (labels < 0).any() or (labels >= len(self.dataset.classnames)).any():
             raise ValueError(f"{self.name}: labels outside 0..{len(self.dataset.classnames) - 1}; "
-                             f"do classnames.txt and the shards' .cls files match?")
-        return classification_metrics(torch.cat(all_logits), labels)
+                             f"do the class names and the shards' .cls files match?")
+        return classification_metrics(images.features @ classifier.float().cpu().T, labels)
 
 
-def result_record(dataset: str, model: str, metrics: dict[str, float], pretrained: str | None = None) -> dict:
+def result_record(dataset: str, model: str, metrics: dict[str, float], pretrained: str | None = None,
+                  task: str = "zeroshot_classification") -> dict:
     """clip_benchmark's result shape."""
-    return {"dataset": dataset, "model": model, "pretrained": pretrained, "task": "zeroshot_classification",
-            "metrics": metrics, "language": "en"}
+    return {"dataset": dataset, "model": model, "pretrained": pretrained, "task": task, "metrics": metrics,
+            "language": "en"}
 
 
 def write_result(path: str | Path, record: dict) -> None:
