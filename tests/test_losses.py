@@ -17,6 +17,7 @@ from contrastive.types import Batch, ModelOutput
 from tests.conftest import torchrun
 
 CONTRASTIVE_LOSSES = ["clip", "siglip"]
+CAPTIONING_LOSSES = ["cappa", "coca"]  # tested in tests/test_cappa.py and tests/test_coca.py
 BLOCK_SIZES = [None, 1, 4, 64]  # None: materialised logits; 4 does not divide the batches below
 
 
@@ -109,7 +110,7 @@ def test_non_positive_block_size_is_a_clear_error(name):
 @pytest.mark.parametrize("name", list_losses())
 def test_every_registered_loss_is_known_to_these_tests(name):
     """A new loss must join a parity list below (or get its own tests) before it can be registered."""
-    assert name in CONTRASTIVE_LOSSES
+    assert name in CONTRASTIVE_LOSSES + CAPTIONING_LOSSES
 
 
 @pytest.mark.distributed

@@ -1,0 +1,102 @@
+"""CoCa (Yu et al. 2022): contrastive + captioning, with open_clip's `CoCa` as the model.
+
+open_clip's layout: the image tower ends in an attentional pooler whose first query gives the contrastive image
+embedding and whose other queries are the tokens the multimodal decoder cross-attends to; a unimodal causal text
+tower with an appended CLS token gives the contrastive text embedding and the token states the multimodal decoder
+continues from. The state dict stays loadable by open_clip under `coca.`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from open_clip.coca_model import CoCa, MultimodalCfg
+from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+from torch import nn
+
+from contrastive.config import ModelConfig
+from contrastive.models.cappa import shift_captions
+from contrastive.models.registry import MODELS, tower_configs
+from contrastive.types import ModelOutput
+
+
+def multimodal_config(decoder: dict, text: dict, embed_dim: int) -> MultimodalCfg:
+    known = {f.name for f in dataclasses.fields(MultimodalCfg)}
+    unknown = sorted(set(decoder) - known)
+    if unknown:
+        raise ValueError(f"model.decoder has unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    values = {"context_length": text.get("context_length", 77), "vocab_size": text.get("vocab_size", 49408),
+              "width": embed_dim, **decoder}
+    if values["width"] != embed_dim:
+        raise ValueError(f"model.decoder.width={values['width']} must equal model.embed_dim={embed_dim}: "
+                         f"open_clip's CoCa decoder cross-attends to the attentional pooler's {embed_dim}-d tokens")
+    return MultimodalCfg(**values)
+
+
+@MODELS.register("coca")
+class CoCaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        embed_dim, vision, text = tower_configs(cfg)
+        if vision.get("timm_model_name"):
+            raise ValueError("model.arch=coca needs an open_clip ViT image tower (its attentional pooler)")
+        # What makes the towers CoCa's: pooled + token outputs from both, an attention-pooled image, a text CLS.
+        vision = {**vision, "attentional_pool": True, "output_tokens": True}
+        text = {**text, "embed_cls": True, "output_tokens": True}
+        self.coca = CoCa(
+            embed_dim,
+            multimodal_config(cfg.decoder, text, embed_dim),
+            CLIPTextCfg(**text),
+            CLIPVisionCfg(**vision),
+            quick_gelu=cfg.quick_gelu,
+            init_logit_scale=cfg.init_logit_scale,
+        )
+        # open_clip leaves the decoder's output projection as torch.empty (its init routine is never called).
+        decoder_width = self.coca.text_decoder.width
+        nn.init.normal_(self.coca.text_decoder.text_projection, std=decoder_width**-0.5)
+        self.max_log_logit_scale = math.log(cfg.max_logit_scale)
+        self.embed_dim = embed_dim
+        self.context_length = text.get("context_length", 77)
+
+    @property
+    def visual(self) -> nn.Module:
+        return self.coca.visual
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        return self.coca.encode_image(images, normalize=normalize)  # (B, D)
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        return self.coca.encode_text(tokens, normalize=normalize)  # (B, D)
+
+    def encode_image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, Q-1, D): the attentional pooler's captioning tokens, the memory the decoder cross-attends to."""
+        return self.coca.visual(images)[1]
+
+    def decode(self, image_tokens: torch.Tensor, inputs: torch.Tensor, parallel: bool = False) -> torch.Tensor:
+        """Logits (B, T, V); position t scores the token that follows inputs[:, t] (teacher forcing only)."""
+        if parallel is not False:
+            raise ValueError("CoCa's decoder is autoregressive only; parallel decoding is a CapPa feature")
+        _, token_states = self.coca.text(inputs)  # (B, T, W), causal
+        return self.coca.text_decoder(image_tokens, token_states)
+
+    def logit_scale(self) -> torch.Tensor:
+        # Clamping the log-parameter in the forward pass zeroes its gradient at the cap, so it stays there.
+        return self.coca.logit_scale.clamp(max=self.max_log_logit_scale).exp()
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> ModelOutput:
+        image_features, image_tokens = self.coca.visual(images)
+        text_features, token_states = self.coca.text(tokens)
+        # The text tower's states at positions 0..L-2 predict tokens 1..L-1 (the CLS state is not among them).
+        _, targets = shift_captions(tokens)
+        logits = self.coca.text_decoder(image_tokens, token_states[:, :-1])  # (B, L-1, V)
+        return ModelOutput(
+            image_features=F.normalize(image_features, dim=-1),
+            text_features=F.normalize(text_features, dim=-1),
+            logit_scale=self.logit_scale(),
+            caption_logits=logits,
+            caption_targets=targets,
+        )

@@ -1,0 +1,136 @@
+"""Caption generation (greedy, beam search against exhaustive search), caption-likelihood scoring against a
+direct computation, and zero-shot classification of a captioner through the shared evaluator."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from contrastive.config import ModelConfig
+from contrastive.eval.captioning import (
+    CaptionScoringClassifier, beam_search_captions, caption_log_likelihoods, caption_texts, greedy_captions,
+)
+from contrastive.eval.zeroshot import ZeroShotClassification
+from contrastive.models import build_model, build_tokenizer
+
+SOT, EOT, VOCAB = 4, 5, 6
+
+
+class ToyCaptioner(torch.nn.Module):
+    """Next-token logits from the current token, the position and the image: small enough to search exhaustively."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.token_table = torch.randn(VOCAB, VOCAB, generator=generator) * 2
+        self.position_table = torch.randn(8, VOCAB, generator=generator)
+
+    def encode_image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        return images  # (B, 1, VOCAB)
+
+    def decode(self, memory: torch.Tensor, inputs: torch.Tensor, parallel: bool = False) -> torch.Tensor:
+        return self.token_table[inputs] + self.position_table[: inputs.shape[1]] + memory
+
+
+def log_likelihood(model, image: torch.Tensor, sequence: list[int]) -> float:
+    tokens = torch.tensor([sequence])
+    log_probs = model.decode(image[None], tokens[:, :-1]).log_softmax(-1)
+    return log_probs[0, torch.arange(len(sequence) - 1), tokens[0, 1:]].sum().item()
+
+
+def exhaustive_best(model, image: torch.Tensor, max_length: int) -> list[int]:
+    words = [t for t in range(VOCAB) if t not in (0, SOT, EOT)]
+    candidates = []
+    for length in range(0, max_length - 1):  # captions ending in EOT within max_length tokens
+        candidates += [[SOT, *body, EOT] for body in itertools.product(words, repeat=length)]
+    candidates += [[SOT, *body] for body in itertools.product([*words, EOT], repeat=max_length - 1)
+                   if EOT not in body]  # cut off at max_length
+    return max(candidates, key=lambda sequence: log_likelihood(model, image, sequence))
+
+
+def unpadded(sequence: torch.Tensor) -> list[int]:
+    return [t for t in sequence.tolist() if t != 0]
+
+
+def test_beam_search_with_enough_beams_finds_the_most_likely_caption():
+    model = ToyCaptioner()
+    images = torch.randn(3, 1, VOCAB, generator=torch.Generator().manual_seed(1))
+    found = beam_search_captions(model, images, SOT, EOT, max_length=5, beam_size=64)
+    for image, sequence in zip(images, found):
+        assert unpadded(sequence) == exhaustive_best(model, image, max_length=5)
+
+
+def test_greedy_takes_the_most_likely_token_each_step_and_pads_after_the_end():
+    model = ToyCaptioner()
+    images = torch.randn(4, 1, VOCAB, generator=torch.Generator().manual_seed(2))
+    found = greedy_captions(model, images, SOT, EOT, max_length=6)
+    assert torch.equal(found, beam_search_captions(model, images, SOT, EOT, max_length=6, beam_size=1))
+    for image, sequence in zip(images, found.tolist()):
+        for step in range(1, len(sequence)):
+            if sequence[step - 1] in (EOT, 0):
+                assert sequence[step] == 0
+                continue
+            logits = model.decode(image[None], torch.tensor([sequence[:step]]))[0, -1]
+            logits[[0, SOT]] = float("-inf")
+            assert sequence[step] == logits.argmax().item()
+
+
+def test_beam_search_never_scores_below_greedy_on_the_toy():
+    model = ToyCaptioner()
+    images = torch.randn(8, 1, VOCAB, generator=torch.Generator().manual_seed(3))
+    greedy = greedy_captions(model, images, SOT, EOT, max_length=6)
+    beam = beam_search_captions(model, images, SOT, EOT, max_length=6, beam_size=8)
+    for image, g, b in zip(images, greedy, beam):
+        assert log_likelihood(model, image, unpadded(b)) >= log_likelihood(model, image, unpadded(g)) - 1e-5
+
+
+def tiny_cappa() -> torch.nn.Module:
+    torch.manual_seed(0)
+    vision = dict(image_size=28, patch_size=7, width=32, layers=1, head_width=16, mlp_ratio=2.0, pool_type="avg")
+    text = dict(context_length=16, vocab_size=49408)
+    decoder = dict(width=32, layers=1, heads=2, mlp_ratio=2.0)
+    return build_model(ModelConfig(arch="cappa", embed_dim=32, vision=vision, text=text, decoder=decoder)).eval()
+
+
+@pytest.mark.parametrize("mode", ["autoregressive", "parallel"])
+def test_caption_log_likelihood_equals_direct_sum(mode):
+    model = tiny_cappa()
+    tokenizer = build_tokenizer(model.cfg)
+    images = torch.randn(2, 3, 28, 28)
+    prompts = tokenizer(["a photo of a bag.", "a coat", "a picture of an ankle boot."])
+    scores = caption_log_likelihoods(model, images, prompts, mode=mode, chunk=2)
+    memory = model.encode_image_tokens(images)
+    for i in range(2):
+        for p in range(3):
+            log_probs = model.decode(memory[i : i + 1], prompts[p : p + 1, :-1], parallel=mode == "parallel")
+            log_probs = log_probs.log_softmax(-1)[0]
+            targets = prompts[p, 1:]
+            expected = sum(log_probs[t, targets[t]] for t in range(len(targets)) if targets[t] != 0)
+            assert scores[i, p].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_scoring_classifier_averages_templates_per_class():
+    model = tiny_cappa()
+    tokenizer = build_tokenizer(model.cfg)
+    images = torch.randn(2, 3, 28, 28)
+    classifier = CaptionScoringClassifier(model, tokenizer, ["bag", "coat"], ["a {c}.", "a photo of a {c}."],
+                                          torch.device("cpu"))
+    prompts = tokenizer(["a bag.", "a photo of a bag.", "a coat.", "a photo of a coat."])
+    direct = caption_log_likelihoods(model, images, prompts).view(2, 2, 2).mean(dim=-1)
+    torch.testing.assert_close(classifier(images), direct)
+
+
+def test_caption_texts_strip_special_tokens():
+    tokenizer = build_tokenizer(tiny_cappa().cfg)
+    tokens = tokenizer(["a photo of a bag."])
+    assert caption_texts(tokenizer, tokens) == ["a photo of a bag ."]
+
+
+def test_shared_zero_shot_evaluator_scores_captions_for_a_model_without_text_tower(demo_root):
+    model = tiny_cappa()
+    evaluator = ZeroShotClassification("fm", demo_root, "test", batch_size=128)
+    metrics = evaluator.run(model, build_tokenizer(model.cfg), torch.device("cpu"))
+    assert set(metrics) == {"acc1", "acc5", "mean_per_class_recall"}
+    assert 0 <= metrics["acc1"] <= metrics["acc5"] <= 1
