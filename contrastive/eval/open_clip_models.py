@@ -43,6 +43,9 @@ class OpenClipEvalModel(nn.Module):
         features = self.clip.encode_text(tokens)
         return F.normalize(features, dim=-1) if normalize else features
 
+    def logit_scale(self) -> torch.Tensor:
+        return self.clip.logit_scale.exp()
+
 
 def load_open_clip_model(name: str, weights: str | Path) -> tuple[OpenClipEvalModel, object, dict]:
     """(model in eval mode, tokenizer, description) for an open_clip config name and a local weights file."""
