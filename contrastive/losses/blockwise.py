@@ -2,8 +2,9 @@
 
 Both functions see `queries` (B, D) against `keys` (M, D) with logits = scale * queries @ keys.T (+ bias). The
 forward pass keeps only per-row reductions; the backward pass recomputes each (B, block) logit block and turns
-it straight into gradients, so memory is O(B x (D + block)) however large M is. Each costs one extra matmul per
-block in backward (the recomputation) against a materialised loss.
+it straight into gradients, so memory is O(B x (D + block)) however large M is. The price is one extra matmul
+per block (the recomputation); every other pass over a block is fused into a matmul or done in place, and
+per-row or per-scalar factors are applied to (B, D) tensors instead of (B, block) ones.
 """
 
 from __future__ import annotations
@@ -18,16 +19,23 @@ def _column_blocks(num_columns: int, block_size: int):
 
 
 class _BlockSigmoidLoss(torch.autograd.Function):
-    """Sum over all (B, M) pairs of -log sigmoid(z * logit); z = +1 on the diagonal if `diagonal_positive`, else -1."""
+    """Sum over all (B, M) pairs of -log sigmoid(z * logit); z = +1 on the diagonal if `diagonal_positive`, else -1.
+
+    -log sigmoid(z x) is softplus(x) for negatives and softplus(-x) for positives, so each block is computed as
+    if every pair were negative and then its few diagonal entries are replaced.
+    """
 
     @staticmethod
     def forward(ctx, queries, keys, scale, bias, diagonal_positive: bool, block_size: int):
         with torch.autocast(queries.device.type, enabled=False):
+            scaled_queries = queries * scale
             total = queries.new_zeros(())
             for start, stop in _column_blocks(keys.shape[0], block_size):
-                logits = torch.mm(queries, keys[start:stop].T).mul_(scale).add_(bias)  # (B, block)
-                signs = _signs(logits, start, diagonal_positive)
-                total += F.softplus(-signs * logits).sum()  # -log sigmoid(x) = softplus(-x)
+                logits = torch.addmm(bias, scaled_queries, keys[start:stop].T)  # (B, block)
+                losses = F.softplus(logits)
+                if diagonal_positive:  # entries (start + j, j): column start + j matches row start + j
+                    losses.diagonal(-start).copy_(F.softplus(-logits.diagonal(-start)))
+                total += losses.sum()
         ctx.save_for_backward(queries, keys, scale, bias)
         ctx.diagonal_positive, ctx.block_size = diagonal_positive, block_size
         return total
@@ -35,26 +43,24 @@ class _BlockSigmoidLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         queries, keys, scale, bias = ctx.saved_tensors
-        grad_queries, grad_keys = torch.zeros_like(queries), torch.empty_like(keys)
-        grad_scale, grad_bias = torch.zeros_like(scale), torch.zeros_like(bias)
+        scaled_queries = queries * scale
+        grad_logits_keys = torch.zeros_like(queries)  # sum_j dL/dlogit_ij k_j, (B, D)
+        grad_keys = torch.empty_like(keys)
+        grad_bias = torch.zeros_like(bias)
         for start, stop in _column_blocks(keys.shape[0], ctx.block_size):
-            dots = queries @ keys[start:stop].T  # (B, block)
-            logits = dots * scale + bias
-            signs = _signs(logits, start, ctx.diagonal_positive)
-            grad_logits = -signs * torch.sigmoid(-signs * logits) * grad_total  # d softplus(-z x) / dx
+            logits = torch.addmm(bias, scaled_queries, keys[start:stop].T)  # (B, block)
+            positives = logits.diagonal(-start).clone() if ctx.diagonal_positive else None
+            grad_logits = logits.sigmoid_()  # d softplus(x) / dx
+            if positives is not None:
+                grad_logits.diagonal(-start).copy_(-torch.sigmoid(-positives))  # d softplus(-x) / dx
             grad_bias += grad_logits.sum()
-            grad_scale += (grad_logits * dots).sum()
-            grad_queries.addmm_(grad_logits, keys[start:stop])
-            torch.mm(grad_logits.T, queries, out=grad_keys[start:stop])
-        return grad_queries.mul_(scale), grad_keys.mul_(scale), grad_scale, grad_bias, None, None
-
-
-def _signs(logits: torch.Tensor, start: int, diagonal_positive: bool) -> torch.Tensor:
-    """-1 everywhere, +1 where column start + j is row start + j (a matching pair)."""
-    signs = torch.full_like(logits, -1.0)
-    if diagonal_positive:
-        signs.diagonal(offset=-start).fill_(1.0)
-    return signs
+            grad_logits_keys.addmm_(grad_logits, keys[start:stop])
+            torch.mm(grad_logits.T, scaled_queries, out=grad_keys[start:stop])
+        # dL/dscale = sum_ij dL/dlogit_ij q_i . k_j = sum_i q_i . (sum_j dL/dlogit_ij k_j)
+        grad_scale = (queries * grad_logits_keys).sum()
+        grad_queries = grad_logits_keys.mul_(scale)
+        return (grad_queries.mul_(grad_total), grad_keys.mul_(grad_total), grad_scale * grad_total,
+                grad_bias * grad_total, None, None)
 
 
 def blockwise_sigmoid_loss(queries, keys, scale, bias, diagonal_positive: bool, block_size: int) -> torch.Tensor:
@@ -68,12 +74,13 @@ class _BlockLogSumExp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, queries, keys, scale, block_size: int):
         with torch.autocast(queries.device.type, enabled=False):
+            scaled_queries = queries * scale
             rows = queries.shape[0]
             running_max = queries.new_full((rows,), -torch.inf)
             running_sum = queries.new_zeros(rows)  # sum of exp(logit - running_max)
             best_column = torch.zeros(rows, dtype=torch.long, device=queries.device)
             for start, stop in _column_blocks(keys.shape[0], block_size):
-                logits = torch.mm(queries, keys[start:stop].T).mul_(scale)  # (B, block)
+                logits = torch.mm(scaled_queries, keys[start:stop].T)  # (B, block)
                 block_max, block_argmax = logits.max(dim=1)
                 new_max = torch.maximum(running_max, block_max)
                 running_sum = running_sum * torch.exp(running_max - new_max)
@@ -89,16 +96,19 @@ class _BlockLogSumExp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_log_sum_exp, _grad_best_column):
         queries, keys, scale, log_sum_exp = ctx.saved_tensors
-        grad_queries, grad_keys = torch.zeros_like(queries), torch.empty_like(keys)
-        grad_scale = torch.zeros_like(scale)
+        scaled_queries = queries * scale
+        # d lse_i / d logit_ij = softmax_ij =: p_ij; the row factor g_i = dL/dlse_i is applied to (B, D) tensors.
+        weighted_queries = scaled_queries * grad_log_sum_exp[:, None]
+        softmax_keys = torch.zeros_like(queries)  # sum_j p_ij k_j, (B, D)
+        grad_keys = torch.empty_like(keys)
         for start, stop in _column_blocks(keys.shape[0], ctx.block_size):
-            dots = queries @ keys[start:stop].T  # (B, block)
-            # d lse_i / d logit_ij = softmax_ij, recovered from the saved log-sum-exp.
-            grad_logits = torch.exp(dots * scale - log_sum_exp[:, None]).mul_(grad_log_sum_exp[:, None])
-            grad_scale += (grad_logits * dots).sum()
-            grad_queries.addmm_(grad_logits, keys[start:stop])
-            torch.mm(grad_logits.T, queries, out=grad_keys[start:stop])
-        return grad_queries.mul_(scale), grad_keys.mul_(scale), grad_scale, None
+            # p = exp(logit - lse), the subtraction fused into the matmul.
+            softmax = torch.addmm(-log_sum_exp[:, None], scaled_queries, keys[start:stop].T).exp_()  # (B, block)
+            softmax_keys.addmm_(softmax, keys[start:stop])
+            torch.mm(softmax.T, weighted_queries, out=grad_keys[start:stop])
+        row_grads = softmax_keys.mul_(grad_log_sum_exp[:, None])  # sum_j dL/dlogit_ij k_j
+        grad_scale = (queries * row_grads).sum()
+        return row_grads.mul_(scale), grad_keys, grad_scale, None
 
 
 def blockwise_log_sum_exp(queries, keys, scale, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
