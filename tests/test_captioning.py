@@ -4,6 +4,7 @@ direct computation, and zero-shot classification of a captioner through the shar
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -11,7 +12,9 @@ import torch
 from contrastive.config import ModelConfig
 from contrastive.eval.captioning import (
     CaptionScoringClassifier, beam_search_captions, caption_log_likelihoods, caption_texts, greedy_captions,
+    named_class,
 )
+from contrastive.cli.eval import main
 from contrastive.eval.zeroshot import ZeroShotClassification
 from contrastive.models import build_model, build_tokenizer
 
@@ -134,3 +137,27 @@ def test_shared_zero_shot_evaluator_scores_captions_for_a_model_without_text_tow
     metrics = evaluator.run(model, build_tokenizer(model.cfg), torch.device("cpu"))
     assert set(metrics) == {"acc1", "acc5", "mean_per_class_recall"}
     assert 0 <= metrics["acc1"] <= metrics["acc5"] <= 1
+
+
+def test_named_class_prefers_the_longest_class_name_in_the_caption():
+    names = ["T-shirt/top", "trouser", "shirt", "ankle boot"]
+    assert named_class("a photo of a t - shirt / top .", names) == 0
+    assert named_class("a picture of the shirt .", names) == 2
+    assert named_class("a blurry ankle boot", names) == 3
+    assert named_class("a photo of a hat", names) is None
+
+
+@pytest.mark.slow
+def test_caption_cli_on_a_trained_checkpoint(demo_root, tmp_path):
+    from tests.conftest import tiny_run_overrides
+    from tests.test_training import _train_one_process
+
+    run_dir = tmp_path / "run"
+    overrides = [o for o in tiny_run_overrides(demo_root, run_dir) if not o.startswith("model=")]
+    result = _train_one_process([*overrides, "model=tiny_cappa", "loss=cappa", "trainer.max_steps=2"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = tmp_path / "captions.jsonl"
+    assert main(["caption", "--checkpoint", str(run_dir), "--dataset-root", str(demo_root), "--count", "5",
+                 "--beam-size", "2", "--max-length", "6", "--output", str(output), "--threads", "1"]) == 0
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert len(records) == 5 and all(set(r) == {"key", "label", "caption", "named_class"} for r in records)

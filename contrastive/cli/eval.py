@@ -5,6 +5,7 @@
     contrastive-eval zeroshot --checkpoint runs/a runs/b --open-clip ViT-B-32 weights/vit_b_32.pt \\
         --dataset-root data/imagenet --classnames imagenet1k --templates openai_imagenet --output-dir results/
     contrastive-eval retrieval --checkpoint runs/demo --dataset-root data/flickr30k --output-dir results/
+    contrastive-eval caption --checkpoint runs/demo_cappa --dataset-root data/demo/fashion-mnist --count 100
 
 Models: --checkpoint takes checkpoint files or run directories (their newest checkpoint); --open-clip NAME WEIGHTS
 (repeatable) an open_clip config name and a local weights file. Datasets: clip_benchmark's wds layout
@@ -19,12 +20,15 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import re
 import sys
 from pathlib import Path
 
 import torch
 
+from contrastive.eval.captioning import caption_dataset, named_class
+from contrastive.eval.labelled import open_classification_dataset
 from contrastive.eval.loading import load_trained_model
 from contrastive.eval.open_clip_models import load_open_clip_model
 from contrastive.eval.retrieval import ZeroShotRetrieval
@@ -108,6 +112,47 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _caption(args: argparse.Namespace) -> int:
+    """Captions for the first --count images (CapPa or CoCa checkpoints); with labels, how many name their class."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, tokenizer, run = load_trained_model(args.checkpoint)
+    dataset = open_classification_dataset(args.dataset_root, args.split)
+    loader = dataset.loader(model.cfg, args.batch_size, args.workers)
+    records = caption_dataset(model.to(device), tokenizer, loader, device, args.count,
+                              args.max_length or model.context_length, args.beam_size)
+    named = 0
+    for record in records:
+        record["named_class"] = named_class(record["caption"], dataset.classnames)
+        named += record["named_class"] == record["label"]
+        print(f"{record['key']}\t{dataset.classnames[record['label']]}\t{record['caption']}")
+    print(f"captions naming the image's class: {named}/{len(records)} = {named / max(len(records), 1):.4f} "
+          f"({'greedy' if args.beam_size == 1 else f'beam search, {args.beam_size} beams'}; {run['checkpoint']})")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text("".join(json.dumps(record) + "\n" for record in records))
+        print(f"written to {args.output}")
+    return 0
+
+
+def _add_caption_command(commands) -> None:
+    parser = commands.add_parser("caption", help="generate captions with a captioning checkpoint (CapPa, CoCa)")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
+    parser.add_argument("--dataset-root", required=True, help="labelled dataset directory (shards or image folder)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--count", type=int, default=100, help="caption the first COUNT images")
+    parser.add_argument("--beam-size", type=int, default=1, help="1 is greedy decoding")
+    parser.add_argument("--max-length", type=int, default=None, help="tokens, start and end included "
+                                                                     "(default: the model's context length)")
+    parser.add_argument("--output", default=None, help="JSON-lines file of {key, label, caption, named_class}")
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    parser.set_defaults(run=_caption)
+
+
 def _add_evaluation_command(commands, name: str, help_text: str) -> argparse.ArgumentParser:
     parser = commands.add_parser(name, help=help_text)
     parser.add_argument("--checkpoint", nargs="+", default=None, help="checkpoint files or run directories")
@@ -135,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     zeroshot.add_argument("--classnames", default=None, help="file or built-in list (default: the dataset's)")
     zeroshot.add_argument("--templates", default=None, help="file or built-in list (default: the dataset's)")
     _add_evaluation_command(commands, "retrieval", "zero-shot image-text retrieval on paired shards")
+    _add_caption_command(commands)
     return parser
 
 

@@ -159,3 +159,30 @@ def caption_classification_scores(model: nn.Module, tokenizer: Callable, classna
     if (labels < 0).any() or (labels >= len(classnames)).any():
         raise ValueError(f"labels outside 0..{len(classnames) - 1}; do the class names and the labels match?")
     return torch.cat(scores), labels
+
+
+def named_class(caption: str, classnames: list[str]) -> int | None:
+    """The class a caption names: the longest class name it contains, ignoring case, spaces and punctuation
+    (so "t - shirt / top" names "T-shirt/top", not "shirt")."""
+    def squash(text: str) -> str:
+        return "".join(ch for ch in text.lower() if ch.isalnum())
+
+    caption = squash(caption)
+    found = [(len(squash(name)), index) for index, name in enumerate(classnames) if squash(name) in caption]
+    return max(found)[1] if found else None
+
+
+@torch.no_grad()
+def caption_dataset(model: nn.Module, tokenizer, loader: Iterable, device: torch.device, count: int,
+                    max_length: int, beam_size: int = 1) -> list[dict]:
+    """Generate captions for the first `count` images of a loader: [{"key", "label", "caption"}]."""
+    sot, eot = special_tokens(tokenizer)
+    records: list[dict] = []
+    for images, _, labels, keys in loader:
+        images = images[: count - len(records)].to(device)
+        sequences = beam_search_captions(model, images, sot, eot, max_length, beam_size)
+        for key, label, text in zip(keys, torch.as_tensor(labels).tolist(), caption_texts(tokenizer, sequences)):
+            records.append({"key": key, "label": label, "caption": text})
+        if len(records) >= count:
+            break
+    return records
