@@ -103,6 +103,15 @@ def decode_sample(
     return image, caption, label
 
 
+def _batch_tensor(shape: torch.Size, in_worker: bool) -> torch.Tensor:
+    """A float32 tensor for one batch. In a DataLoader worker it is made in shared memory, so sending it to the
+    main process passes a handle instead of copying the batch again (what torch's default_collate does)."""
+    if not in_worker:
+        return torch.empty(shape)
+    storage = torch.empty(0)._typed_storage()._new_shared(shape.numel(), device="cpu")
+    return torch.empty(0).new(storage).view(shape)
+
+
 class ImageTextStream(IterableDataset):
     """An infinite stream of local batches (see the module docstring for determinism and resume)."""
 
@@ -211,7 +220,10 @@ class ImageTextStream(IterableDataset):
             if past_plan and finite:
                 past_plan_samples += 1
             try:
-                torch.manual_seed(slot_seed(self.layout.seed, "augment", name, self.layout.rank, worker, epoch, consumed))
+                # Only the CPU generator drives the augmentations; torch.manual_seed would also queue lazy CUDA
+                # seeding with a captured stack trace, which cost more than decoding the image.
+                torch.default_generator.manual_seed(
+                    slot_seed(self.layout.seed, "augment", name, self.layout.rank, worker, epoch, consumed))
                 image, caption, label = decode_sample(raw, self.transform, self.image_size, decode_size=self.decode_size,
                                                       min_image_size=self.min_image_size)
             except BadSample as bad:
@@ -226,7 +238,7 @@ class ImageTextStream(IterableDataset):
             if len(keys) < self.local_batch_size:
                 continue
             yield Batch(
-                images=self.normalize(images),
+                images=self.normalize(images, out=_batch_tensor(images.shape, in_worker=info is not None)),
                 tokens=self.tokenizer(captions),
                 keys=keys,
                 labels=torch.tensor(labels),

@@ -62,7 +62,8 @@ class BatchNormalize:
         self.scale = 1 / (torch.tensor(std).view(1, 3, 1, 1) * 255)
 
     def __call__(self, images: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        return torch.sub(images, self.shift, out=out).mul_(self.scale)
+        out = torch.empty(images.shape) if out is None else out
+        return out.copy_(images).sub_(self.shift).mul_(self.scale)  # copy_ converts; in place avoids new memory
 
 
 def _interpolation(name: str) -> v2.InterpolationMode:
