@@ -85,6 +85,8 @@ class TrainerConfig:
     log_every: int = 10
     checkpoint_every: int = 200
     keep_last_checkpoints: int = 2
+    keep_every_steps: int | None = None  # also keep every checkpoint whose step is a multiple of this
+    max_nonfinite_steps: int = 5  # consecutive NaN/Inf steps (skipped) before the run stops
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     threads_per_process: int | None = None  # CPU threads; None divides the cores among local ranks
     progress_bar: bool = True
@@ -206,6 +208,9 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _require(trainer.log_every > 0, f"trainer.log_every must be positive, got {trainer.log_every}")
     _require(trainer.checkpoint_every > 0, f"trainer.checkpoint_every must be positive, got {trainer.checkpoint_every}")
     _require(trainer.keep_last_checkpoints > 0, "trainer.keep_last_checkpoints must be positive")
+    _require(trainer.keep_every_steps is None or trainer.keep_every_steps > 0,
+             "trainer.keep_every_steps must be positive or null")
+    _require(trainer.max_nonfinite_steps > 0, "trainer.max_nonfinite_steps must be positive")
     _require_choice(trainer.precision, "trainer.precision", ("auto", "fp32", "bf16"))
     _require_choice(cfg.dist.device, "dist.device", ("auto", "cpu", "cuda"))
     _require_choice(cfg.dist.backend, "dist.backend", ("auto", "gloo", "nccl"))

@@ -30,12 +30,12 @@ def run(cfg: DictConfig) -> None:
     try:
         trainer = Trainer(cfg)
         result = trainer.train()
-    except ValueError as error:  # a user mistake: one clear line, no stack trace
+    except (ValueError, FloatingPointError) as error:  # a user mistake or a diverged run: one clear line
         log.error("%s", error)
         print(f"contrastive-train: error: {error}", file=sys.stderr)
         shutdown_distributed()
         sys.exit(2)
-    if trainer.env.is_main:
+    if trainer.env.is_main and not result.preempted:
         log.info("finished at step %d, loss %s, %s", result.final_step, result.final_loss, result.eval_metrics)
     shutdown_distributed()
 

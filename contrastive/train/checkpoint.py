@@ -43,8 +43,11 @@ def git_commit() -> str | None:
     return result.stdout.strip() or None
 
 
-def save_checkpoint(state: dict[str, Any], path: Path, keep_last: int) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename: a crash leaves the old files intact."""
+def save_checkpoint(state: dict[str, Any], path: Path, keep_last: int, keep_every: int | None = None) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename: a crash leaves the old files intact.
+
+    Afterwards only the newest `keep_last` checkpoints remain, plus those whose step is a multiple of `keep_every`.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -61,8 +64,18 @@ def save_checkpoint(state: dict[str, Any], path: Path, keep_last: int) -> None:
         os.fsync(directory_fd)
     finally:
         os.close(directory_fd)
-    for _, old in list_checkpoints(path.parent.parent)[:-keep_last]:
-        old.unlink(missing_ok=True)
+    for step, old in list_checkpoints(path.parent.parent)[:-keep_last]:
+        if not (keep_every and step % keep_every == 0):
+            old.unlink(missing_ok=True)
+
+
+def remove_partial_writes(run_dir: str | Path) -> list[Path]:
+    """Delete temporary files left by a write that was killed halfway (they never carry a checkpoint's name)."""
+    directory = checkpoint_dir(run_dir)
+    partial = sorted(directory.glob(".step_*.tmp")) if directory.is_dir() else []
+    for path in partial:
+        path.unlink(missing_ok=True)
+    return partial
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -80,13 +93,18 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
+def load_resume_state(resume: str | None, run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint to resume from and its state: a named file, or for 'latest' the newest one that loads."""
     if resume is None:
         return None
-    if resume == "latest":
-        found = list_checkpoints(run_dir)
-        return found[-1][1] if found else None
-    return Path(resume)
+    if resume != "latest":
+        return Path(resume), load_checkpoint(resume)
+    for step, path in reversed(list_checkpoints(run_dir)):
+        try:
+            return path, load_checkpoint(path)
+        except ValueError as error:
+            log.warning("skipping unreadable checkpoint %s: %s", path, error)
+    return None
 
 
 def load_model_weights(model: nn.Module, path: str | Path) -> None:
@@ -95,11 +113,14 @@ def load_model_weights(model: nn.Module, path: str | Path) -> None:
 
 def apply_model_state(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
     """Load weights; a checkpoint of a different architecture is named as such, not a torch stack trace."""
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    mismatched = [k for k, v in model.state_dict().items() if k in state and state[k].shape != v.shape]
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [k for k, v in expected.items() if k in state and state[k].shape != v.shape]
     if missing or unexpected or mismatched:
         raise ValueError(
             f"checkpoint {path} does not match this model architecture: {len(missing)} missing, "
             f"{len(unexpected)} unexpected, {len(mismatched)} mismatched tensors "
             f"(e.g. {(missing + unexpected + mismatched)[:3]})"
         )
+    model.load_state_dict(state)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from contrastive.train.metrics import MetricsLogger
 from contrastive.train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
-MAX_CONSECUTIVE_NONFINITE_STEPS = 5
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SIGUSR1: SLURM's --signal warning before the time limit
 
 
 @dataclass
@@ -37,6 +38,8 @@ class TrainResult:
     final_step: int
     final_loss: float | None
     eval_metrics: dict[str, float]
+    preempted: bool = False
+    nonfinite_steps_skipped: int = 0
 
 
 def _set_threads(cfg: TrainConfig) -> None:
@@ -72,10 +75,16 @@ class Trainer:
         if cfg.trainer.deterministic:
             torch.use_deterministic_algorithms(True)
         self.run_dir = Path(cfg.run_dir)
-        resume_path = ckpt.resolve_resume(cfg.resume, self.run_dir)
-        if cfg.resume is None and ckpt.list_checkpoints(self.run_dir):
+        resume = cfg.resume
+        if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:
+            resume = "latest"  # torchrun restarted the workers after a failure: continue, do not start over
+        if resume is None and ckpt.list_checkpoints(self.run_dir):
             raise ValueError(f"{self.run_dir} already holds checkpoints of another run; "
                              f"pass resume=latest to continue it, or choose another name=")
+        if self.env.is_main:
+            for partial in ckpt.remove_partial_writes(self.run_dir):
+                log.warning("removed %s, left by a checkpoint write that did not finish", partial)
+        resume_from = ckpt.load_resume_state(resume, self.run_dir)
 
         self.model = build_model(cfg.model).to(self.env.device)
         self.tokenizer = build_tokenizer(cfg.model)
@@ -84,10 +93,10 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
 
-        self.step = 0
+        self.step = self.saved_step = 0
         self.data_positions: dict[int, dict] = {}
-        if resume_path is not None:
-            self._restore(resume_path)
+        if resume_from is not None:
+            self._restore(*resume_from)
         self.loader = build_train_loader(
             cfg.data, cfg.model, self.tokenizer, rank=self.env.rank, world_size=self.env.world_size,
             seed=cfg.seed, start_step=self.step, positions=self.data_positions,
@@ -108,12 +117,29 @@ class Trainer:
         use_bf16 = precision == "bf16" or (precision == "auto" and self.env.device.type == "cuda")
         return torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
+    def _catch_preemption(self) -> None:
+        self.preemption_requested = False
+
+        def request_stop(signum, frame) -> None:
+            log.warning("rank %d received %s: checkpointing at the next step boundary", self.env.rank,
+                        signal.Signals(signum).name)
+            self.preemption_requested = True
+
+        for signum in PREEMPTION_SIGNALS:
+            signal.signal(signum, request_stop)
+
+    def _preempted(self) -> bool:
+        """True on every rank once any rank was signalled, so all of them stop at the same step."""
+        flag = torch.tensor(float(self.preemption_requested))
+        return bool(self.env.collectives.all_reduce_sum(flag) > 0)
+
     def train(self) -> TrainResult:
         cfg, env = self.cfg, self.env
         local_batch = cfg.data.batch_size // env.world_size
         batches = iter(self.loader)
         metrics: dict[str, float] = {}
-        nonfinite_in_a_row = 0
+        nonfinite_in_a_row = nonfinite_total = 0
+        self._catch_preemption()
         window_start, window_samples = time.perf_counter(), 0
         while self.step < cfg.trainer.max_steps:
             batch = next(batches).to(env.device)
@@ -129,6 +155,7 @@ class Trainer:
                 nonfinite_in_a_row = 0
             else:
                 nonfinite_in_a_row += 1
+                nonfinite_total += 1
                 self._on_nonfinite(result, nonfinite_in_a_row)
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
@@ -140,19 +167,26 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 metrics = self._reduce_metrics(result, grad_norm, batch)
                 metrics["samples_per_second"] = window_samples / max(elapsed, 1e-9)
+                metrics["nonfinite_steps_skipped"] = float(nonfinite_total)
                 self.logger.log(self.step, metrics)
                 window_start, window_samples = time.perf_counter(), 0
             if self.step % cfg.trainer.checkpoint_every == 0 or self.step == cfg.trainer.max_steps:
                 self.save()
             if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < cfg.trainer.max_steps:
                 self.evaluate()
+            if self._preempted():
+                self.save()
+                self.logger.close()
+                log.warning("stopped for preemption at step %d; resume=latest continues from here", self.step)
+                return TrainResult(self.step, metrics.get("loss"), {}, preempted=True,
+                                   nonfinite_steps_skipped=nonfinite_total)
         eval_metrics = self.evaluate() if cfg.eval.at_end else {}
         self.logger.close()
-        return TrainResult(self.step, metrics.get("loss"), eval_metrics)
+        return TrainResult(self.step, metrics.get("loss"), eval_metrics, nonfinite_steps_skipped=nonfinite_total)
 
     def _on_nonfinite(self, result, in_a_row: int) -> None:
         log.warning("step %d: non-finite loss or gradients (loss=%s); step skipped", self.step, result.loss.item())
-        if in_a_row >= MAX_CONSECUTIVE_NONFINITE_STEPS:
+        if in_a_row >= self.cfg.trainer.max_nonfinite_steps:
             last = ckpt.list_checkpoints(self.run_dir)
             raise FloatingPointError(
                 f"{in_a_row} non-finite steps in a row ending at step {self.step} "
@@ -183,8 +217,13 @@ class Trainer:
         return self.env.collectives.broadcast_object(metrics)
 
     def save(self) -> None:
+        if self.step == self.saved_step:
+            return
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            raise FloatingPointError(f"model weights are not finite at step {self.step}; not checkpointing them")
         positions = self.env.collectives.all_gather_object(self.data_positions)
         rng = self.env.collectives.all_gather_object(_rng_state())
+        self.saved_step = self.step
         if not self.env.is_main:
             return
         state = {
@@ -199,14 +238,14 @@ class Trainer:
             "config": self.config_dict,
             "git_commit": ckpt.git_commit(),
         }
-        ckpt.save_checkpoint(state, ckpt.checkpoint_path(self.run_dir, self.step), self.cfg.trainer.keep_last_checkpoints)
+        ckpt.save_checkpoint(state, ckpt.checkpoint_path(self.run_dir, self.step),
+                             self.cfg.trainer.keep_last_checkpoints, self.cfg.trainer.keep_every_steps)
 
-    def _restore(self, path: Path) -> None:
-        state = ckpt.load_checkpoint(path)
+    def _restore(self, path: Path, state: dict[str, Any]) -> None:
         ckpt.apply_model_state(self.model, state["model"], path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.step = state["step"]
+        self.step = self.saved_step = state["step"]
         if state["world_size"] == self.env.world_size:
             self.data_positions = state["data_positions"][self.env.rank]
             _restore_rng(state["rng"][self.env.rank])
@@ -215,4 +254,4 @@ class Trainer:
                         "fresh seed instead of resuming its exact position", state["world_size"], self.env.world_size)
             self.cfg.seed += self.step
         if self.env.is_main:
-            log.info("resumed from %s at step %d", path, self.step)
+            log.warning("resuming from %s at step %d", path, self.step)

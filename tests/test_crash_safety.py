@@ -1,0 +1,206 @@
+"""Crash safety: atomic checkpoint writes, safe loading, NaN guards, preemption, elastic restarts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from contrastive.train import checkpoint as ckpt
+from contrastive.train.trainer import Trainer
+from contrastive.types import LossOutput
+from tests.conftest import REPO, compose_config, free_port, tiny_run_overrides, torchrun
+
+TRAIN = ["-m", "contrastive.cli.train"]
+WRITER = """
+import sys, torch
+from pathlib import Path
+from contrastive.train.checkpoint import save_checkpoint
+state = {"model": {"w": torch.ones(150_000_000)}, "config": {}, "step": 4}
+save_checkpoint(state, Path(sys.argv[1]), keep_last=5)
+"""
+
+
+def _state(step: int) -> dict:
+    return {"model": {"w": torch.full((4,), float(step))}, "config": {"name": "t"}, "step": step}
+
+
+def test_checkpoint_write_killed_halfway_leaves_the_previous_one(tmp_path):
+    ckpt.save_checkpoint(_state(2), ckpt.checkpoint_path(tmp_path, 2), keep_last=5)
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(ckpt.checkpoint_path(tmp_path, 4))], cwd=REPO)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        partial = list(ckpt.checkpoint_dir(tmp_path).glob(".step_*.tmp"))
+        if partial and partial[0].stat().st_size > 50_000_000:
+            break
+        time.sleep(0.01)
+    writer.kill()
+    writer.wait()
+    assert [step for step, _ in ckpt.list_checkpoints(tmp_path)] == [2]
+    assert ckpt.load_resume_state("latest", tmp_path)[1]["step"] == 2
+    assert ckpt.remove_partial_writes(tmp_path), "the half-written file is found and removed"
+    assert not list(ckpt.checkpoint_dir(tmp_path).glob(".step_*"))
+
+
+def test_keep_last_and_every_mth(tmp_path):
+    for step in range(1, 11):
+        ckpt.save_checkpoint(_state(step), ckpt.checkpoint_path(tmp_path, step), keep_last=2, keep_every=4)
+    assert [step for step, _ in ckpt.list_checkpoints(tmp_path)] == [4, 8, 9, 10]
+
+
+def test_resume_latest_skips_a_damaged_newest_checkpoint(tmp_path, caplog):
+    for step in (2, 4):
+        ckpt.save_checkpoint(_state(step), ckpt.checkpoint_path(tmp_path, step), keep_last=5)
+    newest = ckpt.checkpoint_path(tmp_path, 4)
+    newest.write_bytes(newest.read_bytes()[:100])
+    path, state = ckpt.load_resume_state("latest", tmp_path)
+    assert state["step"] == 2 and path == ckpt.checkpoint_path(tmp_path, 2)
+    assert "skipping unreadable checkpoint" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "does not exist"),
+        (b"not a checkpoint at all", "cannot be read"),
+        (b"PICKLE", "cannot be read"),
+    ],
+)
+def test_loading_bad_files_gives_a_clear_error(tmp_path, content, message):
+    path = tmp_path / "bad.pt"
+    if content == b"PICKLE":  # a pickle that would run code if loaded without weights_only
+        import pickle
+
+        class Exploit:
+            def __reduce__(self):
+                return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+        path.write_bytes(pickle.dumps({"model": Exploit(), "config": {}}))
+    elif content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        ckpt.load_checkpoint(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_checkpoint_of_another_architecture_is_named(demo_root, tmp_path):
+    cfg = compose_config(tiny_run_overrides(demo_root, tmp_path / "run"))
+    trainer = Trainer(cfg)
+    trainer.step = 1
+    trainer.save()
+    from contrastive.models import build_model
+
+    bigger = compose_config(["model=tiny_clip"]).model
+    with pytest.raises(ValueError, match="does not match this model architecture"):
+        ckpt.load_model_weights(build_model(bigger), ckpt.list_checkpoints(tmp_path / "run")[-1][1])
+
+
+def _nan_at(trainer: Trainer, steps: set[int]):
+    objective = trainer.objective
+
+    def poisoned(output, batch, collectives) -> LossOutput:
+        result = objective(output, batch, collectives)
+        if trainer.step in steps:
+            result.loss = result.loss * float("nan")
+        return result
+
+    trainer.objective = poisoned
+
+
+def test_injected_nan_step_is_skipped_and_counted(demo_root, tmp_path):
+    cfg = compose_config(tiny_run_overrides(demo_root, tmp_path / "run") + ["trainer.max_steps=5"])
+    trainer = Trainer(cfg)
+    _nan_at(trainer, {2})
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    result = trainer.train()
+    assert result.final_step == 5 and result.nonfinite_steps_skipped == 1
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["nonfinite_steps_skipped"] for row in rows] == [0, 0, 1, 1, 1]
+    after = trainer.model.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_run_of_nans_stops_with_a_clear_error(demo_root, tmp_path):
+    cfg = compose_config(tiny_run_overrides(demo_root, tmp_path / "run")
+                         + ["trainer.max_steps=10", "trainer.max_nonfinite_steps=3"])
+    trainer = Trainer(cfg)
+    _nan_at(trainer, {4, 5, 6, 7, 8, 9})
+    with pytest.raises(FloatingPointError) as error:
+        trainer.train()
+    message = str(error.value)
+    assert "3 non-finite steps in a row ending at step 6" in message
+    # skipped steps leave the weights untouched, so the step-6 checkpoint (after steps 4 and 5) is still good
+    assert "contrastive_loss" in message and "step_00000006.pt" in message
+
+
+def _workers_of(agent_pid: int) -> list[int]:
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == agent_pid:
+                children.append(int(entry.name))
+    return children
+
+
+def _launch(overrides: list[str], extra: list[str] = ()) -> subprocess.Popen:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={free_port()}", *extra, *TRAIN, *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_checkpoint(run_dir: Path, step: int, process: subprocess.Popen) -> None:
+    deadline = time.time() + 240
+    while not any(s >= step for s, _ in ckpt.list_checkpoints(run_dir)):
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline, "no checkpoint in time"
+        time.sleep(0.02)
+
+
+@pytest.mark.distributed
+def test_sigterm_checkpoints_and_exits_cleanly(demo_root, tmp_path):
+    run_dir = tmp_path / "run"
+    process = _launch(tiny_run_overrides(demo_root, run_dir)
+                      + ["trainer.max_steps=100000", "trainer.checkpoint_every=2"])
+    _wait_for_checkpoint(run_dir, 2, process)
+    os.kill(_workers_of(process.pid)[0], signal.SIGTERM)  # SLURM signals the tasks, not the launcher
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "stopped for preemption" in stdout + stderr
+    final = ckpt.list_checkpoints(run_dir)[-1]
+    assert 2 < final[0] < 100000
+    assert ckpt.load_checkpoint(final[1])["step"] == final[0]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_worker_killed_by_sigkill_is_restarted_by_torchrun_and_matches_an_uninterrupted_run(demo_root, tmp_path):
+    common = ["trainer.max_steps=10", "trainer.checkpoint_every=3", "trainer.deterministic=true",
+              "data.num_workers=1"]
+    torchrun([*TRAIN, *tiny_run_overrides(demo_root, tmp_path / "straight"), *common])
+    run_dir = tmp_path / "restarted"
+    process = _launch(tiny_run_overrides(demo_root, run_dir) + common, extra=["--max-restarts=1"])
+    _wait_for_checkpoint(run_dir, 3, process)
+    os.kill(_workers_of(process.pid)[1], signal.SIGKILL)
+    stdout, stderr = process.communicate(timeout=240)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "resuming from" in stdout + stderr
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    repeated = len(steps) - len(set(steps))
+    assert steps[-1] == 10 and repeated <= 2, f"repeated more than the steps since the checkpoint: {steps}"
+    straight = ckpt.load_checkpoint(ckpt.list_checkpoints(tmp_path / "straight")[-1][1])["model"]
+    restarted = ckpt.load_checkpoint(ckpt.list_checkpoints(run_dir)[-1][1])["model"]
+    for name, tensor in straight.items():
+        torch.testing.assert_close(restarted[name], tensor, rtol=0, atol=0, msg=name)
