@@ -1,6 +1,11 @@
 """``contrastive-data``: dataset tools on the command line, one subcommand each.
 
     contrastive-data demo [--source DIR] [--out DIR] [--samples-per-shard N] [--seed S] [--limit N]
+    contrastive-data inspect SHARDS [--min-image-size N] [--json PATH]
+    contrastive-data validate SHARDS [--min-image-size N]
+
+SHARDS is what data.sources.N.shards takes: a directory, a brace pattern, `pipe:` commands, or URLs that
+webdataset's gopen opens (s3:// gs:// https://), several joined with '::'.
 
 To add a subcommand, write an ``_add_<name>_command(subcommands)`` that registers its parser and sets
 ``run`` to a function ``(args) -> exit code``, and list it in ``_COMMANDS``. A ValueError raised by a
@@ -10,11 +15,14 @@ command is a user mistake: it is printed as one line and the exit code is 2.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
 
 from contrastive.data import demo
+from contrastive.data import inspect as inspection
+from contrastive.data.shards import expand_shards
 
 
 def _add_demo_command(subcommands: argparse._SubParsersAction) -> None:
@@ -63,7 +71,56 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = (_add_demo_command,)
+def _add_shard_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("shards", help="directory, brace pattern, pipe: command or URL; several joined with '::'")
+    parser.add_argument("--min-image-size", type=int, default=8,
+                        help="a smaller image side counts as a bad sample (as data.min_image_size)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_inspect_command(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser(
+        "inspect", help="count samples, extensions, image sizes and caption lengths; list bad samples",
+        description="Read every sample once with the training stream's checks and describe the shard set.",
+    )
+    _add_shard_arguments(parser)
+    parser.add_argument("--json", type=Path, default=None, help="also write the counts as JSON here")
+    parser.set_defaults(run=_run_inspect)
+
+
+def _add_validate_command(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser(
+        "validate", help="exit non-zero when any shard or sample is bad",
+        description="Read every sample once with the training stream's checks; exit 1 if any is bad.",
+    )
+    _add_shard_arguments(parser)
+    parser.set_defaults(run=_run_validate)
+
+
+def _inspect(args: argparse.Namespace) -> inspection.ShardReport:
+    urls = expand_shards(args.shards)
+    report = inspection.inspect_shards(urls, args.min_image_size, progress=not args.no_progress)
+    print("\n".join(report.summary()))
+    return report
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    report = _inspect(args)
+    if args.json:
+        counts = {"shards": report.shards, "samples": report.samples, "good": report.good,
+                  "extensions": dict(report.extensions), "bad": dict(report.skipped),
+                  "bad_samples": [list(entry) for entry in report.bad_samples]}
+        args.json.write_text(json.dumps(counts, indent=2) + "\n")
+    return 0
+
+
+def _run_validate(args: argparse.Namespace) -> int:
+    report = _inspect(args)
+    print("valid" if report.ok else f"INVALID: {sum(report.skipped.values())} bad samples or shards")
+    return 0 if report.ok else 1
+
+
+_COMMANDS = (_add_demo_command, _add_inspect_command, _add_validate_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

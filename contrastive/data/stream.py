@@ -26,6 +26,9 @@ from contrastive.types import Batch
 
 log = logging.getLogger(__name__)
 MIN_SAMPLES_FOR_SKIP_CHECK = 200
+# Every reason a sample or shard is skipped for (reader, decode_sample, decode_image), for per-reason metrics.
+SKIP_REASONS = ("missing_image", "bad_caption_encoding", "missing_caption", "empty_caption", "bad_label",
+                "corrupt_image", "wrong_image_mode", "wrong_image_size", "truncated_shard", "unreadable_shard")
 LOGGED_BAD_SAMPLES_PER_WORKER = 5
 
 

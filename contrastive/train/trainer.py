@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 from contrastive.config import TrainConfig, validate
 from contrastive.data.loader import build_train_loader
+from contrastive.data.stream import SKIP_REASONS
 from contrastive.dist import DistEnv, init_distributed
 from contrastive.dist.parallel import unwrap, wrap_data_parallel
 from contrastive.eval.zeroshot import ZeroShotClassification
@@ -199,8 +200,11 @@ class Trainer:
         values = torch.stack([result.loss.detach().float(), *(v.float() for v in result.metrics.values())])
         values = self.env.collectives.all_reduce_mean(values)
         metrics = {name: float(value) for name, value in zip(names, values)}
-        skipped = sum(batch.stream_state["skipped"].values())
-        metrics["data_skipped_samples"] = float(self.env.collectives.all_reduce_sum(torch.tensor(float(skipped))))
+        # Every logical worker's latest counts (a batch carries only its own worker's), summed over ranks.
+        skipped = [float(sum(p["skipped"].get(reason, 0) for p in self.data_positions.values())) for reason in SKIP_REASONS]
+        skipped = self.env.collectives.all_reduce_sum(torch.tensor(skipped))
+        metrics["data_skipped_samples"] = float(skipped.sum())
+        metrics.update({f"data_skipped/{reason}": float(count) for reason, count in zip(SKIP_REASONS, skipped) if count})
         metrics["grad_norm"] = float(grad_norm)
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         return metrics
