@@ -3,6 +3,7 @@ and every kind of bad sample."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import pytest
@@ -12,7 +13,7 @@ from contrastive.data.plan import count_shard_samples, plan_finite_run
 from contrastive.data.stream import ImageTextStream, Source, StreamLayout
 from contrastive.data.transforms import BatchNormalize, build_train_transform
 from contrastive.models import build_tokenizer
-from tests.conftest import compose_config
+from tests.conftest import compose_config, torchrun
 from tests.data_factory import bad_shard_set, good_samples, write_tar
 
 MIXING_TOLERANCE = 0.03  # absolute, on a source's share of 2000 draws (binomial sd is about 0.01)
@@ -102,3 +103,15 @@ def test_every_kind_of_bad_sample_is_skipped_and_counted(tmp_path, tokenizer):
     assert len(set(batch.keys)) == good
     assert batch.stream_state["skipped"] == expected
     assert batch.stream_state["past_plan_samples"] == 0
+
+
+@pytest.mark.distributed
+def test_finite_epoch_run_under_torchrun_sees_each_key_once_and_states_the_leftover(tmp_path):
+    sizes = [10, 23, 7, 13, 9, 11, 15, 5]
+    _shards(tmp_path / "shards", "t", sizes)
+    out = tmp_path / "figures.json"
+    torchrun(["tests/dist_scripts/data_epoch_keys.py", str(tmp_path / "shards"), str(sum(sizes)), str(out)], nproc=2)
+    figures = json.loads(out.read_text())
+    assert figures["steps"][0] == figures["steps"][1] > 0, "every rank stops at the same step"
+    assert figures["repeats"] == 0 and figures["past_plan"] == 0
+    assert figures["unseen"] == figures["leftover"] == sum(sizes) - figures["steps"][0] * 8
