@@ -76,9 +76,11 @@ def test_contrastive_head_builds_a_zero_shot_classifier():
     assert classifier.shape == (2, 32)
 
 
-def test_decoder_width_must_match_embed_dim():
+def test_decoder_width_must_match_embed_dim_and_text_width():
     with pytest.raises(ValueError, match="model.decoder.width=16 must equal model.embed_dim=32"):
         build_model(ModelConfig(arch="coca", embed_dim=32, vision=VISION, text=TEXT, decoder=dict(width=16)))
+    with pytest.raises(ValueError, match="model.text.width=32 must equal model.decoder.width=64"):
+        build_model(ModelConfig(arch="coca", embed_dim=64, vision=VISION, text=TEXT, decoder=dict(width=64)))
 
 
 @pytest.mark.distributed

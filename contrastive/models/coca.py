@@ -33,6 +33,9 @@ def multimodal_config(decoder: dict, text: dict, embed_dim: int) -> MultimodalCf
     if values["width"] != embed_dim:
         raise ValueError(f"model.decoder.width={values['width']} must equal model.embed_dim={embed_dim}: "
                          f"open_clip's CoCa decoder cross-attends to the attentional pooler's {embed_dim}-d tokens")
+    if text.get("width", 512) != values["width"]:
+        raise ValueError(f"model.text.width={text.get('width', 512)} must equal model.decoder.width={values['width']}: "
+                         f"the multimodal decoder continues from the text tower's token states")
     return MultimodalCfg(**values)
 
 
