@@ -1,0 +1,42 @@
+"""Export trained encoders for downstream VLM stacks: transformers, open_clip and our own encoder bundle.
+
+    export_checkpoint("runs/demo", "transformers", "exports/demo-hf")
+    encoder = load_vision_encoder("exports/demo-bundle")  # patch tokens for a connector, pooled embedding
+
+Every export directory also gets a README.md model card.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from contrastive.export import open_clip_format, transformers_format  # noqa: F401  (register formats)
+from contrastive.export.base import EXPORT_FORMATS, Exported, Preprocess, prepare_output_dir, preprocess_of
+from contrastive.export.bundle import VisionEncoder, VisionEncoderOutput, load_vision_encoder
+from contrastive.export.model_card import model_card
+
+
+def list_formats() -> list[str]:
+    return EXPORT_FORMATS.names()
+
+
+def export_checkpoint(checkpoint: str | Path, format: str, out: str | Path, overwrite: bool = False) -> Exported:
+    """Checkpoint file or run directory -> `out` in the chosen format, with a model card."""
+    from contrastive.eval.loading import load_trained_model
+
+    exporter = EXPORT_FORMATS.get(format)
+    model, _, run = load_trained_model(checkpoint)
+    created = not Path(out).exists()
+    out = prepare_output_dir(out, overwrite)
+    try:
+        exported = exporter(model, out)
+    except ValueError:
+        if created and not any(out.iterdir()):
+            out.rmdir()  # a refused tower leaves nothing behind
+        raise
+    (out / "README.md").write_text(model_card(exported, run, preprocess_of(model)))
+    return exported
+
+
+__all__ = ["EXPORT_FORMATS", "Exported", "Preprocess", "VisionEncoder", "VisionEncoderOutput", "export_checkpoint",
+           "list_formats", "load_vision_encoder"]

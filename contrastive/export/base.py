@@ -1,0 +1,73 @@
+"""What every export format shares: the format registry, the preprocessing a tower expects, the output directory.
+
+An exporter is `export(model, out_dir) -> Exported`: it reads only `model.visual` (an open_clip VisionTransformer
+or TimmModel), `model.cfg` (our ModelConfig) and, for formats that carry the whole model, the open_clip module
+the model wraps. That is why CLIP, SigLIP, CapPa and CoCa checkpoints all go through the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from torch import nn
+from torchvision.transforms import v2
+
+from contrastive.data.transforms import build_eval_transform
+from contrastive.registry import Registry
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Eval preprocessing: resize the shorter side to image_size, centre crop, scale to [0, 1], normalise."""
+
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    interpolation: str  # bicubic | bilinear | nearest
+
+    def transform(self) -> v2.Compose:
+        """PIL image -> (3, image_size, image_size) float tensor, exactly as our evaluators feed the model."""
+        return build_eval_transform(self.image_size, self.mean, self.std, self.interpolation)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Exported:
+    """What an exporter reports for the model card."""
+
+    format: str
+    architecture: str  # one line: what was written and which class loads it
+    usage: str  # a short Python snippet that loads the export
+
+
+Exporter = Callable[[nn.Module, Path], Exported]
+EXPORT_FORMATS: Registry[Exporter] = Registry("export format")
+
+
+def tower_image_size(visual: nn.Module) -> int:
+    size = getattr(visual, "image_size", None)
+    if size is None:
+        raise ValueError(f"cannot tell the input size of the {type(visual).__name__} image tower")
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    if height != width:
+        raise ValueError(f"image size {height}x{width} is not square; exports describe one square input size")
+    return height
+
+
+def preprocess_of(model: nn.Module) -> Preprocess:
+    cfg = model.cfg
+    return Preprocess(tower_image_size(model.visual), list(cfg.image_mean), list(cfg.image_std), cfg.interpolation)
+
+
+def prepare_output_dir(out: str | Path, overwrite: bool) -> Path:
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"--out {out} is not empty; choose a new directory or pass --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
