@@ -1,4 +1,5 @@
-"""Optimiser with decay / no-decay parameter groups, and the warmup + decay learning-rate schedule."""
+"""Optimiser parameter groups (weight decay or not, per-prefix lr multipliers; frozen parameters left out) and the
+warmup + decay learning-rate schedule (a multiplier of each group's own lr)."""
 
 from __future__ import annotations
 
@@ -26,18 +27,34 @@ def _optimizer_class(path: str) -> type[torch.optim.Optimizer]:
         raise ValueError(f"optim.optimizer={path!r} cannot be imported: {error}") from error
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+def _lr_multiplier_of(name: str, multipliers: dict[str, float]) -> float:
+    matches = [prefix for prefix in multipliers if name.startswith(prefix)]
+    return multipliers[max(matches, key=len)] if matches else 1.0
+
+
+def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Trainable parameters grouped by (weight decay, lr multiplier); frozen ones are left out."""
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    used_prefixes: set[str] = set()
     for name, parameter in model.named_parameters():
+        used_prefixes.update(prefix for prefix in cfg.lr_multipliers if name.startswith(prefix))
         if parameter.requires_grad:
-            (decay if uses_weight_decay(name, parameter) else no_decay).append(parameter)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+            key = (uses_weight_decay(name, parameter), _lr_multiplier_of(name, cfg.lr_multipliers))
+            groups.setdefault(key, []).append(parameter)
+    unused = sorted(set(cfg.lr_multipliers) - used_prefixes)
+    if unused:
+        raise ValueError(f"optim.lr_multipliers prefix(es) {unused} match no parameter name (e.g. 'clip.visual.')")
+    return [
+        {"params": params, "weight_decay": cfg.weight_decay if decay else 0.0, "lr": cfg.lr * multiplier}
+        for (decay, multiplier), params in sorted(groups.items(), key=lambda item: (not item[0][0], -item[0][1]))
     ]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     optimizer_class = _optimizer_class(cfg.optimizer)
     try:
-        return optimizer_class(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **cfg.extra_kwargs)
+        return optimizer_class(parameter_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                               **cfg.extra_kwargs)
     except TypeError as error:
         raise ValueError(f"optim.optimizer={cfg.optimizer} rejected its arguments: {error}") from error
 

@@ -1,0 +1,183 @@
+"""Forward, loss and backward of one optimiser step, over one local batch or K micro-batches of it.
+
+The trainer hands every step its whole local batch (data.batch_size / world size), so data positions, resume and
+finite-run plans stay in units of steps; splitting into micro-batches happens here, as views of that batch.
+
+- `SingleBatch`: one forward and backward (K = 1).
+- `SummedMicroBatches`: loss = mean of the K micro-batch losses. Exact for objectives whose loss is a mean of
+  per-example terms over equal micro-batches (CapPa).
+- `FeatureCache` (GradCache, Gao et al. 2021; open_clip's accum_freq): pass 1 computes every micro-batch's
+  features without a graph; the loss runs once on the cached features of the whole local batch (so every
+  negative of the global batch is scored, across ranks too) and keeps its gradients with respect to them; pass 2
+  re-runs each micro-batch with a graph and backpropagates those gradients. The gradients equal one step on the
+  whole batch; memory is one micro-batch's activations plus the (B, D) features. Pass 2 replays pass 1's RNG
+  state per micro-batch, so random model parts (patch dropout) draw the same values in both passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, fields, replace
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from contrastive.dist.collectives import Collectives
+from contrastive.losses.registry import Objective
+from contrastive.types import Batch, LossOutput, ModelOutput
+
+FEATURE_CACHE_LOSSES = ("clip", "siglip")  # the loss is a function of the features and the scale/bias only
+PER_EXAMPLE_LOSSES = ("cappa",)  # mean of per-example terms: summing micro-batch means is exact
+PER_EXAMPLE_FIELDS = ("image_features", "text_features")  # (B, D), concatenated over micro-batches
+SHARED_FIELDS = ("logit_scale", "logit_bias")  # scalars, the same in every micro-batch
+
+
+def batch_rows(batch: Batch, rows: slice) -> Batch:
+    """The batch's examples in `rows` (views, no copies)."""
+    return replace(batch, images=batch.images[rows], tokens=batch.tokens[rows], keys=batch.keys[rows],
+                   labels=None if batch.labels is None else batch.labels[rows])
+
+
+def micro_batches(batch: Batch, steps: int) -> list[Batch]:
+    """Split a local batch into `steps` equal micro-batches."""
+    if len(batch) % steps:
+        raise ValueError(f"local batch of {len(batch)} is not divisible by trainer.accumulation_steps={steps}")
+    size = len(batch) // steps
+    return [batch_rows(batch, slice(index * size, (index + 1) * size)) for index in range(steps)]
+
+
+@contextmanager
+def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip the data-parallel gradient reduction in backward passes that are not the step's last."""
+    if enabled:
+        yield
+    elif hasattr(model, "no_sync"):  # DistributedDataParallel
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2 (fully_shard)
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+@dataclass
+class _Step:
+    model: nn.Module  # possibly wrapped for data parallelism
+    objective: Objective
+    collectives: Collectives
+    autocast: Callable[[], AbstractContextManager] = nullcontext
+
+
+class SingleBatch(_Step):
+    def __call__(self, batch: Batch) -> LossOutput:
+        with self.autocast():
+            result = self.objective(self.model(batch.images, batch.tokens), batch, self.collectives)
+        result.loss.backward()
+        return result
+
+
+@dataclass
+class SummedMicroBatches(_Step):
+    steps: int = 2
+
+    def __call__(self, batch: Batch) -> LossOutput:
+        results = []
+        parts = micro_batches(batch, self.steps)
+        for index, part in enumerate(parts):
+            with gradient_sync(self.model, enabled=index == len(parts) - 1), self.autocast():
+                result = self.objective(self.model(part.images, part.tokens), part, self.collectives)
+                (result.loss / self.steps).backward()
+            results.append(result)
+        return LossOutput(
+            loss=torch.stack([r.loss.detach() for r in results]).mean(),
+            metrics={name: torch.stack([r.metrics[name] for r in results]).mean() for name in results[0].metrics},
+        )
+
+
+def _rng_states(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_states(states: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(states[0])
+    if states[1] is not None:
+        torch.cuda.set_rng_state(states[1], device)
+
+
+@dataclass
+class FeatureCache(_Step):
+    steps: int = 2
+
+    def __call__(self, batch: Batch) -> LossOutput:
+        parts = micro_batches(batch, self.steps)
+        device = batch.images.device
+        # Pass 1: features of every micro-batch, no graph.
+        rng_before, outputs = [], []
+        with torch.no_grad(), self.autocast():
+            for part in parts:
+                rng_before.append(_rng_states(device))
+                outputs.append(self.model(part.images, part.tokens))
+        rng_after = _rng_states(device)
+        cached = self._concatenate(outputs)
+        leaves = {name: getattr(cached, name) for name in (*PER_EXAMPLE_FIELDS, *SHARED_FIELDS)
+                  if getattr(cached, name) is not None}
+        for tensor in leaves.values():
+            tensor.requires_grad_(True)
+        # The loss over the whole local batch, and its gradients with respect to the cached outputs.
+        with self.autocast():
+            result = self.objective(cached, batch, self.collectives)
+        result.loss.backward()
+        # Pass 2: each micro-batch again, with a graph, backpropagating its slice of the cached gradients. The
+        # shared scale and bias get 1/K of theirs each time, so every parameter takes part in every backward.
+        size = len(batch) // self.steps
+        for index, part in enumerate(parts):
+            _set_rng_states(rng_before[index], device)
+            rows = slice(index * size, (index + 1) * size)
+            with gradient_sync(self.model, enabled=index == len(parts) - 1):
+                with self.autocast():
+                    output = self.model(part.images, part.tokens)
+                tensors, grads = [], []
+                for name, leaf in leaves.items():
+                    tensors.append(getattr(output, name))
+                    grads.append(leaf.grad[rows] if name in PER_EXAMPLE_FIELDS else leaf.grad / self.steps)
+                torch.autograd.backward(tensors, grads)
+        _set_rng_states(rng_after, device)
+        return LossOutput(loss=result.loss.detach(), metrics=result.metrics)
+
+    @staticmethod
+    def _concatenate(outputs: list[ModelOutput]) -> ModelOutput:
+        values = {}
+        for field in fields(ModelOutput):
+            parts = [getattr(output, field.name) for output in outputs]
+            if parts[0] is None:
+                continue
+            if field.name in PER_EXAMPLE_FIELDS:
+                values[field.name] = torch.cat(parts).detach()
+            elif field.name in SHARED_FIELDS:
+                values[field.name] = parts[0].detach().clone()
+            else:
+                raise ValueError(f"the feature cache cannot hold ModelOutput.{field.name}: it fits objectives that "
+                                 f"score features only ({', '.join(FEATURE_CACHE_LOSSES)})")
+        return ModelOutput(**values)
+
+
+def build_forward_backward(model: nn.Module, objective: Objective, loss_name: str, collectives: Collectives,
+                           steps: int, autocast: Callable[[], AbstractContextManager] = nullcontext) -> _Step:
+    """The step's forward-and-backward for `trainer.accumulation_steps=steps` and this objective."""
+    if steps == 1:
+        return SingleBatch(model, objective, collectives, autocast)
+    if loss_name in FEATURE_CACHE_LOSSES:
+        return FeatureCache(model, objective, collectives, autocast, steps)
+    if loss_name in PER_EXAMPLE_LOSSES:
+        return SummedMicroBatches(model, objective, collectives, autocast, steps)
+    raise ValueError(
+        f"trainer.accumulation_steps={steps} is not supported with loss={loss_name}: a feature cache fits "
+        f"{', '.join(FEATURE_CACHE_LOSSES)} and summed micro-batches fit {', '.join(PER_EXAMPLE_LOSSES)}; "
+        f"use trainer.accumulation_steps=1 with a smaller data.batch_size or more ranks"
+    )

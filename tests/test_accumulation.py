@@ -1,0 +1,154 @@
+"""Gradient accumulation: K micro-batches give the gradients of one batch K times larger, negatives included.
+
+Run as a script under torchrun (see test_feature_cache_matches_full_batch_under_torchrun), it checks the same on
+2 ranks with DDP: every rank's reduced gradients equal one process's gradients on the whole global batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from contrastive.config import LossConfig, ModelConfig
+from contrastive.dist.collectives import LocalCollectives
+from contrastive.losses import build_loss
+from contrastive.models import build_model
+from contrastive.train.accumulation import FeatureCache, SummedMicroBatches, build_forward_backward
+from contrastive.types import Batch
+
+VISION = dict(image_size=28, patch_size=7, width=32, layers=2, head_width=16, mlp_ratio=2.0)
+TEXT = dict(context_length=12, vocab_size=100, width=32, heads=2, layers=2, mlp_ratio=2.0)
+
+
+def tiny_model(loss: str, seed: int = 0, **vision) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    bias = -10.0 if loss == "siglip" else None
+    return build_model(ModelConfig(arch="clip", embed_dim=16, vision={**VISION, **vision}, text=TEXT,
+                                   init_logit_bias=bias))
+
+
+def random_batch(size: int, seed: int = 1) -> Batch:
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, 100, (size, 12), generator=generator)
+    tokens[:, 8:] = 0  # padding
+    return Batch(images=torch.randn(size, 3, 28, 28, generator=generator), tokens=tokens,
+                 keys=[str(i) for i in range(size)])
+
+
+def full_batch_gradients(model, loss: str, batch: Batch, collectives=None) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    result = build_loss(LossConfig(name=loss))(model(batch.images, batch.tokens), batch, collectives or LocalCollectives())
+    result.loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def gradients(model) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def assert_same_gradients(actual: dict, expected: dict) -> None:
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_feature_cache_matches_full_batch(loss):
+    model, batch = tiny_model(loss), random_batch(8)
+    expected = full_batch_gradients(model, loss, batch)
+    model.zero_grad(set_to_none=True)
+    step = build_forward_backward(model, build_loss(LossConfig(name=loss)), loss, LocalCollectives(), steps=4)
+    assert isinstance(step, FeatureCache)
+    result = step(batch)
+    assert_same_gradients(gradients(model), expected)
+    assert expected["clip.logit_scale"].abs() > 0  # the temperature's gradient is compared, not trivially zero
+    reference_loss = build_loss(LossConfig(name=loss))(model(batch.images, batch.tokens), batch, LocalCollectives()).loss
+    torch.testing.assert_close(result.loss, reference_loss.detach())
+
+
+def test_feature_cache_replays_patch_dropout_randomness():
+    """Pass 2 draws the same patch-dropout masks as pass 1: the gradients equal keeping every micro-batch's graph."""
+    model, batch = tiny_model("clip", patch_dropout=0.5), random_batch(8)
+    objective = build_loss(LossConfig(name="clip"))
+    torch.manual_seed(3)
+    outputs = [model(batch.images[rows], batch.tokens[rows]) for rows in (slice(0, 4), slice(4, 8))]
+    joined = copy.copy(outputs[0])
+    joined.image_features = torch.cat([o.image_features for o in outputs])
+    joined.text_features = torch.cat([o.text_features for o in outputs])
+    objective(joined, batch, LocalCollectives()).loss.backward()
+    expected = gradients(model)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(3)
+    FeatureCache(model, objective, LocalCollectives(), steps=2)(batch)
+    assert_same_gradients(gradients(model), expected)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(4)  # other masks, other gradients: the comparison above is not blind to randomness
+    FeatureCache(model, objective, LocalCollectives(), steps=2)(batch)
+    assert not torch.allclose(gradients(model)["clip.visual.conv1.weight"], expected["clip.visual.conv1.weight"])
+
+
+def test_summed_micro_batches_match_full_batch_for_cappa():
+    torch.manual_seed(0)
+    decoder = dict(width=32, layers=1, heads=2, mlp_ratio=2.0, parallel_prob=1.0)  # no random draw per example
+    model = build_model(ModelConfig(arch="cappa", embed_dim=32, vision={**VISION, "pool_type": "avg"},
+                                    text=dict(context_length=12, vocab_size=100), decoder=decoder))
+    batch = random_batch(8)
+    expected = full_batch_gradients(model, "cappa", batch)
+    model.zero_grad(set_to_none=True)
+    step = build_forward_backward(model, build_loss(LossConfig(name="cappa")), "cappa", LocalCollectives(), steps=4)
+    assert isinstance(step, SummedMicroBatches)
+    step(batch)
+    assert_same_gradients(gradients(model), expected)
+
+
+def test_unsupported_objective_is_refused():
+    with pytest.raises(ValueError, match="accumulation_steps=2 is not supported with loss=coca"):
+        build_forward_backward(torch.nn.Linear(1, 1), build_loss(LossConfig(name="coca")), "coca",
+                               LocalCollectives(), steps=2)
+
+
+def test_micro_batches_must_divide_the_local_batch():
+    model = tiny_model("clip")
+    with pytest.raises(ValueError, match="not divisible by trainer.accumulation_steps=3"):
+        FeatureCache(model, build_loss(LossConfig(name="clip")), LocalCollectives(), steps=3)(random_batch(8))
+
+
+@pytest.mark.distributed
+def test_feature_cache_matches_full_batch_under_torchrun():
+    from tests.conftest import torchrun
+
+    result = torchrun([str(Path(__file__).resolve())], nproc=2)
+    assert result.stdout.count("same gradients") == 4, result.stdout  # 2 ranks x (clip, siglip)
+
+
+def _distributed_check() -> None:
+    """Each rank: DDP + feature cache (K=2) on its half of a global batch of 8, vs one process on all 8."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from contrastive.dist import init_distributed
+
+    env = init_distributed("cpu", "gloo")
+    torch.set_num_threads(1)
+    for loss in ("clip", "siglip"):
+        model, global_batch = tiny_model(loss), random_batch(8)
+        reference = copy.deepcopy(model)
+        expected = full_batch_gradients(reference, loss, global_batch)
+        local_rows = slice(env.rank * 4, (env.rank + 1) * 4)
+        local = Batch(images=global_batch.images[local_rows], tokens=global_batch.tokens[local_rows],
+                      keys=global_batch.keys[local_rows])
+        step = build_forward_backward(DistributedDataParallel(model), build_loss(LossConfig(name=loss)), loss,
+                                      env.collectives, steps=2)
+        step(local)
+        # DDP averages over ranks and each rank's loss is its rows' share, so the global loss is the rank mean.
+        assert_same_gradients(gradients(model), expected)
+        print(f"rank {env.rank} {loss}: same gradients")
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    _distributed_check()
