@@ -77,6 +77,9 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | linear | constant, after warmup
     min_lr_ratio: float = 0.0
     grad_clip_norm: float | None = 1.0
+    # Parameter-name prefix -> lr multiplier, e.g. {"clip.visual.": 0.1} for a pretrained image tower; the longest
+    # matching prefix wins, the rest train at lr.
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -91,6 +94,23 @@ class TrainerConfig:
     threads_per_process: int | None = None  # CPU threads; None divides the cores among local ranks
     progress_bar: bool = True
     deterministic: bool = False
+    # Micro-batches per optimiser step; contrastive losses see every micro-batch's negatives (feature cache).
+    accumulation_steps: int = 1
+    peak_flops_per_device: float | None = None  # FLOP/s of one device at the run's precision; enables the mfu metric
+
+
+@dataclass
+class TowerLockConfig:
+    locked: bool = False  # freeze the tower (LiT locks the image tower)
+    unlocked_blocks: int = 0  # keep the last n blocks and the head after them (final norm, projection) trainable
+    unlocked_norms: bool = False  # keep every norm layer of the tower trainable
+    checkpoint: str | None = None  # a local checkpoint of ours to load this tower's weights from
+
+
+@dataclass
+class LockConfig:
+    image: TowerLockConfig = field(default_factory=TowerLockConfig)
+    text: TowerLockConfig = field(default_factory=TowerLockConfig)
 
 
 @dataclass
@@ -147,6 +167,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    lock: LockConfig = field(default_factory=LockConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -203,6 +224,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _require_choice(optim.schedule, "optim.schedule", ("cosine", "linear", "constant"))
     _require(0 <= optim.min_lr_ratio <= 1, "optim.min_lr_ratio must be within [0, 1]")
     _require(optim.grad_clip_norm is None or optim.grad_clip_norm > 0, "optim.grad_clip_norm must be positive or null")
+    for prefix, multiplier in optim.lr_multipliers.items():
+        _require(multiplier > 0, f"optim.lr_multipliers[{prefix!r}] must be positive (lock.* freezes), got {multiplier}")
     trainer = cfg.trainer
     _require(trainer.max_steps > 0, f"trainer.max_steps must be positive, got {trainer.max_steps}")
     _require(trainer.log_every > 0, f"trainer.log_every must be positive, got {trainer.log_every}")
@@ -212,6 +235,14 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
              "trainer.keep_every_steps must be positive or null")
     _require(trainer.max_nonfinite_steps > 0, "trainer.max_nonfinite_steps must be positive")
     _require_choice(trainer.precision, "trainer.precision", ("auto", "fp32", "bf16"))
+    _require(trainer.accumulation_steps > 0, f"trainer.accumulation_steps must be positive, got {trainer.accumulation_steps}")
+    _require(data.batch_size % (world_size * trainer.accumulation_steps) == 0,
+             f"data.batch_size={data.batch_size} is not divisible by world size {world_size} x "
+             f"trainer.accumulation_steps={trainer.accumulation_steps}")
+    _require(trainer.peak_flops_per_device is None or trainer.peak_flops_per_device > 0,
+             "trainer.peak_flops_per_device must be positive or null")
+    for tower in ("image", "text"):
+        _require(getattr(cfg.lock, tower).unlocked_blocks >= 0, f"lock.{tower}.unlocked_blocks must be >= 0")
     _require_choice(cfg.dist.device, "dist.device", ("auto", "cpu", "cuda"))
     _require_choice(cfg.dist.backend, "dist.backend", ("auto", "gloo", "nccl"))
     _require_choice(cfg.logger.wandb.mode, "logger.wandb.mode", ("offline", "online", "disabled"))
