@@ -26,7 +26,10 @@ from contrastive.dist.parallel import unwrap, wrap_data_parallel
 from contrastive.eval.zeroshot import ZeroShotClassification
 from contrastive.losses import build_loss
 from contrastive.models import build_model, build_tokenizer
+from contrastive.models.locking import apply_locks
 from contrastive.train import checkpoint as ckpt
+from contrastive.train.accumulation import build_forward_backward
+from contrastive.train.flops import flops_per_sample, throughput_metrics
 from contrastive.train.metrics import MetricsLogger
 from contrastive.train.optim import build_optimizer, build_scheduler
 
@@ -88,9 +91,14 @@ class Trainer:
         resume_from = ckpt.load_resume_state(resume, self.run_dir)
 
         self.model = build_model(cfg.model).to(self.env.device)
+        apply_locks(self.model, cfg.lock)  # before the wrap and the optimiser, which keep only trainable parameters
         self.tokenizer = build_tokenizer(cfg.model)
         self.parallel_model = wrap_data_parallel(self.model, self.env)
         self.objective = build_loss(cfg.loss)
+        self.forward_backward = build_forward_backward(self.parallel_model, self.objective, cfg.loss.name,
+                                                       self.env.collectives, cfg.trainer.accumulation_steps,
+                                                       self._autocast)
+        self.flops_per_sample: float | None = None
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
 
@@ -145,10 +153,7 @@ class Trainer:
         while self.step < cfg.trainer.max_steps:
             batch = next(batches).to(env.device)
             self.data_positions[batch.stream_state["worker"]] = batch.stream_state
-            with self._autocast():
-                output = self.parallel_model(batch.images, batch.tokens)
-                result = self.objective(output, batch, env.collectives)
-            result.loss.backward()
+            result = self.forward_backward(batch)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip_norm or float("inf"))
             # Gradients are all-reduced, so every rank sees the same norm and takes the same branch.
             if torch.isfinite(grad_norm):
@@ -168,6 +173,7 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 metrics = self._reduce_metrics(result, grad_norm, batch)
                 metrics["samples_per_second"] = window_samples / max(elapsed, 1e-9)
+                metrics.update(self._throughput(batch, metrics["samples_per_second"]))
                 metrics["nonfinite_steps_skipped"] = float(nonfinite_total)
                 self.logger.log(self.step, metrics)
                 window_start, window_samples = time.perf_counter(), 0
@@ -184,6 +190,12 @@ class Trainer:
         eval_metrics = self.evaluate() if cfg.eval.at_end else {}
         self.logger.close()
         return TrainResult(self.step, metrics.get("loss"), eval_metrics, nonfinite_steps_skipped=nonfinite_total)
+
+    def _throughput(self, batch, samples_per_second: float) -> dict[str, float]:
+        if self.flops_per_sample is None:  # counted once, on the model as built
+            self.flops_per_sample = flops_per_sample(self.model, self.objective, batch, autocast=self._autocast)
+        return throughput_metrics(self.flops_per_sample, samples_per_second, self.env.world_size,
+                                  self.cfg.trainer.peak_flops_per_device)
 
     def _on_nonfinite(self, result, in_a_row: int) -> None:
         log.warning("step %d: non-finite loss or gradients (loss=%s); step skipped", self.step, result.loss.item())
