@@ -5,6 +5,10 @@ A batch carries its worker's position (per-source epoch and raw samples consumed
 counts). Resuming at step k gives DataLoader worker i the stream of logical worker (k + i) mod W, restarted at
 its recorded position: the DataLoader's round-robin then yields exactly the batches an uninterrupted run would.
 Skipping happens on raw bytes, before any decoding.
+
+Sources are mixed per sample by weight. A capped source (epochs, max_samples) leaves the mix at its cap; when
+every source is capped the run is finite and contrastive.data.plan computes its last step. Workers then
+yield uint8 crops normalised per batch in place (straight into shared memory inside DataLoader workers).
 """
 
 from __future__ import annotations
