@@ -1,0 +1,76 @@
+"""Optimiser groups: weight decay split, per-prefix lr multipliers, frozen parameters left out, betas passed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from contrastive.config import OptimConfig
+from contrastive.train.optim import build_optimizer, build_scheduler
+from tests.conftest import compose_config
+
+
+class TwoTowers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.visual = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+        self.text = nn.Linear(4, 2)
+        self.logit_scale = nn.Parameter(torch.zeros(()))
+
+
+def group_of(optimizer, parameter) -> dict:
+    return next(g for g in optimizer.param_groups if any(p is parameter for p in g["params"]))
+
+
+def test_lr_multipliers_longest_prefix_wins_and_decay_split_holds():
+    model = TwoTowers()
+    cfg = OptimConfig(lr=1.0, weight_decay=0.1, betas=[0.9, 0.95], warmup_steps=0, schedule="constant",
+                      lr_multipliers={"visual.": 0.1, "visual.2.": 0.5})
+    optimizer = build_optimizer(model, cfg)
+    assert group_of(optimizer, model.visual[0].weight)["lr"] == pytest.approx(0.1)
+    assert group_of(optimizer, model.visual[0].weight)["weight_decay"] == 0.1
+    assert group_of(optimizer, model.visual[0].bias)["weight_decay"] == 0.0
+    assert group_of(optimizer, model.visual[2].weight)["lr"] == pytest.approx(0.5)
+    assert group_of(optimizer, model.text.weight)["lr"] == pytest.approx(1.0)
+    assert group_of(optimizer, model.logit_scale)["weight_decay"] == 0.0
+    assert all(g["betas"] == (0.9, 0.95) for g in optimizer.param_groups)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+    # The schedule scales every group's own lr, so the ratios hold through warmup and decay.
+    cfg.warmup_steps, cfg.schedule = 2, "cosine"
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, max_steps=10)
+    for _ in range(3):
+        optimizer.step()  # no gradients: only the schedule advances
+        scheduler.step()
+    lrs = {g["lr"] for g in optimizer.param_groups}
+    top = max(lrs)
+    assert 0 < top < 1.0 and {round(lr / top, 6) for lr in lrs} == {1.0, 0.5, 0.1}
+
+
+def test_frozen_parameters_are_left_out():
+    model = TwoTowers()
+    model.visual.requires_grad_(False)
+    optimizer = build_optimizer(model, OptimConfig())
+    optimised = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert optimised == {id(model.text.weight), id(model.text.bias), id(model.logit_scale)}
+
+
+def test_prefix_that_matches_nothing_is_refused():
+    with pytest.raises(ValueError, match=r"optim.lr_multipliers prefix\(es\) \['vision.'\] match no parameter"):
+        build_optimizer(TwoTowers(), OptimConfig(lr_multipliers={"vision.": 0.1}))
+
+
+def test_config_accepts_multipliers_and_rejects_non_positive_ones(demo_root):
+    from omegaconf import OmegaConf
+
+    from contrastive.config import validate
+
+    overrides = ["model=test_tiny", "debug=tiny", f"data.sources.0.shards={demo_root / 'train'}",
+                 "optim.betas=[0.9,0.95]"]
+    cfg = OmegaConf.to_object(compose_config([*overrides, "++optim.lr_multipliers={clip.visual.:0.1}"]))
+    validate(cfg)
+    assert cfg.optim.lr_multipliers == {"clip.visual.": 0.1} and cfg.optim.betas == [0.9, 0.95]
+    cfg = OmegaConf.to_object(compose_config([*overrides, "++optim.lr_multipliers={clip.visual.:0}"]))
+    with pytest.raises(ValueError, match="must be positive"):
+        validate(cfg)
