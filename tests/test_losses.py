@@ -3,6 +3,7 @@ torchrun ranks (gloo), for the loss value and its gradients."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import open_clip.loss
@@ -14,7 +15,7 @@ from contrastive.config import LossConfig
 from contrastive.dist import LocalCollectives
 from contrastive.losses import build_loss, list_losses
 from contrastive.types import Batch, ModelOutput
-from tests.conftest import torchrun
+from tests.conftest import tiny_run_overrides, torchrun
 
 CONTRASTIVE_LOSSES = ["clip", "siglip"]
 CAPTIONING_LOSSES = ["cappa", "coca"]  # tested in tests/test_cappa.py and tests/test_coca.py
@@ -124,3 +125,22 @@ def test_distributed_loss_and_gradients_equal_one_process_and_open_clip(nproc):
     verdicts = [line for line in result.stdout.splitlines() if f"world={nproc}" in line]
     assert len(verdicts) == len(CONTRASTIVE_LOSSES) * len(block_sizes), result.stdout
     assert all(line.endswith("OK") for line in verdicts), result.stdout
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("loss_overrides", [
+    ["loss=siglip", "loss.block_size=24", "model.init_logit_scale=2.302585", "model.init_logit_bias=-10"],
+    ["loss=clip", "loss.block_size=24"],
+], ids=["siglip", "clip"])
+def test_two_process_training_with_a_blockwise_loss_lowers_the_loss(demo_root, tmp_path, loss_overrides):
+    """Block size 24 does not divide the local batch of 32 (nor the gathered 64)."""
+    run_dir = tmp_path / "run"
+    overrides = tiny_run_overrides(demo_root, run_dir) + loss_overrides + [
+        "trainer.max_steps=30", "trainer.log_every=5", "trainer.checkpoint_every=30",
+        "data.batch_size=64", "optim.lr=3e-3", "optim.warmup_steps=5", "data.num_workers=1",
+    ]
+    torchrun(["-m", "contrastive.cli.train", *overrides], nproc=2)
+    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert len(losses) == 6
+    assert losses[-1] < losses[0] - 0.3, losses
