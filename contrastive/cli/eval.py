@@ -5,6 +5,7 @@
     contrastive-eval zeroshot --checkpoint runs/a runs/b --open-clip ViT-B-32 weights/vit_b_32.pt \\
         --dataset-root data/imagenet --classnames imagenet1k --templates openai_imagenet --output-dir results/
     contrastive-eval retrieval --checkpoint runs/demo --dataset-root data/flickr30k --output-dir results/
+    contrastive-eval probe --checkpoint runs/demo --dataset-root data/demo/fashion-mnist --train-split train
     contrastive-eval caption --checkpoint runs/demo_cappa --dataset-root data/demo/fashion-mnist --count 100
 
 Models: --checkpoint takes checkpoint files or run directories (their newest checkpoint); --open-clip NAME WEIGHTS
@@ -29,12 +30,13 @@ import torch
 
 from contrastive.eval.captioning import caption_dataset, named_class
 from contrastive.eval.labelled import open_classification_dataset
+from contrastive.eval.linear_probe import LinearProbeEvaluation
 from contrastive.eval.loading import load_trained_model
 from contrastive.eval.open_clip_models import load_open_clip_model
 from contrastive.eval.retrieval import ZeroShotRetrieval
 from contrastive.eval.zeroshot import ZeroShotClassification, result_record, write_result
 
-TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval"}
+TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval", "probe": "linear_probe"}
 
 
 def _model_specs(args: argparse.Namespace) -> list[tuple[str, ...]]:
@@ -61,6 +63,9 @@ def _evaluators(args: argparse.Namespace) -> list:
     if args.command == "zeroshot":
         return [ZeroShotClassification(args.dataset_name, root, args.split, classnames=args.classnames,
                                        templates=args.templates, **common) for root in args.dataset_root]
+    if args.command == "probe":
+        return [LinearProbeEvaluation(args.dataset_name, root, args.split, args.train_split, **common)
+                for root in args.dataset_root]
     return [ZeroShotRetrieval(args.dataset_name, root, args.split, **common) for root in args.dataset_root]
 
 
@@ -180,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     zeroshot.add_argument("--classnames", default=None, help="file or built-in list (default: the dataset's)")
     zeroshot.add_argument("--templates", default=None, help="file or built-in list (default: the dataset's)")
     _add_evaluation_command(commands, "retrieval", "zero-shot image-text retrieval on paired shards")
+    probe = _add_evaluation_command(commands, "probe", "linear probe fitted on --train-split, scored on --split")
+    probe.add_argument("--train-split", default="train")
     _add_caption_command(commands)
     return parser
 

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from contrastive.eval.features import ImageFeatures, encode_images
+from contrastive.eval.labelled import open_classification_dataset
 from contrastive.eval.zeroshot import build_classifier, classification_metrics
 
 WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -144,3 +146,23 @@ def full_probe(train: ImageFeatures | tuple[torch.Tensor, torch.Tensor], test: I
     probe = fit_probe(train_x[fit], train_y[fit], train_x[val], train_y[val], num_classes, weight_decays, prior,
                       standardize, refit_on_validation=True)
     return {**probe.evaluate(test_x, test_y), "weight_decay": probe.weight_decay}
+
+
+class LinearProbeEvaluation:
+    """Evaluator: run(model, tokenizer, device) -> test metrics of a full-data probe fitted on `train_split`."""
+
+    def __init__(self, name: str | None, root: str | Path, split: str = "test", train_split: str = "train",
+                 batch_size: int = 512, num_workers: int = 0, progress: bool = False) -> None:
+        self.train_set = open_classification_dataset(root, train_split, name)
+        self.test_set = open_classification_dataset(root, split, name)
+        self.name = self.test_set.name
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.progress = progress
+
+    def run(self, model: nn.Module, tokenizer: Callable, device: torch.device) -> dict[str, float]:
+        train = extract_features(model, self.train_set.loader(model.cfg, self.batch_size, self.num_workers), device,
+                                 self.progress)
+        test = extract_features(model, self.test_set.loader(model.cfg, self.batch_size, self.num_workers), device,
+                                self.progress)
+        return full_probe(train, test, len(self.test_set.classnames))
