@@ -9,7 +9,7 @@ import transformers
 
 from contrastive.connectors import CONNECTORS, AttentionPooler, MLPProjector, PatchMerger, build_connector
 from contrastive.export import EXPORT_FORMATS, load_vision_encoder
-from tests.test_export import clip_style_config, randomized, siglip_style_config
+from tests.export_models import clip_style_config, randomized, siglip_style_config
 
 LLM_DIM = 48
 

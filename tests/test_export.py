@@ -1,5 +1,6 @@
-"""Exports: transformers towers match ours to 1e-5, open_clip and bundle exports reload exactly, the CLI and the
-model card work from a real checkpoint, and zero-shot top-1 is unchanged through CLIPVisionModelWithProjection."""
+"""Exports: transformers towers match ours to 1e-5, open_clip and bundle exports reload exactly, every registered
+architecture (CLIP, CapPa, CoCa) exports or is refused as documented, the CLI and the model card work from a real
+checkpoint, and zero-shot top-1 is unchanged through CLIPVisionModelWithProjection."""
 
 from __future__ import annotations
 
@@ -13,56 +14,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from omegaconf import OmegaConf
 from PIL import Image
-from timm.models import register_model
-from timm.models.vision_transformer import VisionTransformer, _create_vision_transformer
 from torch import nn
 
 from contrastive.cli.export import main as export_main
-from contrastive.config import ModelConfig
 from contrastive.eval.loading import load_trained_model
 from contrastive.eval.zeroshot import ZeroShotClassification
 from contrastive.export import EXPORT_FORMATS, VisionEncoder, load_vision_encoder, preprocess_of
 from contrastive.export.transformers_format import build_hf_vision_model
-from contrastive.models import build_model
-from tests.conftest import CONF_DIR, REPO, tiny_run_overrides
+from contrastive.models import build_model, list_models
+from tests.conftest import REPO, tiny_run_overrides
+from tests.export_models import (clip_style_config, randomized, registered_model_config, siglip_style_config,
+                                 tiny_config)
 
 TOLERANCE = 1e-5
-
-
-@register_model
-def vit_export_test_siglip(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """A 3-block SigLIP-shaped timm ViT for 28x28 inputs: no class token, 'map' head, layer scale."""
-    args = dict(img_size=28, patch_size=7, embed_dim=32, depth=3, num_heads=2, mlp_ratio=2.0, class_token=False,
-                init_values=0.1, global_pool="map")
-    return _create_vision_transformer("vit_export_test_siglip", pretrained=False, **{**args, **kwargs})
-
-
-def tiny_config(**changes) -> ModelConfig:
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(CONF_DIR / "model/test_tiny.yaml")))
-    for key, value in changes.items():
-        setattr(cfg, key, {**getattr(cfg, key), **value} if isinstance(value, dict) else value)
-    return cfg
-
-
-def clip_style_config(quick_gelu: bool = False) -> ModelConfig:
-    return tiny_config(vision={"layers": 3, "ls_init_value": 0.1}, quick_gelu=quick_gelu)
-
-
-def siglip_style_config() -> ModelConfig:
-    return tiny_config(vision={"image_size": 28, "timm_model_name": "vit_export_test_siglip", "timm_pool": "map",
-                               "timm_proj": "none"}, init_logit_bias=-10.0)
-
-
-def randomized(cfg: ModelConfig, seed: int = 0) -> nn.Module:
-    """A model whose every parameter (layer-scale gains and norms included) is random, so nothing maps by luck."""
-    torch.manual_seed(seed)
-    model = build_model(cfg).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.copy_(torch.randn_like(parameter) * 0.3 + (0.5 if parameter.ndim == 1 else 0.0))
-    return model
 
 
 def our_hidden_states(visual: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
@@ -227,3 +192,43 @@ def test_zero_shot_top1_unchanged_through_transformers(trained_run, demo_root, t
     before = evaluator.run(model, tokenizer, torch.device("cpu"))
     after = evaluator.run(HFImageTower(hf_model, model), tokenizer, torch.device("cpu"))
     assert after["acc1"] == before["acc1"] and after["acc5"] == before["acc5"]
+
+
+# What each architecture's image tower exports to: the transformers refusal reason, or None when it maps.
+TRANSFORMERS_REFUSAL = {"clip": None, "cappa": "pools by 'avg'", "coca": "attentional pooler"}
+OPEN_CLIP_MODULE = {"clip": "clip", "cappa": None, "coca": "coca"}
+
+
+@pytest.mark.parametrize("arch", list_models())
+def test_every_registered_architecture_exports(tmp_path, arch):
+    assert arch in TRANSFORMERS_REFUSAL, f"say what model.arch={arch} exports to in TRANSFORMERS_REFUSAL"
+    model = randomized(registered_model_config(arch))
+    images, tokens = torch.randn(2, 3, 28, 28), torch.randint(1, 1000, (2, 16))
+    for name in ("bundle", "hf", "oc"):
+        (tmp_path / name).mkdir()
+
+    EXPORT_FORMATS.get("bundle")(model, tmp_path / "bundle")
+    with torch.no_grad():
+        reference, reloaded = VisionEncoder(model.visual, preprocess_of(model))(images), load_vision_encoder(tmp_path / "bundle")(images)
+    assert torch.equal(reloaded.patch_tokens, reference.patch_tokens) and torch.equal(reloaded.pooled, reference.pooled)
+
+    if TRANSFORMERS_REFUSAL[arch] is None:
+        hf = build_hf_vision_model(model.visual)
+        with torch.no_grad():
+            assert close(hf(pixel_values=images).image_embeds, model.visual(images))
+    else:
+        with pytest.raises(ValueError, match=TRANSFORMERS_REFUSAL[arch]):
+            EXPORT_FORMATS.get("transformers")(model, tmp_path / "hf")
+
+    if OPEN_CLIP_MODULE[arch] is None:
+        with pytest.raises(ValueError, match="no open_clip counterpart"):
+            EXPORT_FORMATS.get("open_clip")(model, tmp_path / "oc")
+        return
+    EXPORT_FORMATS.get("open_clip")(model, tmp_path / "oc")
+    loaded = open_clip.create_model(f"local-dir:{tmp_path / 'oc'}").eval()
+    ours = getattr(model, OPEN_CLIP_MODULE[arch])
+    with torch.no_grad():
+        theirs, expected = loaded(images, tokens), ours(images, tokens)
+    for key in ("image_features", "text_features", "logits"):
+        if key in expected:
+            assert torch.equal(theirs[key], expected[key]), key

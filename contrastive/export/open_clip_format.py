@@ -43,6 +43,7 @@ def open_clip_model_config(model: nn.Module) -> tuple[nn.Module, dict]:
         vision = {**vision, "attentional_pool": True, "output_tokens": True}
         text = {**text, "embed_cls": True, "output_tokens": True}
         model_cfg["multimodal_cfg"] = dataclasses.asdict(multimodal_config(cfg.decoder, text, embed_dim))
+        model_cfg["custom_text"] = True  # how open_clip's factory picks CoCa (with multimodal_cfg present)
     else:
         raise ValueError(f"model.arch={cfg.arch!r} has no open_clip counterpart (open_clip has CLIP, SigLIP and CoCa); "
                          f"use --format bundle or --format transformers for its image tower")
