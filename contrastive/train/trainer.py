@@ -19,11 +19,11 @@ import torch
 from omegaconf import OmegaConf
 
 from contrastive.config import TrainConfig, validate
-from contrastive.data.loader import build_train_loader
+from contrastive.data.loader import build_train_loader, plan_run
 from contrastive.data.stream import SKIP_REASONS
 from contrastive.dist import DistEnv, init_distributed
-from contrastive.dist.parallel import unwrap, wrap_data_parallel
-from contrastive.eval.zeroshot import ZeroShotClassification
+from contrastive.dist.parallel import full_state, gather_model_state, is_sharded, load_full_state, parallelize
+from contrastive.eval.evaluators import build_evaluators
 from contrastive.losses import build_loss
 from contrastive.models import build_model, build_tokenizer
 from contrastive.models.locking import apply_locks
@@ -93,12 +93,16 @@ class Trainer:
         self.model = build_model(cfg.model).to(self.env.device)
         apply_locks(self.model, cfg.lock)  # before the wrap and the optimiser, which keep only trainable parameters
         self.tokenizer = build_tokenizer(cfg.model)
-        self.parallel_model = wrap_data_parallel(self.model, self.env)
+        self.parallel_model = parallelize(self.model, self.env, cfg.dist.strategy, cfg.dist.activation_checkpointing,
+                                          cfg.trainer.compile)
         self.objective = build_loss(cfg.loss)
         self.forward_backward = build_forward_backward(self.parallel_model, self.objective, cfg.loss.name,
                                                        self.env.collectives, cfg.trainer.accumulation_steps,
                                                        self._autocast)
         self.flops_per_sample: float | None = None
+        plan = plan_run(cfg.data, world_size=self.env.world_size, seed=cfg.seed)  # None for an endless stream
+        if plan is not None:  # every rank computes the same last step, so none waits in a collective
+            cfg.trainer.max_steps = min(cfg.trainer.max_steps, plan.steps)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
 
@@ -111,10 +115,7 @@ class Trainer:
             seed=cfg.seed, start_step=self.step, positions=self.data_positions,
             pin_memory=self.env.device.type == "cuda",
         )
-        self.evaluators = [
-            ZeroShotClassification(d.name, d.root, d.split, batch_size=cfg.eval.batch_size)
-            for d in cfg.eval.zeroshot
-        ]
+        self.evaluators = build_evaluators(cfg.eval)
         self.config_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
         self.logger = MetricsLogger(
             cfg.logger, self.run_dir, cfg.name, self.config_dict, enabled=self.env.is_main,
@@ -223,14 +224,26 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         metrics: dict[str, float] = {}
+        model = self._evaluation_model() if self.evaluators else None
         if self.env.is_main and self.evaluators:
-            self.model.eval()
+            model.eval()
             for evaluator in self.evaluators:
-                result = evaluator.run(self.model, self.tokenizer, self.env.device)
+                result = evaluator.run(model, self.tokenizer, self.env.device)
                 metrics.update({f"eval/{evaluator.name}/{k}": v for k, v in result.items()})
             self.model.train()
             self.logger.log(self.step, metrics)
         return self.env.collectives.broadcast_object(metrics)
+
+    def _evaluation_model(self) -> torch.nn.Module | None:
+        """The model rank 0 evaluates. Alone it cannot run a sharded model, so every rank helps gather a plain copy."""
+        if not is_sharded(self.model):
+            return self.model
+        state = gather_model_state(self.model)
+        if not self.env.is_main:
+            return None
+        copy = build_model(self.cfg.model).to(self.env.device)
+        copy.load_state_dict(state)
+        return copy
 
     def save(self) -> None:
         if self.step == self.saved_step:
@@ -239,12 +252,14 @@ class Trainer:
             raise FloatingPointError(f"model weights are not finite at step {self.step}; not checkpointing them")
         positions = self.env.collectives.all_gather_object(self.data_positions)
         rng = self.env.collectives.all_gather_object(_rng_state())
+        # Full, name-keyed states, so the checkpoint loads under either strategy and any world size.
+        model_state, optimizer_state = full_state(self.model, self.optimizer)
         self.saved_step = self.step
         if not self.env.is_main:
             return
         state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state,
             "scheduler": self.scheduler.state_dict(),
             "step": self.step,
             "samples_seen": self.step * self.cfg.data.batch_size,
@@ -258,8 +273,8 @@ class Trainer:
                              self.cfg.trainer.keep_last_checkpoints, self.cfg.trainer.keep_every_steps)
 
     def _restore(self, path: Path, state: dict[str, Any]) -> None:
-        ckpt.apply_model_state(self.model, state["model"], path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        ckpt.check_model_state(self.model, state["model"], path)
+        load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = self.saved_step = state["step"]
         if state["world_size"] == self.env.world_size:
