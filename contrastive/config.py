@@ -97,6 +97,7 @@ class TrainerConfig:
     # Micro-batches per optimiser step; contrastive losses see every micro-batch's negatives (feature cache).
     accumulation_steps: int = 1
     peak_flops_per_device: float | None = None  # FLOP/s of one device at the run's precision; enables the mfu metric
+    compile: bool = False  # torch.compile each transformer block (slow first steps; worth it on GPU)
 
 
 @dataclass
@@ -118,6 +119,8 @@ class DistConfig:
     device: str = "auto"  # auto | cpu | cuda
     backend: str = "auto"  # auto | gloo | nccl
     timeout_minutes: float = 30.0
+    strategy: str = "ddp"  # ddp (replicated weights) | fsdp (FSDP2, weights/grads/optimiser sharded per block)
+    activation_checkpointing: bool = False  # recompute each transformer block's activations in backward
 
 
 @dataclass
@@ -245,6 +248,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         _require(getattr(cfg.lock, tower).unlocked_blocks >= 0, f"lock.{tower}.unlocked_blocks must be >= 0")
     _require_choice(cfg.dist.device, "dist.device", ("auto", "cpu", "cuda"))
     _require_choice(cfg.dist.backend, "dist.backend", ("auto", "gloo", "nccl"))
+    _require_choice(cfg.dist.strategy, "dist.strategy", ("ddp", "fsdp"))
     _require_choice(cfg.logger.wandb.mode, "logger.wandb.mode", ("offline", "online", "disabled"))
     _require(cfg.eval.every_steps >= 0, "eval.every_steps must be >= 0")
     _require(cfg.resume in (None, "latest") or cfg.resume.endswith(".pt"),

@@ -1,19 +1,127 @@
-"""Wrapping a model for data parallelism, and reaching the plain module underneath."""
+"""How the model is laid out over ranks: DDP or FSDP2 per transformer block, activation checkpointing, compile.
+
+Checkpoints hold full (unsharded) state dicts keyed by parameter name, for the model and the optimiser alike, so a
+checkpoint written under one strategy and world size loads under any other. Gathering and scattering them are
+collectives under FSDP: every rank calls `full_state` and `load_full_state`.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from contrastive.dist.env import DistEnv
 
+STRATEGIES = ("ddp", "fsdp")
+_GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0 receives the tensors, on CPU
+_SCATTER = StateDictOptions(full_state_dict=True)  # every rank passes the full state; each keeps its shard
+_FROM_RANK0 = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)  # only rank 0 passes it
 
-def wrap_data_parallel(model: nn.Module, env: DistEnv) -> nn.Module:
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The outermost modules whose class name ends in 'Block', in registration order.
+
+    That names open_clip's (Custom)ResidualAttentionBlock, timm's ViT Block and our caption decoder's
+    DecoderBlock: the repeated unit that FSDP shards, activation checkpointing recomputes and compile reuses.
+    """
+    blocks: list[nn.Module] = []
+    inside: set[str] = set()
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in inside):
+            continue
+        if type(module).__name__.endswith("Block"):
+            blocks.append(module)
+            inside.add(name + ".")
+    return blocks
+
+
+def _checkpoint_blocks(model: nn.Module, blocks: list[nn.Module]) -> list[nn.Module]:
+    """Replace every block by a wrapper that recomputes its activations in backward; returns the wrappers.
+
+    The wrapper adds `_checkpoint_wrapped_module.` to parameter names; `state_dict()` and the full state dicts
+    below strip it, so checkpoints keep the plain names.
+    """
+    parents = {child: (parent, name) for parent in model.modules() for name, child in parent.named_children()}
+    wrapped = []
+    for block in blocks:
+        parent, name = parents[block]
+        wrapper = checkpoint_wrapper(block)
+        parent.register_module(name, wrapper)
+        wrapped.append(wrapper)
+    return wrapped
+
+
+def parallelize(model: nn.Module, env: DistEnv, strategy: str = "ddp", activation_checkpointing: bool = False,
+                compile_blocks: bool = False) -> nn.Module:
+    """Prepare `model` (already on env.device) for training; returns the module to call in the training step.
+
+    The optimiser must be built from `model` afterwards: FSDP turns its parameters into sharded DTensors in place.
+    Compile works per block, so identical blocks share one compiled graph and FSDP's hooks stay outside it.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"dist.strategy={strategy!r} is not one of {', '.join(STRATEGIES)}")
+    blocks = transformer_blocks(model)
+    if activation_checkpointing:
+        blocks = _checkpoint_blocks(model, blocks)
+    if compile_blocks:
+        for block in blocks:
+            block.compile()
     if env.world_size == 1:
+        return model  # nothing to shard or synchronise
+    if strategy == "fsdp":
+        # FSDP cannot shard 0-d parameters (the logit scale and bias): they stay whole on every rank, and their
+        # gradients are averaged here, as DDP would.
+        scalars = {p for p in model.parameters() if p.ndim == 0}
+
+        def average_gradient(parameter: nn.Parameter) -> None:
+            parameter.grad.copy_(env.collectives.all_reduce_mean(parameter.grad))
+
+        for parameter in scalars:
+            if parameter.requires_grad:
+                parameter.register_post_accumulate_grad_hook(average_gradient)
+        # Ranks initialised their weights from different seeds; like DDP, start all of them from rank 0's.
+        initial = {k: v.detach().clone() for k, v in model.state_dict().items()} if env.rank == 0 else {}
+        for block in blocks:
+            fully_shard(block, ignored_params=scalars)
+        fully_shard(model, ignored_params=scalars)  # the root: embeddings, projections, final norms
+        set_model_state_dict(model, initial, options=_FROM_RANK0)
         return model
     device_ids = [env.device.index] if env.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
+def is_sharded(model: nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model state, optimiser state), unsharded and on CPU on rank 0; under FSDP other ranks get empty dicts.
+
+    The optimiser state is keyed by parameter name instead of position, which is what lets it move between
+    strategies (and parameter orders) unchanged.
+    """
+    return gather_model_state(model), get_optimizer_state_dict(model, optimizer, options=_GATHER)
+
+
+def gather_model_state(model: nn.Module) -> dict[str, Any]:
+    """The model's full state dict on CPU on rank 0 (empty elsewhere under FSDP), e.g. to evaluate a plain copy."""
+    return get_model_state_dict(model, options=_GATHER)
+
+
+def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, Any],
+                    optimizer_state: dict[str, Any]) -> None:
+    """Load full state dicts (from `full_state`, read by every rank); under FSDP each rank keeps its own shard."""
+    set_model_state_dict(model, model_state, options=_SCATTER)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=_SCATTER)

@@ -113,6 +113,12 @@ def load_model_weights(model: nn.Module, path: str | Path) -> None:
 
 def apply_model_state(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
     """Load weights; a checkpoint of a different architecture is named as such, not a torch stack trace."""
+    check_model_state(model, state, path)
+    model.load_state_dict(state)
+
+
+def check_model_state(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Raise ValueError naming the differences when `state` does not fit `model` (sharded or not) name for name."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -123,4 +129,3 @@ def apply_model_state(model: nn.Module, state: dict[str, torch.Tensor], path: st
             f"{len(unexpected)} unexpected, {len(mismatched)} mismatched tensors "
             f"(e.g. {(missing + unexpected + mismatched)[:3]})"
         )
-    model.load_state_dict(state)
