@@ -117,6 +117,27 @@ def test_micro_batches_must_divide_the_local_batch():
         FeatureCache(model, build_loss(LossConfig(name="clip")), LocalCollectives(), steps=3)(random_batch(8))
 
 
+@pytest.mark.slow
+def test_training_with_accumulation_follows_the_same_losses(demo_root, tmp_path):
+    """The trainer with 4 micro-batches per step takes the steps of the trainer with whole batches."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from contrastive.train.trainer import Trainer
+    from tests.conftest import compose_config, tiny_run_overrides
+
+    losses = {}
+    for steps in (1, 4):
+        run_dir = tmp_path / f"k{steps}"
+        cfg = compose_config([*tiny_run_overrides(demo_root, run_dir), f"trainer.accumulation_steps={steps}"])
+        Trainer(OmegaConf.to_object(cfg)).train()
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        losses[steps] = [row["loss"] for row in rows if "loss" in row]
+    assert len(losses[1]) == 4
+    torch.testing.assert_close(losses[4], losses[1], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.distributed
 def test_feature_cache_matches_full_batch_under_torchrun():
     from tests.conftest import torchrun
