@@ -10,7 +10,8 @@ from nbclient import NotebookClient
 
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.slow
+# Each notebook trains small models and fits a few hundred probes: minutes on a free CPU, more on a busy one.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 
 def _execute(name: str, tmp_path, monkeypatch, **env: str) -> None:
