@@ -103,7 +103,7 @@ def test_checkpoint_of_another_architecture_is_named(demo_root, tmp_path):
 
 
 def _nan_at(trainer: Trainer, steps: set[int]):
-    objective = trainer.objective
+    objective = trainer.forward_backward.objective
 
     def poisoned(output, batch, collectives) -> LossOutput:
         result = objective(output, batch, collectives)
@@ -111,7 +111,7 @@ def _nan_at(trainer: Trainer, steps: set[int]):
             result.loss = result.loss * float("nan")
         return result
 
-    trainer.objective = poisoned
+    trainer.forward_backward.objective = poisoned
 
 
 def test_injected_nan_step_is_skipped_and_counted(demo_root, tmp_path):
