@@ -50,7 +50,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun(args: list[str], nproc: int = 2, timeout: float = 300, extra: list[str] | None = None,
+def torchrun(args: list[str], nproc: int = 2, timeout: float = 900, extra: list[str] | None = None,
              check: bool = True) -> subprocess.CompletedProcess:
     """Run `torchrun --nproc_per_node=N ARGS` on loopback with gloo; on failure show its output."""
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",

@@ -162,7 +162,7 @@ def _launch(overrides: list[str], extra: list[str] = ()) -> subprocess.Popen:
 
 
 def _wait_for_checkpoint(run_dir: Path, step: int, process: subprocess.Popen) -> None:
-    deadline = time.time() + 240
+    deadline = time.time() + 600
     while not any(s >= step for s, _ in ckpt.list_checkpoints(run_dir)):
         assert process.poll() is None, process.communicate()
         assert time.time() < deadline, "no checkpoint in time"
@@ -176,7 +176,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(demo_root, tmp_path):
                       + ["trainer.max_steps=100000", "trainer.checkpoint_every=2"])
     _wait_for_checkpoint(run_dir, 2, process)
     os.kill(_workers_of(process.pid)[0], signal.SIGTERM)  # SLURM signals the tasks, not the launcher
-    stdout, stderr = process.communicate(timeout=120)
+    stdout, stderr = process.communicate(timeout=600)
     assert process.returncode == 0, stderr[-3000:]
     assert "stopped for preemption" in stdout + stderr
     final = ckpt.list_checkpoints(run_dir)[-1]
@@ -194,7 +194,7 @@ def test_worker_killed_by_sigkill_is_restarted_by_torchrun_and_matches_an_uninte
     process = _launch(tiny_run_overrides(demo_root, run_dir) + common, extra=["--max-restarts=1"])
     _wait_for_checkpoint(run_dir, 3, process)
     os.kill(_workers_of(process.pid)[1], signal.SIGKILL)
-    stdout, stderr = process.communicate(timeout=240)
+    stdout, stderr = process.communicate(timeout=900)  # generous: CI machines are shared
     assert process.returncode == 0, stderr[-3000:]
     assert "resuming from" in stdout + stderr
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

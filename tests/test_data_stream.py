@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import io
-import tarfile
 from collections import Counter
-from pathlib import Path
 
 import pytest
-from PIL import Image
 from torch.utils.data import DataLoader
 
 from contrastive.config import ModelConfig
@@ -18,6 +14,7 @@ from contrastive.data.stream import ImageTextStream, Source, StreamLayout
 from contrastive.data.transforms import BatchNormalize, build_train_transform
 from contrastive.models import build_tokenizer
 from tests.conftest import compose_config
+from tests.data_factory import png, write_tar
 
 
 @pytest.fixture(scope="module")
@@ -88,31 +85,16 @@ def test_epoch_mode_stream_covers_all_samples(demo_root, tiny_model_cfg):
     assert len(keys) == 512 and set(keys.values()) == {1}
 
 
-def _png(size=(28, 28)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("L", size, 128).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
-    with tarfile.open(path, "w") as archive:
-        for key, files in samples:
-            for extension, data in files.items():
-                info = tarfile.TarInfo(f"{key}.{extension}")
-                info.size = len(data)
-                archive.addfile(info, io.BytesIO(data))
-
-
 def test_bad_samples_are_skipped_and_counted_by_reason(tmp_path, tiny_model_cfg):
-    good = [(f"good{i:03d}", {"png": _png(), "txt": b"a photo of a bag."}) for i in range(40)]
+    good = [(f"good{i:03d}", {"png": png(), "txt": b"a photo of a bag."}) for i in range(40)]
     bad = [
         ("corrupt", {"png": b"\x89PNG not really", "txt": b"a caption"}),
-        ("nocaption", {"png": _png()}),
-        ("emptycaption", {"png": _png(), "txt": b"   "}),
+        ("nocaption", {"png": png()}),
+        ("emptycaption", {"png": png(), "txt": b"   "}),
         ("noimage", {"txt": b"a caption"}),
     ]
-    _write_tar(tmp_path / "0.tar", good[:10] + bad + good[10:20])
-    _write_tar(tmp_path / "1.tar", good[20:])
+    write_tar(tmp_path / "0.tar", good[:10] + bad + good[10:20])
+    write_tar(tmp_path / "1.tar", good[20:])
     whole = (tmp_path / "1.tar").read_bytes()
     (tmp_path / "2.tar").write_bytes(whole[: len(whole) // 2])  # truncated copy: its first samples still count
     shards = [str(tmp_path / f"{i}.tar") for i in range(3)] + [str(tmp_path / "missing.tar")]
@@ -129,8 +111,8 @@ def test_bad_samples_are_skipped_and_counted_by_reason(tmp_path, tiny_model_cfg)
 
 
 def test_too_many_bad_samples_stop_with_a_clear_error(tmp_path, tiny_model_cfg):
-    samples = [(f"s{i:03d}", {"png": _png(), **({"txt": b"caption"} if i % 2 else {})}) for i in range(300)]
-    _write_tar(tmp_path / "0.tar", samples)
+    samples = [(f"s{i:03d}", {"png": png(), **({"txt": b"caption"} if i % 2 else {})}) for i in range(300)]
+    write_tar(tmp_path / "0.tar", samples)
     stream = _stream([str(tmp_path / "0.tar")], build_tokenizer(tiny_model_cfg), max_skip_fraction=0.1)
     with pytest.raises(ValueError, match="more than data.max_skip_fraction=0.1"):
         _batches(stream, 20, 0)

@@ -76,7 +76,7 @@ def test_kill_and_resume_matches_uninterrupted_run(demo_root, tmp_path, num_work
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
-    deadline = time.time() + 240
+    deadline = time.time() + 600
     while not any(step == 3 for step, _ in list_checkpoints(resumed_dir)) and time.time() < deadline:
         assert process.poll() in (None, 0)
         time.sleep(0.02)
