@@ -70,6 +70,11 @@ class LocalCollectives:
         pass
 
 
+# torch 2.14 renamed the tensor collectives and warns on the old names, which older releases still need.
+_all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
     """Forward: all-gather along dim 0. Backward: every rank's gradient for my slice, summed.
 
@@ -81,7 +86,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
         world_size = dist.get_world_size()
         gathered = tensor.new_empty((world_size * tensor.shape[0], *tensor.shape[1:]))
-        dist.all_gather_into_tensor(gathered, tensor.contiguous())
+        _all_gather_single(gathered, tensor.contiguous())
         return gathered
 
     @staticmethod
@@ -90,7 +95,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
         grad_output = grad_output.contiguous()
         if dist.get_backend() == "nccl":
             local = grad_output.new_empty((grad_output.shape[0] // world_size, *grad_output.shape[1:]))
-            dist.reduce_scatter_tensor(local, grad_output)
+            _reduce_scatter_single(local, grad_output)
             return local
         dist.all_reduce(grad_output)  # gloo has no reduce-scatter
         return grad_output.chunk(world_size)[rank].clone()
