@@ -57,6 +57,24 @@ def test_two_process_training_lowers_the_loss(demo_root, tmp_path):
     assert losses[-1] < losses[0] - 0.3, losses
 
 
+@pytest.mark.distributed
+@pytest.mark.parametrize(("model", "loss", "terms"), [
+    ("tiny_cappa", "cappa", {"caption_loss"}),
+    ("tiny_coca", "coca", {"contrastive_loss", "caption_loss"}),
+])
+def test_two_process_captioning_training_lowers_the_loss(demo_root, tmp_path, model, loss, terms):
+    run_dir = tmp_path / "run"
+    overrides = [o for o in tiny_run_overrides(demo_root, run_dir) if not o.startswith("model=")] + [
+        f"model={model}", f"loss={loss}", "trainer.max_steps=20", "trainer.log_every=5",
+        "trainer.checkpoint_every=20", "data.batch_size=32", "optim.lr=3e-3", "optim.warmup_steps=3",
+    ]
+    torchrun([*TRAIN, *overrides], nproc=2)
+    rows = [row for row in _metrics(run_dir) if "loss" in row]
+    assert all(terms <= set(row) for row in rows)
+    losses = [row["loss"] for row in rows]
+    assert len(losses) == 4 and losses[-1] < losses[0] - 1.0, losses
+
+
 def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(list_checkpoints(run_dir)[-1][1])["model"]
 
