@@ -7,7 +7,7 @@ DEMO_DATA ?= data/demo/fashion-mnist
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 BIN := $(VENV)/bin
 
-.PHONY: setup demo demo-data test test-fast clean-demo
+.PHONY: setup fashion-mnist demo demo-data test test-fast clean-demo
 
 setup: $(VENV)/.installed
 
@@ -18,14 +18,16 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
-# Fashion-MNIST comes from Debian's dataset-fashion-mnist package; without it the builder falls back to
-# scikit-learn's digits and says so.
-demo-data: setup
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist package; without it the demo data builder falls back
+# to scikit-learn's digits and says so.
+fashion-mnist:
 	@if [ ! -f $(FASHION_MNIST_DIR)/t10k-labels-idx1-ubyte.gz ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 		apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
 		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 || \
-		echo "NOTE: could not install dataset-fashion-mnist; the demo will use scikit-learn's digits"; \
+		echo "NOTE: could not install dataset-fashion-mnist; demo and tests use scikit-learn's digits"; \
 	fi
+
+demo-data: setup fashion-mnist
 	$(BIN)/contrastive-data demo --out $(DEMO_DATA)
 
 demo: demo-data
@@ -33,10 +35,10 @@ demo: demo-data
 	$(BIN)/contrastive-eval zeroshot --checkpoint runs/demo --dataset-root $(DEMO_DATA) \
 		--output runs/demo/zeroshot.json
 
-test: setup
+test: setup fashion-mnist
 	$(BIN)/python -m pytest
 
-test-fast: setup
+test-fast: setup fashion-mnist
 	$(BIN)/python -m pytest -m "not slow and not distributed"
 
 clean-demo:
