@@ -18,6 +18,14 @@ from contrastive.losses.registry import LOSSES
 from contrastive.types import Batch, LossOutput, ModelOutput
 
 
+def _gather_global_batch(image_features: torch.Tensor, text_features: torch.Tensor, collectives: Collectives):
+    """Every rank's features, (N, D) each, and the global column of each local row's matching pair, (B,)."""
+    local_batch = image_features.shape[0]
+    targets = torch.arange(local_batch, device=image_features.device) + collectives.rank * local_batch
+    return (collectives.all_gather_with_grad(image_features), collectives.all_gather_with_grad(text_features),
+            targets)
+
+
 def clip_loss(
     image_features: torch.Tensor,  # (B, D) local
     text_features: torch.Tensor,  # (B, D) local
@@ -25,10 +33,7 @@ def clip_loss(
     collectives: Collectives,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (loss, image-to-text accuracy of the local rows)."""
-    all_image_features = collectives.all_gather_with_grad(image_features)  # (N, D)
-    all_text_features = collectives.all_gather_with_grad(text_features)  # (N, D)
-    local_batch = image_features.shape[0]
-    targets = torch.arange(local_batch, device=image_features.device) + collectives.rank * local_batch
+    all_image_features, all_text_features, targets = _gather_global_batch(image_features, text_features, collectives)
     logits_per_image = logit_scale * image_features @ all_text_features.T  # (B, N)
     logits_per_text = logit_scale * text_features @ all_image_features.T  # (B, N)
     loss = (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets)) / 2
@@ -44,10 +49,7 @@ def blockwise_clip_loss(
     block_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`clip_loss` as -logit(matching pair) + log-sum-exp over the row, the latter computed block by block."""
-    all_image_features = collectives.all_gather_with_grad(image_features)  # (N, D)
-    all_text_features = collectives.all_gather_with_grad(text_features)  # (N, D)
-    local_batch = image_features.shape[0]
-    targets = torch.arange(local_batch, device=image_features.device) + collectives.rank * local_batch
+    all_image_features, all_text_features, targets = _gather_global_batch(image_features, text_features, collectives)
     image_log_sum_exp, best_text = blockwise_log_sum_exp(image_features, all_text_features, logit_scale, block_size)
     text_log_sum_exp, _ = blockwise_log_sum_exp(text_features, all_image_features, logit_scale, block_size)
     matching_logits = logit_scale * (image_features * text_features).sum(dim=-1)  # (B,), the same in both directions
