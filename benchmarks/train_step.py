@@ -3,16 +3,21 @@
     python benchmarks/train_step.py --json train_step.json
     python benchmarks/train_step.py --models tiny --repeats 20   # quick
 
-Ours: `contrastive.train.accumulation` forward/backward (model -> ModelOutput -> loss=clip), gradient-norm clipping
-(optim.grad_clip_norm) with the non-finite check, AdamW over our parameter groups, zero_grad, schedule: the body of
-`Trainer.train`'s loop. Theirs: the body of open_clip_train.train.train_one_epoch with accum_freq=1 and its
-defaults (no gradient clipping): zero_grad, model(images, texts) -> ClipLoss -> backward, AdamW (its
+Ours: `contrastive.train.accumulation` forward/backward (model -> ModelOutput -> loss=clip), then
+`contrastive.train.optim.optimizer_step` (gradient-norm clipping at optim.grad_clip_norm, the non-finite check,
+AdamW over our parameter groups, zero_grad) and the schedule: the body of `Trainer.train`'s loop. Theirs: the
+body of open_clip_train.train.train_one_epoch with accum_freq=1 and its defaults (no gradient clipping): zero_grad, model(images, texts) -> ClipLoss -> backward, AdamW (its
 gain/bias groups), logit-scale clamp, open_clip_train's cosine_lr schedule. Theirs is an open_clip `CLIP` built
 from the same tower configs and loaded with our model's weights.
 
-Contenders run interleaved, one step each per round in a rotating order, so machine noise hits all of them alike;
-figures are medians over rounds, after warm-up rounds. Ours is timed with its defaults and with settings that can
-be faster: channels-last images and weights, AdamW foreach or fused, torch.compile of the model.
+Each contender runs in a process of its own, as a training run would (at most --concurrent at once; the variants
+take turns beside ours and open_clip): the processes take one step each per round,
+in a rotating order, so machine noise hits all of them alike, and no contender's memory state affects another's.
+A step's time depends on where its process's memory happens to land, so every contender is started in
+--processes fresh processes; figures are medians over all timed steps, after warm-up rounds. Ours is timed with
+its defaults (fused AdamW; freed host memory reused, `contrastive.train.host_memory`) and with other settings:
+channels-last images and weights, AdamW's foreach or per-tensor loop (open_clip's default on CPU), host memory
+returned to the kernel as glibc does by default, torch.compile of the model.
 """
 
 from __future__ import annotations
@@ -21,9 +26,10 @@ import argparse
 import json
 import math
 import statistics
+import subprocess
+import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Callable
 
 import open_clip
@@ -38,19 +44,14 @@ from contrastive.losses import build_loss
 from contrastive.models import build_model
 from contrastive.models.registry import tower_configs
 from contrastive.train.accumulation import build_forward_backward
-from contrastive.train.optim import build_optimizer, build_scheduler
+from contrastive.train.host_memory import reuse_freed_host_memory
+from contrastive.train.optim import build_optimizer, build_scheduler, optimizer_step
 from contrastive.types import Batch
 
 MODELS = {"tiny": ("conf/model/tiny_clip.yaml", 128), "vit_b_32": ("conf/model/vit_b_32.yaml", 32)}
-VARIANTS = ("channels_last", "foreach", "fused", "compile")
+VARIANTS = ("channels_last", "foreach", "for_loop", "glibc_memory", "compile")
 TARGET = 1.0
 STEPS = 1000  # schedule length; only the lr value changes with it
-
-
-@dataclass
-class Contender:
-    name: str
-    step: Callable[[], None]
 
 
 def model_config(path: str) -> ModelConfig:
@@ -70,12 +71,14 @@ def autocast(precision: str):
     return lambda: torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
 
-def ours(model_cfg: ModelConfig, batch: Batch, precision: str, variant: str | None) -> Contender:
+def ours(model_cfg: ModelConfig, batch: Batch, precision: str, variant: str | None) -> Callable[[], None]:
+    if variant != "glibc_memory":
+        reuse_freed_host_memory()  # as Trainer does on CPU
     torch.manual_seed(0)
     model = build_model(model_cfg)
     optim_cfg = OptimConfig()  # conf/optim/adamw.yaml's values are the schema defaults
-    if variant in ("foreach", "fused"):
-        optim_cfg.extra_kwargs = {variant: True}
+    if variant in ("foreach", "for_loop"):
+        optim_cfg.implementation = variant
     if variant == "channels_last":
         model = model.to(memory_format=torch.channels_last)
         batch = Batch(images=batch.images.contiguous(memory_format=torch.channels_last), tokens=batch.tokens)
@@ -87,16 +90,13 @@ def ours(model_cfg: ModelConfig, batch: Batch, precision: str, variant: str | No
 
     def step() -> None:
         forward_backward(batch)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip_norm or float("inf"))
-        if torch.isfinite(grad_norm):
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(model.parameters(), optimizer, optim_cfg.grad_clip_norm)
         scheduler.step()
 
-    return Contender(f"ours_{variant}" if variant else "ours", step)
+    return step
 
 
-def open_clip_step(model_cfg: ModelConfig, batch: Batch, precision: str, weights: dict) -> Contender:
+def open_clip_step(model_cfg: ModelConfig, batch: Batch, precision: str, weights: dict) -> Callable[[], None]:
     embed_dim, vision, text = tower_configs(model_cfg)
     model = open_clip.CLIP(embed_dim, CLIPVisionCfg(**vision), CLIPTextCfg(**text), quick_gelu=model_cfg.quick_gelu,
                            output_dict=True)
@@ -127,38 +127,80 @@ def open_clip_step(model_cfg: ModelConfig, batch: Batch, precision: str, weights
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
 
-    return Contender("open_clip", step)
+    return step
 
 
-def measure(contenders: list[Contender], repeats: int, warmup: int) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {c.name: [] for c in contenders}
-    for round_index in range(warmup + repeats):
-        shift = round_index % len(contenders)
-        for contender in contenders[shift:] + contenders[:shift]:
-            start = time.perf_counter()
-            contender.step()
-            elapsed = time.perf_counter() - start
-            if round_index >= warmup:
-                times[contender.name].append(elapsed)
+def build_contender(name: str, model_name: str, batch_size: int, precision: str) -> Callable[[], None]:
+    path, default_batch = MODELS[model_name]
+    model_cfg = model_config(path)
+    batch = random_batch(model_cfg, batch_size or default_batch)
+    if name == "open_clip":
+        torch.manual_seed(0)
+        return open_clip_step(model_cfg, batch, precision, build_model(model_cfg).clip.state_dict())
+    return ours(model_cfg, batch, precision, name.removeprefix("ours_") if name != "ours" else None)
+
+
+def serve(args) -> None:
+    """Child process: build one contender, then time one step per line read from stdin."""
+    torch.set_num_threads(args.threads)
+    step = build_contender(args.serve, args.model, args.batch_size, args.precision)
+    print("ready", flush=True)
+    for _ in sys.stdin:
+        start = time.perf_counter()
+        step()
+        print(time.perf_counter() - start, flush=True)
+
+
+def start(contender: str, model_name: str, args) -> subprocess.Popen:
+    command = [sys.executable, __file__, "--serve", contender, "--model", model_name, "--batch-size",
+               str(args.batch_size), "--precision", args.precision, "--threads", str(args.threads)]
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    if process.stdout.readline().strip() != "ready":
+        raise RuntimeError(f"{contender} did not start: exit code {process.wait()}")
+    return process
+
+
+def timed_step(process: subprocess.Popen) -> float:
+    process.stdin.write("step\n")
+    process.stdin.flush()
+    return float(process.stdout.readline())
+
+
+def measure(contenders: list[str], model_name: str, args) -> dict[str, list[float]]:
+    """Per contender, the timed steps of all its processes; the contenders' processes step in turn."""
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(args.processes):
+        processes = {name: start(name, model_name, args) for name in contenders}
+        try:
+            for round_index in range(args.warmup + args.repeats):
+                shift = round_index % len(contenders)
+                for name in contenders[shift:] + contenders[:shift]:
+                    elapsed = timed_step(processes[name])
+                    if round_index >= args.warmup:
+                        times[name].append(elapsed)
+        finally:
+            for process in processes.values():
+                process.stdin.close()
+                process.wait()
     return times
 
 
-def benchmark(name: str, batch_size: int, args) -> dict:
-    path, default_batch = MODELS[name]
-    model_cfg = model_config(path)
-    batch = random_batch(model_cfg, batch_size or default_batch)
-    contenders = [ours(model_cfg, batch, args.precision, None)]
-    torch.manual_seed(0)
-    weights = build_model(model_cfg).clip.state_dict()
-    contenders.append(open_clip_step(model_cfg, batch, args.precision, weights))
-    contenders += [ours(model_cfg, batch, args.precision, v) for v in args.variants if v]
-    times = measure(contenders, args.repeats, args.warmup)
+def benchmark(name: str, args) -> dict:
+    """Variants run in groups beside ours and open_clip, so at most --concurrent processes hold a model at once."""
+    batch_size = args.batch_size or MODELS[name][1]
+    variants = [f"ours_{variant}" for variant in args.variants if variant]
+    per_group = max(1, args.concurrent - 2)
+    groups = [variants[index:index + per_group] for index in range(0, len(variants), per_group)] or [[]]
+    times: dict[str, list[float]] = {}
+    for group in groups:
+        for contender, values in measure(["ours", "open_clip", *group], name, args).items():
+            times.setdefault(contender, []).extend(values)
     medians = {contender: statistics.median(values) for contender, values in times.items()}
-    samples_per_second = {contender: len(batch) / seconds for contender, seconds in medians.items()}
+    samples_per_second = {contender: batch_size / seconds for contender, seconds in medians.items()}
     reference = samples_per_second["open_clip"]
     return {
-        "model": name, "batch_size": len(batch), "precision": args.precision, "threads": torch.get_num_threads(),
-        "repeats": args.repeats,
+        "model": name, "batch_size": batch_size, "precision": args.precision, "threads": args.threads,
+        "processes": args.processes, "repeats": args.repeats,
         "median_step_seconds": medians,
         "samples_per_second": samples_per_second,
         "throughput_ratio_vs_open_clip": {c: s / reference for c, s in samples_per_second.items()},
@@ -172,19 +214,25 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"ours with other settings: {VARIANTS}")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7, help="timed rounds (one step per contender each)")
+    parser.add_argument("--concurrent", type=int, default=4,
+                        help="processes alive at once (memory): variants run in groups beside ours and open_clip")
+    parser.add_argument("--processes", type=int, default=2, help="fresh processes per contender, one after another")
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds per process (one step per contender)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (compile happens here)")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--serve", help=argparse.SUPPRESS)  # internal: run one contender in this process
+    parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve:
+        return serve(args)
     args.variants = args.variants.split(",")
     unknown = set(args.variants) - set(VARIANTS) - {""}
     if unknown:
         parser.error(f"unknown variant(s) {sorted(unknown)}; choose from {VARIANTS}")
-    torch.set_num_threads(args.threads)
-    results = [benchmark(name, args.batch_size, args) for name in args.models.split(",")]
+    results = [benchmark(name, args) for name in args.models.split(",")]
     for result in results:
         print(f"\n{result['model']}, batch {result['batch_size']}, {result['precision']}, {result['threads']} threads, "
-              f"median of {result['repeats']} interleaved steps")
+              f"median of {result['processes']} processes x {result['repeats']} interleaved steps")
         print(f"{'contender':<20} {'s/step':>8} {'samples/s':>10} {'vs open_clip':>13}")
         for contender, seconds in result["median_step_seconds"].items():
             print(f"{contender:<20} {seconds:8.4f} {result['samples_per_second'][contender]:10.1f} "

@@ -72,6 +72,9 @@ class OptimConfig:
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
+    # auto: fused when the optimiser class takes `fused` (torch's AdamW, Adam, SGD: one kernel per step, ~5x
+    # faster than the per-tensor loop on CPU), else the class's own default | fused | foreach | for_loop
+    implementation: str = "auto"
     extra_kwargs: dict[str, Any] = field(default_factory=dict)
     warmup_steps: int = 100
     schedule: str = "cosine"  # cosine | linear | constant, after warmup
@@ -96,6 +99,8 @@ class TrainerConfig:
     deterministic: bool = False
     # Micro-batches per optimiser step; contrastive losses see every micro-batch's negatives (feature cache).
     accumulation_steps: int = 1
+    # On CPU, keep freed memory for the next step instead of returning it to the kernel (contrastive.train.host_memory)
+    reuse_freed_host_memory: bool = True
     peak_flops_per_device: float | None = None  # FLOP/s of one device at the run's precision; enables the mfu metric
     compile: bool = False  # torch.compile each transformer block (slow first steps; worth it on GPU)
 
@@ -226,6 +231,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _require(optim.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {optim.warmup_steps}")
     _require_choice(optim.schedule, "optim.schedule", ("cosine", "linear", "constant"))
     _require(0 <= optim.min_lr_ratio <= 1, "optim.min_lr_ratio must be within [0, 1]")
+    _require_choice(optim.implementation, "optim.implementation", ("auto", "fused", "foreach", "for_loop"))
     _require(optim.grad_clip_norm is None or optim.grad_clip_norm > 0, "optim.grad_clip_norm must be positive or null")
     for prefix, multiplier in optim.lr_multipliers.items():
         _require(multiplier > 0, f"optim.lr_multipliers[{prefix!r}] must be positive (lock.* freezes), got {multiplier}")

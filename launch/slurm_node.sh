@@ -5,13 +5,18 @@
 # torchrun runs its workers in their own sessions, so a signal to this task's process group would not reach
 # them, and USR1's default action would kill torchrun itself: torchrun starts with USR1 ignored (the workers
 # inherit that until the trainer installs its handler) and this script forwards USR1 to torchrun's children.
+# A worker that dies makes torchrun restart every node's workers (up to MAX_RESTARTS times, default 3); they resume
+# from the latest checkpoint. Each rendezvous round gets a fresh store (TORCH_DISABLE_SHARE_RDZV_TCP_STORE): the
+# shared one keeps the dead workers' addresses, which restarted workers would try to connect to.
 set -uo pipefail
 nodes=$1 procs_per_node=$2 rdzv_id=$3 endpoint=$4
 shift 4
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 (
   trap '' USR1
   exec "${PYTHON:-python}" -m torch.distributed.run --nnodes="$nodes" --nproc_per_node="$procs_per_node" \
-    --rdzv_id="$rdzv_id" --rdzv_backend=c10d --rdzv_endpoint="$endpoint" -m contrastive.cli.train "$@"
+    --max-restarts="${MAX_RESTARTS:-3}" --rdzv_id="$rdzv_id" --rdzv_backend=c10d --rdzv_endpoint="$endpoint" \
+    -m contrastive.cli.train "$@"
 ) &
 torchrun_pid=$!
 trap 'pkill -USR1 -P "$torchrun_pid"' USR1

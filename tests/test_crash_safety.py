@@ -185,9 +185,14 @@ def test_sigterm_checkpoints_and_exits_cleanly(demo_root, tmp_path):
 
 
 @pytest.mark.distributed
+def test_a_restarted_worker_group_connects_even_when_rank_0_joins_last(tmp_path):
+    out = tmp_path / "restarted.txt"
+    torchrun(["tests/dist_scripts/restart_rendezvous.py", str(out)], extra=["--max-restarts=1"], timeout=300)
+    assert sorted(out.read_text().splitlines()) == ["0 2.0", "1 2.0"]
+
+
+@pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.skip(reason="intermittent: the worker group restarted by torchrun sometimes fails or hangs in its gloo "
-                         "connect; passes when run alone most times; under investigation (issue 7 stays open)")
 def test_worker_killed_by_sigkill_is_restarted_by_torchrun_and_matches_an_uninterrupted_run(demo_root, tmp_path):
     common = ["trainer.max_steps=10", "trainer.checkpoint_every=3", "trainer.deterministic=true",
               "data.num_workers=1"]

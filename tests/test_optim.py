@@ -1,4 +1,5 @@
-"""Optimiser groups: weight decay split, per-prefix lr multipliers, frozen parameters left out, betas passed."""
+"""Optimiser groups (weight decay split, per-prefix lr multipliers, frozen parameters left out, betas passed), the
+implementation switch, and the step: clipping only above the limit, no update from non-finite gradients."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 from torch import nn
 
 from contrastive.config import OptimConfig
-from contrastive.train.optim import build_optimizer, build_scheduler
+from contrastive.train.optim import build_optimizer, build_scheduler, optimizer_step
 from tests.conftest import compose_config
 
 
@@ -74,3 +75,57 @@ def test_config_accepts_multipliers_and_rejects_non_positive_ones(demo_root):
     cfg = OmegaConf.to_object(compose_config([*overrides, "++optim.lr_multipliers={clip.visual.:0}"]))
     with pytest.raises(ValueError, match="must be positive"):
         validate(cfg)
+
+
+@pytest.mark.parametrize("implementation, fused, foreach", [("auto", True, None), ("fused", True, None),
+                                                           ("foreach", None, True), ("for_loop", None, False)])
+def test_implementation_reaches_the_optimiser(implementation, fused, foreach):
+    optimizer = build_optimizer(TwoTowers(), OptimConfig(implementation=implementation))
+    assert optimizer.defaults["fused"] == fused and optimizer.defaults["foreach"] == foreach
+
+
+def test_auto_leaves_optimisers_without_a_fused_kernel_alone():
+    optimizer = build_optimizer(TwoTowers(), OptimConfig(optimizer="torch.optim.Adamax"))
+    assert "fused" not in optimizer.defaults
+
+
+def test_fused_on_an_optimiser_without_it_is_a_clear_error():
+    with pytest.raises(ValueError, match="torch.optim.Adamax rejected its arguments"):
+        build_optimizer(TwoTowers(), OptimConfig(optimizer="torch.optim.Adamax", implementation="fused"))
+
+
+def _with_gradients(model: nn.Module, value: float) -> list[nn.Parameter]:
+    parameters = list(model.parameters())
+    for parameter in parameters:
+        parameter.grad = torch.full_like(parameter, value)
+    return parameters
+
+
+def test_step_clips_only_above_the_limit_and_clears_gradients():
+    torch.manual_seed(0)
+    model = TwoTowers()
+    count = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    norm, stepped = optimizer_step(_with_gradients(model, 1.0), optimizer, max_grad_norm=count ** 0.5 / 2)
+    assert stepped and norm.item() == pytest.approx(count ** 0.5)
+    for old, new in zip(before, model.parameters()):  # SGD with lr 1: the update is the clipped gradient, 1/2 each
+        torch.testing.assert_close(old - new.detach(), torch.full_like(old, 0.5), rtol=1e-5, atol=1e-6)
+    assert all(p.grad is None for p in model.parameters())
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer_step(_with_gradients(model, 0.01), optimizer, max_grad_norm=count ** 0.5 / 2)
+    for old, new in zip(before, model.parameters()):  # below the limit: unscaled
+        torch.testing.assert_close(old - new.detach(), torch.full_like(old, 0.01), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_step_with_non_finite_gradients_leaves_weights_and_optimiser_state_alone(bad):
+    model = TwoTowers()
+    optimizer = build_optimizer(model, OptimConfig())
+    before = [p.detach().clone() for p in model.parameters()]
+    parameters = _with_gradients(model, 0.1)
+    parameters[-1].grad.view(-1)[0] = bad
+    norm, stepped = optimizer_step(parameters, optimizer, max_grad_norm=1.0)
+    assert not stepped and not torch.isfinite(norm)
+    assert all(torch.equal(old, new) for old, new in zip(before, model.parameters()))
+    assert not optimizer.state and all(p.grad is None for p in model.parameters())

@@ -35,6 +35,25 @@ def _env_int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 
 
+def _rendezvous_store(timeout: datetime.timedelta) -> dist.Store:
+    """The env:// store, scoped to this worker group when torchrun's agent hosts it.
+
+    The agent's store outlives its workers, and torch keys the process group's addresses the same way in every
+    restart, so a restarted group can read the dead group's addresses from it and fail to connect ("Connection
+    refused"). Keys under the restart count, which every agent of a static rendezvous advances together, are never
+    stale. Dynamic (c10d) rendezvous can restart one node's workers without counting, so launch/ turns the shared
+    store off there (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1): each rendezvous round then gets a fresh store.
+    """
+    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return store
+    restarts = _env_int("TORCHELASTIC_RESTART_COUNT", 0)
+    if _env_int("TORCHELASTIC_MAX_RESTARTS", 0) > 0 and _env_int("GROUP_WORLD_SIZE", 1) > 1:
+        log.warning("multi-node restarts with torchrun's shared rendezvous store: under --rdzv-backend=c10d set "
+                    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (launch/slurm_node.sh does) so nodes agree on the store")
+    return dist.PrefixStore(f"contrastive/restart_{restarts}/", store)
+
+
 def init_distributed(device: str = "auto", backend: str = "auto", timeout_minutes: float = 30.0) -> DistEnv:
     """Join the torchrun process group if there is one; otherwise describe a single process.
 
@@ -59,9 +78,13 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_minute
     if backend == "auto":
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
     if world_size > 1 and not dist.is_initialized():
+        timeout = datetime.timedelta(minutes=timeout_minutes)
         dist.init_process_group(
             backend=backend,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            store=_rendezvous_store(timeout),
+            rank=rank,
+            world_size=world_size,
+            timeout=timeout,
             device_id=torch_device if torch_device.type == "cuda" else None,
         )
     if world_size > 1:

@@ -1,13 +1,17 @@
-"""Optimiser parameter groups (weight decay or not, per-prefix lr multipliers; frozen parameters left out) and the
-warmup + decay learning-rate schedule (a multiplier of each group's own lr)."""
+"""Optimiser parameter groups (weight decay or not, per-prefix lr multipliers; frozen parameters left out), the
+optimiser step with gradient clipping and the non-finite guard, and the warmup + decay learning-rate schedule (a
+multiplier of each group's own lr)."""
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
+from typing import Iterable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from contrastive.config import OptimConfig
 
@@ -50,13 +54,40 @@ def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     ]
 
 
+def _implementation_kwargs(optimizer_class: type[torch.optim.Optimizer], implementation: str) -> dict[str, bool]:
+    if implementation == "auto":
+        return {"fused": True} if "fused" in inspect.signature(optimizer_class).parameters else {}
+    if implementation == "for_loop":
+        return {"foreach": False}
+    return {implementation: True}
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     optimizer_class = _optimizer_class(cfg.optimizer)
+    kwargs = {**_implementation_kwargs(optimizer_class, cfg.implementation), **cfg.extra_kwargs}
     try:
-        return optimizer_class(parameter_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                               **cfg.extra_kwargs)
-    except TypeError as error:
-        raise ValueError(f"optim.optimizer={cfg.optimizer} rejected its arguments: {error}") from error
+        return optimizer_class(parameter_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **kwargs)
+    except (TypeError, RuntimeError) as error:
+        raise ValueError(f"optim.optimizer={cfg.optimizer} rejected its arguments {kwargs}: {error}") from error
+
+
+def optimizer_step(parameters: Iterable[nn.Parameter], optimizer: torch.optim.Optimizer,
+                   max_grad_norm: float | None) -> tuple[torch.Tensor, bool]:
+    """Clip the gradients to max_grad_norm, step only if all of them are finite, then clear them.
+
+    Returns the total gradient norm before clipping and whether the step was taken. With gradients already reduced
+    across ranks every rank sees the same norm, so all of them take the same branch.
+    """
+    with_grad = [p for p in parameters if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in with_grad])
+    full_norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+    finite = bool(torch.isfinite(full_norm))
+    if finite and max_grad_norm is not None and full_norm > max_grad_norm:  # scaling is a pass over every gradient
+        torch.nn.utils.clip_grads_with_norm_(with_grad, max_grad_norm, norm)
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return full_norm, finite
 
 
 def lr_multiplier(step: int, cfg: OptimConfig, max_steps: int) -> float:

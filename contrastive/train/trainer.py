@@ -30,8 +30,9 @@ from contrastive.models.locking import apply_locks
 from contrastive.train import checkpoint as ckpt
 from contrastive.train.accumulation import build_forward_backward
 from contrastive.train.flops import flops_per_sample, throughput_metrics
+from contrastive.train.host_memory import reuse_freed_host_memory
 from contrastive.train.metrics import MetricsLogger
-from contrastive.train.optim import build_optimizer, build_scheduler
+from contrastive.train.optim import build_optimizer, build_scheduler, optimizer_step
 
 log = logging.getLogger(__name__)
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SIGUSR1: SLURM's --signal warning before the time limit
@@ -74,6 +75,8 @@ class Trainer:
         self.env = env or init_distributed(cfg.dist.device, cfg.dist.backend, cfg.dist.timeout_minutes)
         validate(cfg, self.env.world_size)
         _set_threads(cfg)
+        if cfg.trainer.reuse_freed_host_memory and self.env.device.type == "cpu":
+            reuse_freed_host_memory()  # before anything large is allocated; loader workers fork with it
         torch.manual_seed(cfg.seed + self.env.rank)
         random.seed(cfg.seed + self.env.rank)
         if cfg.trainer.deterministic:
@@ -155,16 +158,13 @@ class Trainer:
             batch = next(batches).to(env.device)
             self.data_positions[batch.stream_state["worker"]] = batch.stream_state
             result = self.forward_backward(batch)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip_norm or float("inf"))
-            # Gradients are all-reduced, so every rank sees the same norm and takes the same branch.
-            if torch.isfinite(grad_norm):
-                self.optimizer.step()
+            grad_norm, stepped = optimizer_step(self.model.parameters(), self.optimizer, cfg.optim.grad_clip_norm)
+            if stepped:
                 nonfinite_in_a_row = 0
             else:
                 nonfinite_in_a_row += 1
                 nonfinite_total += 1
                 self._on_nonfinite(result, nonfinite_in_a_row)
-            self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
             self.step += 1
             window_samples += local_batch * env.world_size
