@@ -254,6 +254,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         _require(getattr(cfg.lock, tower).unlocked_blocks >= 0, f"lock.{tower}.unlocked_blocks must be >= 0")
     _require_choice(cfg.dist.device, "dist.device", ("auto", "cpu", "cuda"))
     _require_choice(cfg.dist.backend, "dist.backend", ("auto", "gloo", "nccl"))
+    _require(not (cfg.dist.backend == "nccl" and cfg.dist.device == "cpu"),
+             "dist.backend=nccl takes only CUDA tensors: use dist.device=cuda (or auto on a GPU node), or dist.backend=gloo")
     _require_choice(cfg.dist.strategy, "dist.strategy", ("ddp", "fsdp"))
     _require_choice(cfg.logger.wandb.mode, "logger.wandb.mode", ("offline", "online", "disabled"))
     _require(cfg.eval.every_steps >= 0, "eval.every_steps must be >= 0")

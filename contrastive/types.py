@@ -47,6 +47,13 @@ class ModelOutput:
     caption_logits: torch.Tensor | None = None  # (B, L, V), captioning objectives only
     caption_targets: torch.Tensor | None = None  # (B, L) int64, -100 where ignored
 
+    def to_float32(self) -> ModelOutput:
+        """The same outputs with every floating-point tensor in fp32: objectives compute in fp32 whatever the towers
+        ran in (bf16 autocast, or FSDP's bf16 parameters)."""
+        cast = {f.name: getattr(self, f.name).float() for f in fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor) and getattr(self, f.name).is_floating_point()}
+        return replace(self, **cast)
+
 
 @dataclass
 class LossOutput:

@@ -101,11 +101,12 @@ def _with_gradients(model: nn.Module, value: float) -> list[nn.Parameter]:
     return parameters
 
 
-def test_step_clips_only_above_the_limit_and_clears_gradients():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-kernel-clips", "clipped-before-the-step"])
+def test_step_clips_only_above_the_limit_and_clears_gradients(fused):
     torch.manual_seed(0)
     model = TwoTowers()
     count = sum(p.numel() for p in model.parameters())
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0, fused=fused)
     before = [p.detach().clone() for p in model.parameters()]
     norm, stepped = optimizer_step(_with_gradients(model, 1.0), optimizer, max_grad_norm=count ** 0.5 / 2)
     assert stepped and norm.item() == pytest.approx(count ** 0.5)
@@ -118,14 +119,25 @@ def test_step_clips_only_above_the_limit_and_clears_gradients():
         torch.testing.assert_close(old - new.detach(), torch.full_like(old, 0.01), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("implementation", ["fused", "foreach"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_step_with_non_finite_gradients_leaves_weights_and_optimiser_state_alone(bad):
+def test_step_with_non_finite_gradients_leaves_weights_and_optimiser_state_alone(bad, implementation):
     model = TwoTowers()
-    optimizer = build_optimizer(model, OptimConfig())
+    optimizer = build_optimizer(model, OptimConfig(implementation=implementation))
     before = [p.detach().clone() for p in model.parameters()]
     parameters = _with_gradients(model, 0.1)
     parameters[-1].grad.view(-1)[0] = bad
     norm, stepped = optimizer_step(parameters, optimizer, max_grad_norm=1.0)
     assert not stepped and not torch.isfinite(norm)
     assert all(torch.equal(old, new) for old, new in zip(before, model.parameters()))
-    assert not optimizer.state and all(p.grad is None for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters())
+    # The fused kernel creates the state it skips: it must be that of an optimiser that never stepped.
+    for state in optimizer.state.values():
+        assert float(state["step"]) == 0 and not state["exp_avg"].any() and not state["exp_avg_sq"].any()
+    # The next finite step is the first one: AdamW's first update is lr * sign(gradient), bias correction included.
+    parameters = _with_gradients(model, 0.1)
+    optimizer_step(parameters, optimizer, max_grad_norm=None)
+    for old, new in zip(before, model.parameters()):
+        decayed = old * (1 - optimizer.defaults["lr"] * group_of(optimizer, new)["weight_decay"])
+        torch.testing.assert_close(decayed - new.detach(), torch.full_like(old, optimizer.defaults["lr"]),
+                                   rtol=1e-4, atol=1e-6)

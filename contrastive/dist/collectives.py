@@ -2,6 +2,11 @@
 
 `LocalCollectives` is the one-process case (every operation is the identity), `ProcessGroupCollectives` runs
 on the default torch.distributed process group. Both present the same interface, so losses stay pure maths.
+
+Every tensor handed to a collective lives on the group's `device`: nccl takes only CUDA tensors, so a CPU tensor
+that works under gloo stops a GPU run at its first step. Callers create their tensors there; the reductions
+refuse any other device with a message naming it, on every backend, so CPU tests catch what nccl would.
+Object collectives pickle through whatever device the group picks for them (CPU under `cpu:gloo,cuda:nccl`).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import torch.distributed as dist
 class Collectives(Protocol):
     rank: int
     world_size: int
+    device: torch.device  # where tensors handed to these collectives must live
 
     def all_gather_with_grad(self, tensor: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's (B, ...) tensor along dim 0 into (world_size * B, ...), differentiably."""
@@ -44,6 +50,9 @@ class Collectives(Protocol):
 class LocalCollectives:
     rank = 0
     world_size = 1
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
 
     def all_gather_with_grad(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
@@ -93,11 +102,12 @@ class _AllGatherWithGrad(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
         world_size, rank = dist.get_world_size(), dist.get_rank()
         grad_output = grad_output.contiguous()
-        if dist.get_backend() == "nccl":
+        # By the tensor's device, not the backend's name: a `cpu:gloo,cuda:nccl` group names both.
+        if grad_output.device.type != "cpu":
             local = grad_output.new_empty((grad_output.shape[0] // world_size, *grad_output.shape[1:]))
             _reduce_scatter_single(local, grad_output)
             return local
-        dist.all_reduce(grad_output)  # gloo has no reduce-scatter
+        dist.all_reduce(grad_output)  # gloo before torch 2.12 has no reduce-scatter
         return grad_output.chunk(world_size)[rank].clone()
 
 
@@ -157,26 +167,36 @@ class _RingExchangeWithGrad(torch.autograd.Function):
 
 
 class ProcessGroupCollectives:
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | str) -> None:
         if not dist.is_initialized():
             raise RuntimeError("ProcessGroupCollectives needs an initialised default process group")
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
+        self.device = torch.device(device)
+
+    def _require_group_device(self, tensor: torch.Tensor, operation: str) -> None:
+        if tensor.device.type != self.device.type:
+            raise RuntimeError(f"{operation} got a tensor on {tensor.device}; this process group's collectives take "
+                               f"tensors on {self.device}")
 
     def all_gather_with_grad(self, tensor: torch.Tensor) -> torch.Tensor:
+        self._require_group_device(tensor, "all_gather_with_grad")
         return _AllGatherWithGrad.apply(tensor)
 
     def ring_exchange_with_grad(
         self, to_next: torch.Tensor, to_previous: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self._require_group_device(to_next, "ring_exchange_with_grad")
         return _RingExchangeWithGrad.apply(to_next, to_previous)
 
     def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        self._require_group_device(tensor, "all_reduce_mean")
         reduced = tensor.detach().clone()
         dist.all_reduce(reduced)
         return reduced / self.world_size
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        self._require_group_device(tensor, "all_reduce_sum")
         reduced = tensor.detach().clone()
         dist.all_reduce(reduced)
         return reduced

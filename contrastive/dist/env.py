@@ -57,7 +57,9 @@ def _rendezvous_store(timeout: datetime.timedelta) -> dist.Store:
 def init_distributed(device: str = "auto", backend: str = "auto", timeout_minutes: float = 30.0) -> DistEnv:
     """Join the torchrun process group if there is one; otherwise describe a single process.
 
-    ``device="auto"`` picks CUDA when present, else CPU; ``backend="auto"`` pairs nccl with CUDA and gloo with CPU.
+    ``device="auto"`` picks CUDA when present, else CPU. ``backend="auto"`` is gloo on CPU and, on CUDA, nccl for
+    CUDA tensors with gloo beside it for CPU tensors (``cpu:gloo,cuda:nccl``): object collectives (data positions,
+    RNG states, evaluation results) then pickle through host memory instead of round trips to the GPU.
     """
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
@@ -76,7 +78,7 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_minute
         raise ValueError(f"dist.device must be auto, cpu or cuda, got {device!r}")
 
     if backend == "auto":
-        backend = "nccl" if torch_device.type == "cuda" else "gloo"
+        backend = "cpu:gloo,cuda:nccl" if torch_device.type == "cuda" else "gloo"
     if world_size > 1 and not dist.is_initialized():
         timeout = datetime.timedelta(minutes=timeout_minutes)
         dist.init_process_group(
@@ -88,9 +90,9 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_minute
             device_id=torch_device if torch_device.type == "cuda" else None,
         )
     if world_size > 1:
-        collectives: Collectives = ProcessGroupCollectives()
+        collectives: Collectives = ProcessGroupCollectives(torch_device)
     else:
-        collectives = LocalCollectives()
+        collectives = LocalCollectives(torch_device)
         backend = None
     num_nodes = max(1, world_size // max(1, local_world_size))
     return DistEnv(

@@ -19,7 +19,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from contrastive.dist.env import DistEnv
@@ -64,11 +65,13 @@ def _checkpoint_blocks(model: nn.Module, blocks: list[nn.Module]) -> list[nn.Mod
 
 
 def parallelize(model: nn.Module, env: DistEnv, strategy: str = "ddp", activation_checkpointing: bool = False,
-                compile_blocks: bool = False) -> nn.Module:
+                compile_blocks: bool = False, bf16: bool = False) -> nn.Module:
     """Prepare `model` (already on env.device) for training; returns the module to call in the training step.
 
     The optimiser must be built from `model` afterwards: FSDP turns its parameters into sharded DTensors in place.
     Compile works per block, so identical blocks share one compiled graph and FSDP's hooks stay outside it.
+    With `bf16`, FSDP gathers bf16 copies of its fp32 shards and computes in them, and reduces gradients in fp32
+    (the trainer then needs no autocast); DDP and a single process leave precision to the trainer's autocast.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"dist.strategy={strategy!r} is not one of {', '.join(STRATEGIES)}")
@@ -93,9 +96,12 @@ def parallelize(model: nn.Module, env: DistEnv, strategy: str = "ddp", activatio
                 parameter.register_post_accumulate_grad_hook(average_gradient)
         # Ranks initialised their weights from different seeds; like DDP, start all of them from rank 0's.
         initial = {k: v.detach().clone() for k, v in model.state_dict().items()} if env.rank == 0 else {}
+        precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+            MixedPrecisionPolicy()
         for block in blocks:
-            fully_shard(block, ignored_params=scalars)
-        fully_shard(model, ignored_params=scalars)  # the root: embeddings, projections, final norms
+            fully_shard(block, ignored_params=scalars, mp_policy=precision)
+        # The root: embeddings, projections, final norms; it also casts the images to bf16 on the way in.
+        fully_shard(model, ignored_params=scalars, mp_policy=precision)
         set_model_state_dict(model, initial, options=_FROM_RANK0)
         return model
     device_ids = [env.device.index] if env.device.type == "cuda" else None
@@ -104,6 +110,12 @@ def parallelize(model: nn.Module, env: DistEnv, strategy: str = "ddp", activatio
 
 def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
+
+
+def replicated(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole value of a reduction over sharded tensors (e.g. FSDP's gradient norm): an all-reduce on the
+    device, no host sync. Plain tensors come back as they are."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:

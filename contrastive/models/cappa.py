@@ -151,7 +151,7 @@ class CapPaModel(nn.Module):
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         pooled, _ = self.visual(images)  # (B, D)
-        return F.normalize(pooled, dim=-1) if normalize else pooled
+        return F.normalize(pooled.float(), dim=-1) if normalize else pooled  # fp32, as in two_tower
 
     def encode_image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """(B, N, D): every patch token, the memory the decoder cross-attends to."""

@@ -97,8 +97,8 @@ class CoCaModel(nn.Module):
         _, targets = shift_captions(tokens)
         logits = self.coca.text_decoder(image_tokens, token_states[:, :-1])  # (B, L-1, V)
         return ModelOutput(
-            image_features=F.normalize(image_features, dim=-1),
-            text_features=F.normalize(text_features, dim=-1),
+            image_features=F.normalize(image_features.float(), dim=-1),  # fp32, as in two_tower
+            text_features=F.normalize(text_features.float(), dim=-1),
             logit_scale=self.logit_scale(),
             caption_logits=logits,
             caption_targets=targets,

@@ -43,11 +43,12 @@ class TwoTowerModel(nn.Module):
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         features = self.clip.encode_image(images)  # (B, D)
-        return F.normalize(features, dim=-1) if normalize else features
+        # In fp32: bf16 keeps ~3 digits, and an error of 0.004 in a cosine is 0.4 in a logit at temperature 100.
+        return F.normalize(features.float(), dim=-1) if normalize else features
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         features = self.clip.encode_text(tokens)  # (B, D)
-        return F.normalize(features, dim=-1) if normalize else features
+        return F.normalize(features.float(), dim=-1) if normalize else features
 
     def logit_scale(self) -> torch.Tensor:
         # Clamping the log-parameter in the forward pass zeroes its gradient at the cap, so it stays there.

@@ -12,6 +12,9 @@ finite-run plans stay in units of steps; splitting into micro-batches happens he
   re-runs each micro-batch with a graph and backpropagates those gradients. The gradients equal one step on the
   whole batch; memory is one micro-batch's activations plus the (B, D) features. Pass 2 replays pass 1's RNG
   state per micro-batch, so random model parts (patch dropout) draw the same values in both passes.
+
+Precision: the towers run under `autocast` (bf16 when trainer.precision asks for it); the objective always runs
+outside it, on fp32 outputs, so logits, the temperature, the bias and the loss itself are fp32.
 """
 
 from __future__ import annotations
@@ -77,7 +80,8 @@ class _Step:
 class SingleBatch(_Step):
     def __call__(self, batch: Batch) -> LossOutput:
         with self.autocast():
-            result = self.objective(self.model(batch.images, batch.tokens), batch, self.collectives)
+            output = self.model(batch.images, batch.tokens)
+        result = self.objective(output.to_float32(), batch, self.collectives)
         result.loss.backward()
         return result
 
@@ -90,8 +94,10 @@ class SummedMicroBatches(_Step):
         results = []
         parts = micro_batches(batch, self.steps)
         for index, part in enumerate(parts):
-            with gradient_sync(self.model, enabled=index == len(parts) - 1), self.autocast():
-                result = self.objective(self.model(part.images, part.tokens), part, self.collectives)
+            with gradient_sync(self.model, enabled=index == len(parts) - 1):
+                with self.autocast():
+                    output = self.model(part.images, part.tokens)
+                result = self.objective(output.to_float32(), part, self.collectives)
                 (result.loss / self.steps).backward()
             results.append(result)
         return LossOutput(
@@ -130,8 +136,7 @@ class FeatureCache(_Step):
         for tensor in leaves.values():
             tensor.requires_grad_(True)
         # The loss over the whole local batch, and its gradients with respect to the cached outputs.
-        with self.autocast():
-            result = self.objective(cached, batch, self.collectives)
+        result = self.objective(cached, batch, self.collectives)
         result.loss.backward()
         # Pass 2: each micro-batch again, with a graph, backpropagating its slice of the cached gradients. The
         # shared scale and bias get 1/K of theirs each time, so every parameter takes part in every backward.
@@ -145,7 +150,8 @@ class FeatureCache(_Step):
                 tensors, grads = [], []
                 for name, leaf in leaves.items():
                     tensors.append(getattr(output, name))
-                    grads.append(leaf.grad[rows] if name in PER_EXAMPLE_FIELDS else leaf.grad / self.steps)
+                    grad = leaf.grad[rows] if name in PER_EXAMPLE_FIELDS else leaf.grad / self.steps
+                    grads.append(grad.to(tensors[-1].dtype))
                 torch.autograd.backward(tensors, grads)
         _set_rng_states(rng_after, device)
         return LossOutput(loss=result.loss.detach(), metrics=result.metrics)
@@ -158,9 +164,9 @@ class FeatureCache(_Step):
             if parts[0] is None:
                 continue
             if field.name in PER_EXAMPLE_FIELDS:
-                values[field.name] = torch.cat(parts).detach()
+                values[field.name] = torch.cat(parts).detach().float()
             elif field.name in SHARED_FIELDS:
-                values[field.name] = parts[0].detach().clone()
+                values[field.name] = parts[0].detach().float().clone()
             else:
                 raise ValueError(f"the feature cache cannot hold ModelOutput.{field.name}: it fits objectives that "
                                  f"score features only ({', '.join(FEATURE_CACHE_LOSSES)})")

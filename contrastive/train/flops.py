@@ -29,7 +29,8 @@ def flops_per_sample(model: nn.Module, objective: Objective, batch: Batch, sampl
     with torch.random.fork_rng(devices=[batch.images.device] if batch.images.device.type == "cuda" else []):
         with FlopCounterMode(display=False) as counter:
             with autocast():
-                result = objective(model(part.images, part.tokens), part, LocalCollectives())
+                output = model(part.images, part.tokens)
+            result = objective(output.to_float32(), part, LocalCollectives(batch.images.device))
             result.loss.backward()
     for parameter, grad in saved_grads.items():
         parameter.grad = grad

@@ -7,13 +7,13 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
-
 from contrastive.config import OptimConfig
+from contrastive.dist.parallel import replicated
 
 NO_DECAY_NAME_PARTS = ("logit_scale", "logit_bias", "bias", "norm", "ln_", ".ln", "bn")
 
@@ -71,23 +71,80 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         raise ValueError(f"optim.optimizer={cfg.optimizer} rejected its arguments {kwargs}: {error}") from error
 
 
+def skips_without_host_sync(optimizer: torch.optim.Optimizer) -> bool:
+    """Fused optimisers read a clip divisor and a skip flag as device tensors (what torch's GradScaler hands them)."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
+        group.get("fused") for group in optimizer.param_groups)
+
+
 def optimizer_step(parameters: Iterable[nn.Parameter], optimizer: torch.optim.Optimizer,
-                   max_grad_norm: float | None) -> tuple[torch.Tensor, bool]:
+                   max_grad_norm: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Clip the gradients to max_grad_norm, step only if all of them are finite, then clear them.
 
-    Returns the total gradient norm before clipping and whether the step was taken. With gradients already reduced
-    across ranks every rank sees the same norm, so all of them take the same branch.
+    Returns the total gradient norm before clipping and whether the step was taken, both as 0-d device tensors:
+    with a fused optimiser (`optim.implementation=auto` picks one for AdamW, Adam and SGD) nothing here waits for
+    the device. The kernel divides every gradient by max(1, norm / max_grad_norm) as it reads it, so clipping
+    costs no extra pass, and a non-finite norm raises its skip flag, which leaves weights, moments and step
+    counts as they were. Other optimisers get the same results with one host sync per step. With gradients
+    already reduced across ranks every rank sees the same norm, so all of them take the same branch.
     """
     with_grad = [p for p in parameters if p.grad is not None]
     norm = torch.nn.utils.get_total_norm([p.grad for p in with_grad])
-    full_norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
-    finite = bool(torch.isfinite(full_norm))
-    if finite and max_grad_norm is not None and full_norm > max_grad_norm:  # scaling is a pass over every gradient
-        torch.nn.utils.clip_grads_with_norm_(with_grad, max_grad_norm, norm)
-    if finite:
+    full_norm = replicated(norm)
+    finite = torch.isfinite(full_norm)
+    if skips_without_host_sync(optimizer):
+        optimizer.found_inf = (~finite).float()
+        if max_grad_norm is not None:
+            optimizer.grad_scale = (full_norm.float() / max_grad_norm).clamp(min=1.0)
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+            if max_grad_norm is not None:
+                del optimizer.grad_scale
+    elif bool(finite):
+        if max_grad_norm is not None and full_norm > max_grad_norm:  # scaling is a pass over every gradient
+            torch.nn.utils.clip_grads_with_norm_(with_grad, max_grad_norm, norm)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return full_norm, finite
+
+
+@dataclass(frozen=True)
+class NonfiniteReport:
+    skipped: int  # steps skipped since the previous read
+    longest_run: int  # the longest run of consecutive skipped steps seen since the previous read
+    ongoing_run: int  # skipped steps in a row up to now
+
+
+class NonfiniteSteps:
+    """Steps skipped for a non-finite loss or gradients, counted on the device so that no step waits to know."""
+
+    def __init__(self, device: torch.device) -> None:
+        zero = torch.zeros((), dtype=torch.int64, device=device)
+        self.total_on_device, self.ongoing_run, self.longest_run = zero.clone(), zero.clone(), zero.clone()
+        self.total = 0  # as of the last read
+
+    def record(self, stepped: torch.Tensor) -> None:
+        skipped = (~stepped).long()
+        self.total_on_device += skipped
+        self.ongoing_run = (self.ongoing_run + 1) * skipped
+        self.longest_run = torch.maximum(self.longest_run, self.ongoing_run)
+
+    def counters(self) -> torch.Tensor:
+        """(3,) float: total, ongoing run, longest run; for the caller to bring to the host with its other values."""
+        return torch.stack([self.total_on_device, self.ongoing_run, self.longest_run]).float()
+
+    def read(self, counters: list[float]) -> NonfiniteReport:
+        """Take the host values of `counters()`; the next longest run starts from the ongoing one."""
+        total, ongoing, longest = (int(value) for value in counters)
+        report = NonfiniteReport(skipped=total - self.total, longest_run=longest, ongoing_run=ongoing)
+        self.total = total
+        self.longest_run = self.ongoing_run.clone()
+        return report
+
+    def read_total(self) -> int:
+        return int(self.total_on_device)
 
 
 def lr_multiplier(step: int, cfg: OptimConfig, max_steps: int) -> float:

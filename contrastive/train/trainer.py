@@ -32,7 +32,8 @@ from contrastive.train.accumulation import build_forward_backward
 from contrastive.train.flops import flops_per_sample, throughput_metrics
 from contrastive.train.host_memory import reuse_freed_host_memory
 from contrastive.train.metrics import MetricsLogger
-from contrastive.train.optim import build_optimizer, build_scheduler, optimizer_step
+from contrastive.train.optim import (NonfiniteReport, NonfiniteSteps, build_optimizer, build_scheduler,
+                                     optimizer_step)
 
 log = logging.getLogger(__name__)
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SIGUSR1: SLURM's --signal warning before the time limit
@@ -96,8 +97,10 @@ class Trainer:
         self.model = build_model(cfg.model).to(self.env.device)
         apply_locks(self.model, cfg.lock)  # before the wrap and the optimiser, which keep only trainable parameters
         self.tokenizer = build_tokenizer(cfg.model)
+        self.bf16 = cfg.trainer.precision == "bf16" or (cfg.trainer.precision == "auto"
+                                                        and self.env.device.type == "cuda")
         self.parallel_model = parallelize(self.model, self.env, cfg.dist.strategy, cfg.dist.activation_checkpointing,
-                                          cfg.trainer.compile)
+                                          cfg.trainer.compile, bf16=self.bf16)
         self.objective = build_loss(cfg.loss)
         self.forward_backward = build_forward_backward(self.parallel_model, self.objective, cfg.loss.name,
                                                        self.env.collectives, cfg.trainer.accumulation_steps,
@@ -126,71 +129,71 @@ class Trainer:
         )
 
     def _autocast(self):
-        precision = self.cfg.trainer.precision
-        use_bf16 = precision == "bf16" or (precision == "auto" and self.env.device.type == "cuda")
-        return torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+        # Sharded towers already compute in bf16 under FSDP's mixed-precision policy; weights stay fp32 either way.
+        enabled = self.bf16 and not is_sharded(self.model)
+        return torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def _catch_preemption(self) -> None:
         self.preemption_requested = False
 
         def request_stop(signum, frame) -> None:
-            log.warning("rank %d received %s: checkpointing at the next step boundary", self.env.rank,
+            log.warning("rank %d received %s: checkpointing at the next log step", self.env.rank,
                         signal.Signals(signum).name)
             self.preemption_requested = True
 
-        for signum in PREEMPTION_SIGNALS:
-            signal.signal(signum, request_stop)
+        self._previous_handlers = {signum: signal.signal(signum, request_stop) for signum in PREEMPTION_SIGNALS}
 
-    def _preempted(self) -> bool:
-        """True on every rank once any rank was signalled, so all of them stop at the same step."""
-        flag = torch.tensor(float(self.preemption_requested))
-        return bool(self.env.collectives.all_reduce_sum(flag) > 0)
+    def _restore_signal_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
 
     def train(self) -> TrainResult:
+        """The loop. Nothing in a step waits for the device except at log steps (every trainer.log_every): there one
+        all-reduce brings the metrics, the skip counts and any rank's preemption request, and the non-finite
+        counters are read. So every rank stops for preemption at the same step, and a run of non-finite steps is
+        noticed at the log step that follows it."""
         cfg, env = self.cfg, self.env
-        local_batch = cfg.data.batch_size // env.world_size
         batches = iter(self.loader)
-        metrics: dict[str, float] = {}
-        nonfinite_in_a_row = nonfinite_total = 0
+        self.nonfinite = NonfiniteSteps(env.device)
         self._catch_preemption()
-        window_start, window_samples = time.perf_counter(), 0
-        while self.step < cfg.trainer.max_steps:
-            batch = next(batches).to(env.device)
-            self.data_positions[batch.stream_state["worker"]] = batch.stream_state
-            result = self.forward_backward(batch)
-            grad_norm, stepped = optimizer_step(self.model.parameters(), self.optimizer, cfg.optim.grad_clip_norm)
-            if stepped:
-                nonfinite_in_a_row = 0
-            else:
-                nonfinite_in_a_row += 1
-                nonfinite_total += 1
-                self._on_nonfinite(result, nonfinite_in_a_row)
-            self.scheduler.step()
-            self.step += 1
-            window_samples += local_batch * env.world_size
-            self.logger.advance()
-
-            if self.step % cfg.trainer.log_every == 0 or self.step == cfg.trainer.max_steps:
-                elapsed = time.perf_counter() - window_start
-                metrics = self._reduce_metrics(result, grad_norm, batch)
-                metrics["samples_per_second"] = window_samples / max(elapsed, 1e-9)
-                metrics.update(self._throughput(batch, metrics["samples_per_second"]))
-                metrics["nonfinite_steps_skipped"] = float(nonfinite_total)
-                self.logger.log(self.step, metrics)
-                window_start, window_samples = time.perf_counter(), 0
-            if self.step % cfg.trainer.checkpoint_every == 0 or self.step == cfg.trainer.max_steps:
-                self.save()
-            if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < cfg.trainer.max_steps:
-                self.evaluate()
-            if self._preempted():
-                self.save()
-                self.logger.close()
-                log.warning("stopped for preemption at step %d; resume=latest continues from here", self.step)
-                return TrainResult(self.step, metrics.get("loss"), {}, preempted=True,
-                                   nonfinite_steps_skipped=nonfinite_total)
-        eval_metrics = self.evaluate() if cfg.eval.at_end else {}
+        self._window = (time.perf_counter(), self.step)
+        preempted, metrics = False, {}
+        try:
+            while self.step < cfg.trainer.max_steps and not preempted:
+                batch = next(batches).to(env.device)
+                self.data_positions[batch.stream_state["worker"]] = batch.stream_state
+                result = self.forward_backward(batch)
+                grad_norm, stepped = optimizer_step(self.model.parameters(), self.optimizer, cfg.optim.grad_clip_norm)
+                self.nonfinite.record(stepped)
+                self.scheduler.step()
+                self.step += 1
+                self.logger.advance()
+                if self.step % cfg.trainer.log_every == 0 or self.step == cfg.trainer.max_steps:
+                    metrics, preempted = self._log(result, grad_norm, batch)
+                if self.step % cfg.trainer.checkpoint_every == 0 or self.step == cfg.trainer.max_steps or preempted:
+                    self.save()
+                if (cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < cfg.trainer.max_steps
+                        and not preempted):
+                    self.evaluate()
+        finally:
+            self._restore_signal_handlers()
+        if preempted:
+            log.warning("stopped for preemption at step %d; resume=latest continues from here", self.step)
+        eval_metrics = self.evaluate() if cfg.eval.at_end and not preempted else {}
         self.logger.close()
-        return TrainResult(self.step, metrics.get("loss"), eval_metrics, nonfinite_steps_skipped=nonfinite_total)
+        return TrainResult(self.step, metrics.get("loss"), eval_metrics, preempted=preempted,
+                           nonfinite_steps_skipped=self.nonfinite.read_total())
+
+    def _log(self, result, grad_norm: torch.Tensor, batch) -> tuple[dict[str, float], bool]:
+        """Log the metrics of the steps since the previous log step; returns them and whether any rank must stop."""
+        window_start, window_first_step = self._window
+        metrics, preempted = self._log_step_reduction(result, grad_norm, self.nonfinite)
+        elapsed = time.perf_counter() - window_start  # after the reduction: its host sync ends the window's work
+        metrics["samples_per_second"] = (self.step - window_first_step) * self.cfg.data.batch_size / max(elapsed, 1e-9)
+        metrics.update(self._throughput(batch, metrics["samples_per_second"]))
+        self.logger.log(self.step, metrics)
+        self._window = (time.perf_counter(), self.step)
+        return metrics, preempted
 
     def _throughput(self, batch, samples_per_second: float) -> dict[str, float]:
         if self.flops_per_sample is None:  # counted once, on the model as built
@@ -198,29 +201,48 @@ class Trainer:
         return throughput_metrics(self.flops_per_sample, samples_per_second, self.env.world_size,
                                   self.cfg.trainer.peak_flops_per_device)
 
-    def _on_nonfinite(self, result, in_a_row: int) -> None:
-        log.warning("step %d: non-finite loss or gradients (loss=%s); step skipped", self.step, result.loss.item())
-        if in_a_row >= self.cfg.trainer.max_nonfinite_steps:
-            last = ckpt.list_checkpoints(self.run_dir)
-            raise FloatingPointError(
-                f"{in_a_row} non-finite steps in a row ending at step {self.step} "
-                f"(loss terms: { {k: float(v) for k, v in result.metrics.items()} }); "
-                f"last good checkpoint: {last[-1][1] if last else 'none'}"
-            )
+    def _log_step_reduction(self, result, grad_norm: torch.Tensor,
+                            nonfinite: NonfiniteSteps) -> tuple[dict[str, float], bool]:
+        """(metrics, whether any rank asked to stop): one all-reduce and one host sync for everything a log step needs.
 
-    def _reduce_metrics(self, result, grad_norm: torch.Tensor, batch) -> dict[str, float]:
+        Loss terms are averaged over ranks; skip counts (every logical worker's latest, since a batch carries only
+        its own worker's) and preemption requests are summed. The gradient norm and the non-finite counters are the
+        same on every rank.
+        """
         names = ["loss", *result.metrics]
-        values = torch.stack([result.loss.detach().float(), *(v.float() for v in result.metrics.values())])
-        values = self.env.collectives.all_reduce_mean(values)
-        metrics = {name: float(value) for name, value in zip(names, values)}
-        # Every logical worker's latest counts (a batch carries only its own worker's), summed over ranks.
-        skipped = [float(sum(p["skipped"].get(reason, 0) for p in self.data_positions.values())) for reason in SKIP_REASONS]
-        skipped = self.env.collectives.all_reduce_sum(torch.tensor(skipped))
-        metrics["data_skipped_samples"] = float(skipped.sum())
-        metrics.update({f"data_skipped/{reason}": float(count) for reason, count in zip(SKIP_REASONS, skipped) if count})
-        metrics["grad_norm"] = float(grad_norm)
+        terms = torch.stack([result.loss.detach().float(), *(v.detach().float() for v in result.metrics.values())])
+        skipped = [float(sum(p["skipped"].get(reason, 0) for p in self.data_positions.values()))
+                   for reason in SKIP_REASONS]
+        counts = torch.tensor([*skipped, float(self.preemption_requested)], device=self.env.device)
+        summed = self.env.collectives.all_reduce_sum(torch.cat([terms, counts]))
+        values = torch.cat([summed, grad_norm.detach().float().reshape(1), nonfinite.counters()]).tolist()
+        terms_sum, values = values[:len(names)], values[len(names):]
+        skipped_sum, values = values[:len(SKIP_REASONS)], values[len(SKIP_REASONS):]
+        preemption_requests, grad_norm_value, *counters = values
+        self._check_nonfinite(nonfinite.read(counters), result)
+        metrics = {name: total / self.env.world_size for name, total in zip(names, terms_sum)}
+        metrics["data_skipped_samples"] = sum(skipped_sum)
+        metrics.update({f"data_skipped/{reason}": count for reason, count in zip(SKIP_REASONS, skipped_sum) if count})
+        metrics["grad_norm"] = grad_norm_value
         metrics["lr"] = self.scheduler.get_last_lr()[0]
-        return metrics
+        metrics["nonfinite_steps_skipped"] = float(nonfinite.total)
+        return metrics, preemption_requests > 0
+
+    def _check_nonfinite(self, since_last_read: NonfiniteReport, result) -> None:
+        if since_last_read.skipped:
+            log.warning("%d step(s) up to step %d skipped for a non-finite loss or gradients (loss=%s)",
+                        since_last_read.skipped, self.step, float(result.loss.detach()))
+        if since_last_read.longest_run < self.cfg.trainer.max_nonfinite_steps:
+            return
+        last_step = self.step - 1
+        where = f"ending at step {last_step}" if since_last_read.ongoing_run == since_last_read.longest_run \
+            else f"before step {last_step}"
+        last = ckpt.list_checkpoints(self.run_dir)
+        raise FloatingPointError(
+            f"{since_last_read.longest_run} non-finite steps in a row {where} "
+            f"(loss terms: { {k: float(v) for k, v in result.metrics.items()} }); "
+            f"last good checkpoint: {last[-1][1] if last else 'none'}"
+        )
 
     def evaluate(self) -> dict[str, float]:
         metrics: dict[str, float] = {}
