@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import torch
 from contrastive.train import checkpoint as ckpt
 from contrastive.train.trainer import Trainer
 from contrastive.types import LossOutput
-from tests.conftest import REPO, compose_config, free_port, tiny_run_overrides, torchrun
+from tests.conftest import compose_config, running, stop, tiny_run_overrides, torchrun, torchrun_command
 
 TRAIN = ["-m", "contrastive.cli.train"]
 WRITER = """
@@ -34,15 +35,14 @@ def _state(step: int) -> dict:
 
 def test_checkpoint_write_killed_halfway_leaves_the_previous_one(tmp_path):
     ckpt.save_checkpoint(_state(2), ckpt.checkpoint_path(tmp_path, 2), keep_last=5)
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(ckpt.checkpoint_path(tmp_path, 4))], cwd=REPO)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        partial = list(ckpt.checkpoint_dir(tmp_path).glob(".step_*.tmp"))
-        if partial and partial[0].stat().st_size > 50_000_000:
-            break
-        time.sleep(0.01)
-    writer.kill()
-    writer.wait()
+    with running([sys.executable, "-c", WRITER, str(ckpt.checkpoint_path(tmp_path, 4))]) as writer:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            partial = list(ckpt.checkpoint_dir(tmp_path).glob(".step_*.tmp"))
+            if partial and partial[0].stat().st_size > 50_000_000:
+                break
+            time.sleep(0.01)
+        stop(writer, grace=0)
     assert [step for step, _ in ckpt.list_checkpoints(tmp_path)] == [2]
     assert ckpt.load_resume_state("latest", tmp_path)[1]["step"] == 2
     assert ckpt.remove_partial_writes(tmp_path), "the half-written file is found and removed"
@@ -141,47 +141,67 @@ def test_a_run_of_nans_stops_with_a_clear_error(demo_root, tmp_path):
     assert "contrastive_loss" in message and "step_00000006.pt" in message
 
 
-def _workers_of(agent_pid: int) -> list[int]:
-    children = []
+def _workers_of(agent_pid: int) -> dict[int, int]:
+    """rank -> pid of the torchrun agent's worker processes."""
+    workers = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                environ = (entry / "environ").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if int(fields[1]) == agent_pid:
-                children.append(int(entry.name))
-    return children
+            rank = [item[len(b"RANK="):] for item in environ if item.startswith(b"RANK=")]
+            if int(fields[1]) == agent_pid and rank:
+                workers[int(rank[0])] = int(entry.name)
+    return workers
 
 
-def _launch(overrides: list[str], extra: list[str] = ()) -> subprocess.Popen:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               f"--master_port={free_port()}", *extra, *TRAIN, *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _launch(overrides: list[str], extra: list[str] = ()):
+    """A running 2-process training (a context manager); its output is piped."""
+    return running(torchrun_command([*TRAIN, *overrides], extra=list(extra)),
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for_checkpoint(run_dir: Path, step: int, process: subprocess.Popen) -> None:
+def _wait_for(ready, process: subprocess.Popen, what: str) -> None:
     deadline = time.time() + 600
-    while not any(s >= step for s, _ in ckpt.list_checkpoints(run_dir)):
+    while not ready():
         assert process.poll() is None, process.communicate()
-        assert time.time() < deadline, "no checkpoint in time"
+        assert time.time() < deadline, f"no {what} in time"
         time.sleep(0.02)
 
 
+def _wait_for_checkpoint(run_dir: Path, step: int, process: subprocess.Popen) -> None:
+    _wait_for(lambda: any(s >= step for s, _ in ckpt.list_checkpoints(run_dir)), process, f"step-{step} checkpoint")
+
+
+def _logged_steps(run_dir: Path) -> list[int]:
+    metrics = run_dir / "metrics.jsonl"
+    return [json.loads(line)["step"] for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+
+
 @pytest.mark.distributed
-def test_sigterm_checkpoints_and_exits_cleanly(demo_root, tmp_path):
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint(demo_root, tmp_path):
+    """Schedulers signal the tasks, not the launcher, and not always all of them at once: here only rank 1."""
     run_dir = tmp_path / "run"
-    process = _launch(tiny_run_overrides(demo_root, run_dir)
-                      + ["trainer.max_steps=100000", "trainer.checkpoint_every=2"])
-    _wait_for_checkpoint(run_dir, 2, process)
-    os.kill(_workers_of(process.pid)[0], signal.SIGTERM)  # SLURM signals the tasks, not the launcher
-    stdout, stderr = process.communicate(timeout=600)
+    overrides = tiny_run_overrides(demo_root, run_dir) + [
+        "trainer.max_steps=100000", "trainer.log_every=2", "trainer.checkpoint_every=100000"]
+    with _launch(overrides) as process:
+        _wait_for(lambda: _logged_steps(run_dir), process, "logged step")  # the loop runs: the handler is set
+        signalled_after = _logged_steps(run_dir)[-1]
+        os.kill(_workers_of(process.pid)[1], signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=120)  # ranks that disagree hang in a collective
     assert process.returncode == 0, stderr[-3000:]
-    assert "stopped for preemption" in stdout + stderr
-    final = ckpt.list_checkpoints(run_dir)[-1]
-    assert 2 < final[0] < 100000
-    assert ckpt.load_checkpoint(final[1])["step"] == final[0]
+
+    logs = {rank: (run_dir / f"train_rank{rank}.log").read_text() for rank in (0, 1)}
+    assert "rank 1 received SIGTERM" in logs[1] and "received SIGTERM" not in logs[0], "only rank 1 was signalled"
+    stopped_at = {rank: re.findall(r"stopped for preemption at step (\d+)", log) for rank, log in logs.items()}
+    assert stopped_at[0] == stopped_at[1] and len(stopped_at[0]) == 1, stopped_at
+    step = int(stopped_at[0][0])
+    assert signalled_after <= step < 100000
+    [(saved, path)] = ckpt.list_checkpoints(run_dir)  # checkpoint_every is never reached: this is the preemption's
+    assert saved == step and ckpt.load_checkpoint(path)["step"] == step
+    assert _logged_steps(run_dir)[-1] <= step
 
 
 @pytest.mark.distributed
@@ -198,10 +218,10 @@ def test_worker_killed_by_sigkill_is_restarted_by_torchrun_and_matches_an_uninte
               "data.num_workers=1"]
     torchrun([*TRAIN, *tiny_run_overrides(demo_root, tmp_path / "straight"), *common])
     run_dir = tmp_path / "restarted"
-    process = _launch(tiny_run_overrides(demo_root, run_dir) + common, extra=["--max-restarts=1"])
-    _wait_for_checkpoint(run_dir, 3, process)
-    os.kill(_workers_of(process.pid)[1], signal.SIGKILL)
-    stdout, stderr = process.communicate(timeout=900)  # generous: CI machines are shared
+    with _launch(tiny_run_overrides(demo_root, run_dir) + common, extra=["--max-restarts=1"]) as process:
+        _wait_for_checkpoint(run_dir, 3, process)
+        os.kill(_workers_of(process.pid)[1], signal.SIGKILL)
+        stdout, stderr = process.communicate(timeout=900)  # generous: CI machines are shared
     assert process.returncode == 0, stderr[-3000:]
     assert "resuming from" in stdout + stderr
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

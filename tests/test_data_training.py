@@ -4,8 +4,6 @@ in metrics.jsonl; `contrastive-data inspect` / `validate` report the same things
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from collections import Counter
 
@@ -13,7 +11,7 @@ import pytest
 
 from contrastive.cli.data import main as data_main
 from contrastive.data.shards import shards_for_slot
-from tests.conftest import REPO
+from tests.conftest import run
 from tests.data_factory import BAD_SAMPLES, bad_shard_set
 
 GOOD_PER_SHARD = 16
@@ -55,9 +53,7 @@ def test_bad_shard_set_trains_to_the_end_with_the_right_counts(tmp_path):
         f"data.sources.0.shards='{'::'.join(shards)}'", "data.resampled=false", "data.shuffle_buffer=0",
         "data.max_skip_fraction=0.5", f"trainer.max_steps={steps}", f"data.batch_size={batch}",
     ]
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-m", "contrastive.cli.train", *overrides], capture_output=True,
-                            text=True, timeout=300, cwd=REPO, env=env)
+    result = run([sys.executable, "-m", "contrastive.cli.train", *overrides], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == steps

@@ -7,8 +7,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -25,16 +23,14 @@ from contrastive.eval.evaluators import build_evaluators
 from contrastive.eval.loading import load_trained_model
 from contrastive.eval.zeroshot import ZeroShotClassification
 from contrastive.config import EvalConfig, RetrievalDatasetConfig, ZeroShotDatasetConfig
-from tests.conftest import REPO, tiny_run_overrides
+from tests.conftest import run, tiny_run_overrides
 
 
 @pytest.fixture(scope="module")
 def checkpoint_run(demo_root, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("eval_run") / "run"
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-m", "contrastive.cli.train", *tiny_run_overrides(demo_root, run_dir),
-                             "trainer.max_steps=6", "trainer.checkpoint_every=3"],
-                            capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    result = run([sys.executable, "-m", "contrastive.cli.train", *tiny_run_overrides(demo_root, run_dir),
+                  "trainer.max_steps=6", "trainer.checkpoint_every=3"], timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
 

@@ -5,8 +5,6 @@ checkpoint, and zero-shot top-1 is unchanged through CLIPVisionModelWithProjecti
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
 import open_clip
@@ -23,7 +21,7 @@ from contrastive.eval.zeroshot import ZeroShotClassification
 from contrastive.export import EXPORT_FORMATS, VisionEncoder, load_vision_encoder, preprocess_of
 from contrastive.export.transformers_format import build_hf_vision_model
 from contrastive.models import build_model, list_models
-from tests.conftest import REPO, tiny_run_overrides
+from tests.conftest import run, tiny_run_overrides
 from tests.export_models import (clip_style_config, randomized, registered_model_config, siglip_style_config,
                                  tiny_config)
 
@@ -166,9 +164,8 @@ class HFImageTower(nn.Module):
 @pytest.fixture(scope="module")
 def trained_run(demo_root, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("export") / "run"
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-m", "contrastive.cli.train", *tiny_run_overrides(demo_root, run_dir)],
-                            capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    result = run([sys.executable, "-m", "contrastive.cli.train", *tiny_run_overrides(demo_root, run_dir)],
+                 timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir / "zeroshot.json").write_text(json.dumps(
         {"dataset": "fashion-mnist", "task": "zeroshot_classification", "metrics": {"acc1": 0.25}}))

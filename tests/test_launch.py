@@ -10,13 +10,14 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 import torch
 
 from contrastive.train.checkpoint import list_checkpoints, load_checkpoint
-from tests.conftest import REPO, free_port, tiny_run_overrides
+from tests.conftest import REPO, free_port, running, tiny_run_overrides
 
 TRAIN = ["-m", "contrastive.cli.train"]
 COMMON = ["trainer.max_steps=6", "trainer.checkpoint_every=3", "trainer.deterministic=true", "data.num_workers=1"]
@@ -32,6 +33,11 @@ def _steps(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _start(command: list[str], env: dict[str, str]):
+    """A running launcher (a context manager: it and every process it started end with the block)."""
+    return running(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def _check(process: subprocess.Popen, timeout: float = 300) -> None:
     stdout, stderr = process.communicate(timeout=timeout)
     assert process.returncode == 0, f"{stdout[-3000:]}\n{stderr[-5000:]}"
@@ -40,17 +46,18 @@ def _check(process: subprocess.Popen, timeout: float = 300) -> None:
 @pytest.mark.distributed
 def test_two_nodes_with_c10d_rendezvous_match_one_node(demo_root, tmp_path):
     one_node, two_nodes = tmp_path / "one_node", tmp_path / "two_nodes"
-    _check(subprocess.Popen(["bash", "launch/torchrun.sh", *tiny_run_overrides(demo_root, one_node), *COMMON],
-                            cwd=REPO, env={**ENV, "NPROC": "2"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True))
+    with _start(["bash", "launch/torchrun.sh", *tiny_run_overrides(demo_root, one_node), *COMMON],
+                {**ENV, "NPROC": "2"}) as process:
+        _check(process)
     rendezvous = ["--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d", "--rdzv_id=two-nodes",
                   f"--rdzv_endpoint=127.0.0.1:{free_port()}"]
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *rendezvous, f"--node_rank={node}",
-                               *TRAIN, *tiny_run_overrides(demo_root, two_nodes), *COMMON],
-                              cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for node in (0, 1)]
-    for node in nodes:
-        _check(node)
+    with ExitStack() as stack:
+        nodes = [stack.enter_context(_start([sys.executable, "-m", "torch.distributed.run", *rendezvous,
+                                             f"--node_rank={node}", *TRAIN, *tiny_run_overrides(demo_root, two_nodes),
+                                             *COMMON], ENV))
+                 for node in (0, 1)]
+        for node in nodes:
+            _check(node)
 
     assert _steps(two_nodes) == _steps(one_node) == list(range(1, 7))
     assert {p.name for p in two_nodes.glob("train_rank*.log")} == {"train_rank0.log", "train_rank1.log"}
@@ -105,15 +112,14 @@ def test_slurm_time_limit_warning_checkpoints_requeues_and_the_requeued_job_fini
     overrides = [*tiny_run_overrides(demo_root, run_dir), f"trainer.max_steps={max_steps}",
                  "trainer.checkpoint_every=1000", "trainer.log_every=1", "data.num_workers=1"]
     env = _fake_slurm(fake)
-    job = subprocess.Popen(["bash", "launch/slurm.sbatch", *overrides], cwd=REPO, env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 600
-    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
-        assert job.poll() is None, job.communicate()
-        time.sleep(0.05)
-    job.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@120` does before the time limit
-    _check(job)
+    with _start(["bash", "launch/slurm.sbatch", *overrides], env) as job:
+        metrics = run_dir / "metrics.jsonl"
+        deadline = time.time() + 600
+        while not (metrics.is_file() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
+            assert job.poll() is None, job.communicate()
+            time.sleep(0.05)
+        job.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@120` does before the time limit
+        _check(job)
 
     assert (fake / "requeued").read_text().split() == ["4242"]
     [(stopped_at, _)] = list_checkpoints(run_dir)
@@ -121,8 +127,7 @@ def test_slurm_time_limit_warning_checkpoints_requeues_and_the_requeued_job_fini
     assert _steps(run_dir)[-1] == stopped_at
 
     (fake / "tasks").unlink()
-    _check(subprocess.Popen(["bash", "launch/slurm.sbatch", *overrides], cwd=REPO,
-                            env={**env, "MASTER_PORT": str(free_port())},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    with _start(["bash", "launch/slurm.sbatch", *overrides], {**env, "MASTER_PORT": str(free_port())}) as job:
+        _check(job)
     assert _steps(run_dir) == list(range(1, max_steps + 1))
     assert (fake / "requeued").read_text().split() == ["4242"], "a finished run is not requeued"

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +12,7 @@ import pytest
 import torch
 
 from contrastive.train.checkpoint import list_checkpoints, load_checkpoint
-from tests.conftest import REPO, free_port, tiny_run_overrides, torchrun
+from tests.conftest import run, running, stop, tiny_run_overrides, torchrun, torchrun_command
 
 TRAIN = ["-m", "contrastive.cli.train"]
 
@@ -28,9 +26,7 @@ def _losses(run_dir: Path) -> list[float]:
 
 
 def _train_one_process(overrides: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, *TRAIN, *overrides], capture_output=True, text=True, timeout=timeout,
-                          cwd=REPO, env=env)
+    return run([sys.executable, *TRAIN, *overrides], timeout=timeout)
 
 
 def test_one_process_debug_run_writes_metrics_and_checkpoints(demo_root, tmp_path):
@@ -89,17 +85,12 @@ def test_kill_and_resume_matches_uninterrupted_run(demo_root, tmp_path, num_work
     torchrun([*TRAIN, *tiny_run_overrides(demo_root, straight_dir), *common], nproc=2)
 
     overrides = [*TRAIN, *tiny_run_overrides(demo_root, resumed_dir), *common]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               f"--master_port={free_port()}", *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-    deadline = time.time() + 600
-    while not any(step == 3 for step, _ in list_checkpoints(resumed_dir)) and time.time() < deadline:
-        assert process.poll() in (None, 0)
-        time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    with running(torchrun_command(overrides), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as process:
+        deadline = time.time() + 600
+        while not any(step == 3 for step, _ in list_checkpoints(resumed_dir)) and time.time() < deadline:
+            assert process.poll() in (None, 0)
+            time.sleep(0.02)
+        stop(process, grace=0)  # SIGKILL the launcher and both workers (they run in sessions of their own)
     for step, path in list_checkpoints(resumed_dir):  # as if the crash came right after the step-3 checkpoint
         if step > 3:
             path.unlink()
