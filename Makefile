@@ -1,13 +1,26 @@
 # Two commands for a new user: `make demo` (demo data -> 2-process training -> zero-shot eval) and `make test`.
+# On a CUDA machine, `make gpu-check` (benchmarks/gpu_check.py; GPU_CHECK_ARGS="--device cpu" for the CPU smoke run).
 VENV ?= .venv
 PYTHON ?= python3
+GPU_CHECK_ARGS ?=
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 NPROC ?= 2
 DEMO_DATA ?= data/demo/fashion-mnist
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 BIN := $(VENV)/bin
 
-.PHONY: setup fashion-mnist demo demo-data test test-fast clean-demo
+.PHONY: setup fashion-mnist demo demo-data test test-fast clean-demo gpu-check
+
+# PYTHON names the interpreter that creates the venv. Given on the command line to `make gpu-check`, it is instead
+# the environment to check as it is (e.g. a node's own CUDA-matched torch): no venv, nothing installed, the package
+# imported from this checkout.
+ifeq ($(origin PYTHON),command line)
+GPU_CHECK_PYTHON := $(PYTHON)
+GPU_CHECK_SETUP :=
+else
+GPU_CHECK_PYTHON := $(BIN)/python
+GPU_CHECK_SETUP := setup
+endif
 
 setup: $(VENV)/.installed
 
@@ -18,8 +31,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
-# Fashion-MNIST comes from Debian's dataset-fashion-mnist package; without it the demo data builder falls back
-# to scikit-learn's digits and says so.
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist package; without it the demo data builder reads the copy
+# in demo_data/fashion-mnist, and without that scikit-learn's digits (and says so).
 fashion-mnist:
 	@if [ ! -f $(FASHION_MNIST_DIR)/t10k-labels-idx1-ubyte.gz ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 		apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
@@ -43,3 +56,8 @@ test-fast: setup fashion-mnist
 
 clean-demo:
 	rm -rf runs/demo $(DEMO_DATA)
+
+# Demo under torchrun with nccl and bf16 on every visible GPU, train-step and loss-memory benchmarks against
+# open_clip: runs/gpu_check/gpu_check.json and .txt, within 8 minutes on one GPU.
+gpu-check: $(GPU_CHECK_SETUP)
+	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_CHECK_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)

@@ -2,217 +2,180 @@
 
     python benchmarks/train_step.py --json train_step.json
     python benchmarks/train_step.py --models tiny --repeats 20   # quick
+    python benchmarks/train_step.py --device cuda --precision bf16 --models vit_b_16 --variants ''   # one GPU
 
 Ours: `contrastive.train.accumulation` forward/backward (model -> ModelOutput -> loss=clip), then
 `contrastive.train.optim.optimizer_step` (gradient-norm clipping at optim.grad_clip_norm, the non-finite check,
 AdamW over our parameter groups, zero_grad) and the schedule: the body of `Trainer.train`'s loop. Theirs: the
 body of open_clip_train.train.train_one_epoch with accum_freq=1 and its defaults (no gradient clipping): zero_grad, model(images, texts) -> ClipLoss -> backward, AdamW (its
 gain/bias groups), logit-scale clamp, open_clip_train's cosine_lr schedule. Theirs is an open_clip `CLIP` built
-from the same tower configs and loaded with our model's weights.
+from the same tower configs and loaded with our model's weights. bf16 is the trainer's `trainer.precision=bf16`
+(torch.autocast to bfloat16) for ours and open_clip_train's own `--precision amp_bf16` autocast for theirs.
 
-Each contender runs in a process of its own, as a training run would (at most --concurrent at once; the variants
-take turns beside ours and open_clip): the processes take one step each per round,
-in a rotating order, so machine noise hits all of them alike, and no contender's memory state affects another's.
+Each contender runs in a process of its own (benchmarks/train_step_contenders.py), as a training run would (at
+most --concurrent at once; the variants take turns beside ours and open_clip): the processes take one step each
+per round, in a rotating order, so machine noise hits all of them alike, and no contender's memory state affects
+another's.
 A step's time depends on where its process's memory happens to land, so every contender is started in
 --processes fresh processes; figures are medians over all timed steps, after warm-up rounds. Ours is timed with
 its defaults (fused AdamW; freed host memory reused, `contrastive.train.host_memory`) and with other settings:
 channels-last images and weights, AdamW's foreach or per-tensor loop (open_clip's default on CPU), host memory
 returned to the kernel as glibc does by default, torch.compile of the model.
+
+On CUDA the processes share the GPU but step one at a time, and every step is timed between
+`torch.cuda.synchronize()` calls. Per contender the run also reports its peak memory (CUDA:
+`torch.cuda.max_memory_allocated`; CPU: the process's peak resident size) and MFU: model FLOPs per sample
+(`contrastive.train.flops`, counted once on our model; the same for theirs) x samples/s / --peak-flops, which
+defaults to 989e12 (dense bf16 on an H100/H200 SXM) on CUDA with bf16 and is otherwise unset (no MFU).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import subprocess
 import sys
-import time
-from contextlib import nullcontext
-from typing import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
-import open_clip
 import torch
-from open_clip.model import CLIPTextCfg, CLIPVisionCfg
-from open_clip_train.scheduler import cosine_lr
-from omegaconf import OmegaConf
 
-from contrastive.config import LossConfig, ModelConfig, OptimConfig
-from contrastive.dist.collectives import LocalCollectives
-from contrastive.losses import build_loss
-from contrastive.models import build_model
-from contrastive.models.registry import tower_configs
-from contrastive.train.accumulation import build_forward_backward
-from contrastive.train.host_memory import reuse_freed_host_memory
-from contrastive.train.optim import build_optimizer, build_scheduler, optimizer_step
-from contrastive.types import Batch
+from devices import DEVICES, PRECISIONS, default_peak_flops, describe_environment, memory_measure
 
-MODELS = {"tiny": ("conf/model/tiny_clip.yaml", 128), "vit_b_32": ("conf/model/vit_b_32.yaml", 32)}
+REPO = Path(__file__).resolve().parents[1]
+CONTENDERS = Path(__file__).with_name("train_step_contenders.py")  # run once per contender and process
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    config: str  # conf/model/ file, relative to the repository
+    cpu_batch: int
+    cuda_batch: int  # estimated (not yet run) to fit ours and open_clip's bf16 processes on one 80 GB GPU together
+
+
+MODELS = {
+    "test_tiny": BenchModel("conf/model/test_tiny.yaml", 32, 256),
+    "tiny": BenchModel("conf/model/tiny_clip.yaml", 128, 1024),
+    "vit_b_32": BenchModel("conf/model/vit_b_32.yaml", 32, 512),
+    "vit_b_16": BenchModel("conf/model/vit_b_16.yaml", 8, 256),
+}
 VARIANTS = ("channels_last", "foreach", "for_loop", "glibc_memory", "compile")
 TARGET = 1.0
-STEPS = 1000  # schedule length; only the lr value changes with it
 
 
-def model_config(path: str) -> ModelConfig:
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path)))
-
-
-def random_batch(model_cfg: ModelConfig, batch_size: int) -> Batch:
-    _, vision, text = tower_configs(model_cfg)
-    size, length = vision.get("image_size", 224), text.get("context_length", 77)
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(1, text.get("vocab_size", 49408), (batch_size, length), generator=generator)
-    tokens[:, length // 2:] = 0
-    return Batch(images=torch.randn(batch_size, 3, size, size, generator=generator), tokens=tokens)
-
-
-def autocast(precision: str):
-    return lambda: torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-
-
-def ours(model_cfg: ModelConfig, batch: Batch, precision: str, variant: str | None) -> Callable[[], None]:
-    if variant != "glibc_memory":
-        reuse_freed_host_memory()  # as Trainer does on CPU
-    torch.manual_seed(0)
-    model = build_model(model_cfg)
-    optim_cfg = OptimConfig()  # conf/optim/adamw.yaml's values are the schema defaults
-    if variant in ("foreach", "for_loop"):
-        optim_cfg.implementation = variant
-    if variant == "channels_last":
-        model = model.to(memory_format=torch.channels_last)
-        batch = Batch(images=batch.images.contiguous(memory_format=torch.channels_last), tokens=batch.tokens)
-    optimizer = build_optimizer(model, optim_cfg)
-    scheduler = build_scheduler(optimizer, optim_cfg, STEPS)
-    forward_model = torch.compile(model) if variant == "compile" else model
-    forward_backward = build_forward_backward(forward_model, build_loss(LossConfig(name="clip")), "clip",
-                                              LocalCollectives(), 1, autocast(precision))
-
-    def step() -> None:
-        forward_backward(batch)
-        optimizer_step(model.parameters(), optimizer, optim_cfg.grad_clip_norm)
-        scheduler.step()
-
-    return step
-
-
-def open_clip_step(model_cfg: ModelConfig, batch: Batch, precision: str, weights: dict) -> Callable[[], None]:
-    embed_dim, vision, text = tower_configs(model_cfg)
-    model = open_clip.CLIP(embed_dim, CLIPVisionCfg(**vision), CLIPTextCfg(**text), quick_gelu=model_cfg.quick_gelu,
-                           output_dict=True)
-    model.load_state_dict(weights)
-    model.train()
-    # open_clip_train.main's parameter groups and AdamW arguments
-    exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
-    named = list(model.named_parameters())
-    defaults = OptimConfig()
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for n, p in named if exclude(n, p) and p.requires_grad], "weight_decay": 0.0},
-         {"params": [p for n, p in named if not exclude(n, p) and p.requires_grad], "weight_decay": defaults.weight_decay}],
-        lr=defaults.lr, betas=tuple(defaults.betas), eps=defaults.eps,
-    )
-    scheduler = cosine_lr(optimizer, defaults.lr, defaults.warmup_steps, STEPS)
-    loss = open_clip.ClipLoss()
-    amp = autocast(precision)
-    counter = iter(range(10**9))
-
-    def step() -> None:
-        scheduler(next(counter))
-        optimizer.zero_grad()
-        with amp():
-            losses = loss(**model(batch.images, batch.tokens), output_dict=True)
-            total_loss = sum(losses.values())
-        total_loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-
-    return step
-
-
-def build_contender(name: str, model_name: str, batch_size: int, precision: str) -> Callable[[], None]:
-    path, default_batch = MODELS[model_name]
-    model_cfg = model_config(path)
-    batch = random_batch(model_cfg, batch_size or default_batch)
-    if name == "open_clip":
-        torch.manual_seed(0)
-        return open_clip_step(model_cfg, batch, precision, build_model(model_cfg).clip.state_dict())
-    return ours(model_cfg, batch, precision, name.removeprefix("ours_") if name != "ours" else None)
-
-
-def serve(args) -> None:
-    """Child process: build one contender, then time one step per line read from stdin."""
-    torch.set_num_threads(args.threads)
-    step = build_contender(args.serve, args.model, args.batch_size, args.precision)
-    print("ready", flush=True)
-    for _ in sys.stdin:
-        start = time.perf_counter()
-        step()
-        print(time.perf_counter() - start, flush=True)
-
-
-def start(contender: str, model_name: str, args) -> subprocess.Popen:
-    command = [sys.executable, __file__, "--serve", contender, "--model", model_name, "--batch-size",
-               str(args.batch_size), "--precision", args.precision, "--threads", str(args.threads)]
+def start(contender: str, model_name: str, batch_size: int, args) -> subprocess.Popen:
+    config = REPO / MODELS[model_name].config
+    command = [sys.executable, str(CONTENDERS), "--contender", contender, "--config", str(config), "--batch-size",
+               str(batch_size), "--precision", args.precision, "--threads", str(args.threads), "--device", args.device]
     process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     if process.stdout.readline().strip() != "ready":
         raise RuntimeError(f"{contender} did not start: exit code {process.wait()}")
     return process
 
 
-def timed_step(process: subprocess.Popen) -> float:
-    process.stdin.write("step\n")
+def ask(process: subprocess.Popen, request: str) -> float:
+    process.stdin.write(f"{request}\n")
     process.stdin.flush()
-    return float(process.stdout.readline())
+    answer = process.stdout.readline()
+    if not answer:
+        raise RuntimeError(f"a contender's process died answering {request!r}: exit code {process.wait()}")
+    return float(answer)
 
 
-def measure(contenders: list[str], model_name: str, args) -> dict[str, list[float]]:
-    """Per contender, the timed steps of all its processes; the contenders' processes step in turn."""
+@dataclass
+class Measurements:
+    times: dict[str, list[float]]  # per contender, the timed steps of all its processes
+    peak_bytes: dict[str, int]  # per contender, the highest of its processes
+    flops_per_sample: float
+
+
+def measure(contenders: list[str], model_name: str, batch_size: int, args) -> Measurements:
+    """The contenders' processes step in turn; afterwards each reports its peak memory, and ours counts FLOPs."""
     times: dict[str, list[float]] = {name: [] for name in contenders}
+    peaks: dict[str, int] = {name: 0 for name in contenders}
+    flops = 0.0
     for _ in range(args.processes):
-        processes = {name: start(name, model_name, args) for name in contenders}
+        processes = {name: start(name, model_name, batch_size, args) for name in contenders}
         try:
             for round_index in range(args.warmup + args.repeats):
                 shift = round_index % len(contenders)
                 for name in contenders[shift:] + contenders[:shift]:
-                    elapsed = timed_step(processes[name])
+                    elapsed = ask(processes[name], "step")
                     if round_index >= args.warmup:
                         times[name].append(elapsed)
+            for name, process in processes.items():
+                peaks[name] = max(peaks[name], int(ask(process, "memory")))
+            flops = flops or ask(processes["ours"], "flops")  # after the peaks: counting allocates too
         finally:
             for process in processes.values():
                 process.stdin.close()
                 process.wait()
-    return times
+    return Measurements(times, peaks, flops)
 
 
 def benchmark(name: str, args) -> dict:
     """Variants run in groups beside ours and open_clip, so at most --concurrent processes hold a model at once."""
-    batch_size = args.batch_size or MODELS[name][1]
+    device = torch.device(args.device)
+    batch_size = args.batch_size or getattr(MODELS[name], f"{device.type}_batch")
     variants = [f"ours_{variant}" for variant in args.variants if variant]
     per_group = max(1, args.concurrent - 2)
     groups = [variants[index:index + per_group] for index in range(0, len(variants), per_group)] or [[]]
     times: dict[str, list[float]] = {}
+    peaks: dict[str, int] = {}
+    flops = 0.0
     for group in groups:
-        for contender, values in measure(["ours", "open_clip", *group], name, args).items():
+        measured = measure(["ours", "open_clip", *group], name, batch_size, args)
+        for contender, values in measured.times.items():
             times.setdefault(contender, []).extend(values)
+            peaks[contender] = max(peaks.get(contender, 0), measured.peak_bytes[contender])
+        flops = measured.flops_per_sample
     medians = {contender: statistics.median(values) for contender, values in times.items()}
     samples_per_second = {contender: batch_size / seconds for contender, seconds in medians.items()}
     reference = samples_per_second["open_clip"]
+    peak_flops = args.peak_flops or default_peak_flops(device, args.precision)
     return {
-        "model": name, "batch_size": batch_size, "precision": args.precision, "threads": args.threads,
-        "processes": args.processes, "repeats": args.repeats,
+        "model": name, "batch_size": batch_size, "precision": args.precision, "device": args.device,
+        "threads": args.threads, "processes": args.processes, "repeats": args.repeats,
         "median_step_seconds": medians,
         "samples_per_second": samples_per_second,
         "throughput_ratio_vs_open_clip": {c: s / reference for c, s in samples_per_second.items()},
+        "flops_per_sample": flops,
+        "peak_flops_per_second": peak_flops,
+        "mfu": {c: flops * s / peak_flops for c, s in samples_per_second.items()} if peak_flops else None,
+        "memory_measure": memory_measure(device),
+        "peak_memory_mib": {c: value / 2**20 for c, value in peaks.items()},
+        "memory_ratio_vs_open_clip": {c: value / peaks["open_clip"] for c, value in peaks.items()},
     }
+
+
+def print_result(result: dict) -> None:
+    print(f"\n{result['model']}, batch {result['batch_size']}, {result['precision']}, {result['device']}, "
+          f"{result['threads']} threads, median of {result['processes']} processes x {result['repeats']} "
+          f"interleaved steps; {result['flops_per_sample'] / 1e9:.2f} GFLOP per sample")
+    print(f"{'contender':<20} {'s/step':>8} {'samples/s':>10} {'vs open_clip':>13} {'MFU':>7} "
+          f"{'peak MiB':>9} {'memory x':>9}")
+    for contender, seconds in result["median_step_seconds"].items():
+        mfu = f"{result['mfu'][contender]:7.1%}" if result["mfu"] else f"{'-':>7}"
+        print(f"{contender:<20} {seconds:8.4f} {result['samples_per_second'][contender]:10.1f} "
+              f"{result['throughput_ratio_vs_open_clip'][contender]:12.3f}x {mfu} "
+              f"{result['peak_memory_mib'][contender]:9.0f} {result['memory_ratio_vs_open_clip'][contender]:8.3f}x")
+    ratio = result["throughput_ratio_vs_open_clip"]["ours"]
+    print(f"ours (defaults) / open_clip = {ratio:.3f}x (target >= {TARGET}x): {'met' if ratio >= TARGET else 'NOT met'}")
+    print(f"peak memory: {result['memory_measure']}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny,vit_b_32", help=f"comma-separated, from {', '.join(MODELS)}")
-    parser.add_argument("--batch-size", type=int, default=0, help="0: tiny 128, vit_b_32 32")
+    defaults = ", ".join(f"{name} {spec.cpu_batch} (cpu) / {spec.cuda_batch} (cuda)" for name, spec in MODELS.items())
+    parser.add_argument("--batch-size", type=int, default=0, help=f"0: the model's default for the device: {defaults}")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"ours with other settings: {VARIANTS}")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--device", default="cpu", choices=DEVICES)
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    parser.add_argument("--peak-flops", type=float, default=None,
+                        help="peak FLOP/s of one device at --precision, for MFU; default 989e12 (H100/H200 SXM dense "
+                             "bf16) with --device cuda --precision bf16, else none")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--concurrent", type=int, default=4,
                         help="processes alive at once (memory): variants run in groups beside ours and open_clip")
@@ -220,28 +183,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds per process (one step per contender)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (compile happens here)")
     parser.add_argument("--json", help="also write the figures to this file")
-    parser.add_argument("--serve", help=argparse.SUPPRESS)  # internal: run one contender in this process
-    parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.serve:
-        return serve(args)
     args.variants = args.variants.split(",")
     unknown = set(args.variants) - set(VARIANTS) - {""}
     if unknown:
         parser.error(f"unknown variant(s) {sorted(unknown)}; choose from {VARIANTS}")
+    unknown = set(args.models.split(",")) - set(MODELS)
+    if unknown:
+        parser.error(f"unknown model(s) {sorted(unknown)}; choose from {', '.join(MODELS)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no CUDA device is visible")
     results = [benchmark(name, args) for name in args.models.split(",")]
     for result in results:
-        print(f"\n{result['model']}, batch {result['batch_size']}, {result['precision']}, {result['threads']} threads, "
-              f"median of {result['processes']} processes x {result['repeats']} interleaved steps")
-        print(f"{'contender':<20} {'s/step':>8} {'samples/s':>10} {'vs open_clip':>13}")
-        for contender, seconds in result["median_step_seconds"].items():
-            print(f"{contender:<20} {seconds:8.4f} {result['samples_per_second'][contender]:10.1f} "
-                  f"{result['throughput_ratio_vs_open_clip'][contender]:12.3f}x")
-        ratio = result["throughput_ratio_vs_open_clip"]["ours"]
-        print(f"ours (defaults) / open_clip = {ratio:.3f}x (target >= {TARGET}x): {'met' if ratio >= TARGET else 'NOT met'}")
+        print_result(result)
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"target_ratio": TARGET, "results": results}, handle, indent=2)
+            json.dump({"target_ratio": TARGET, "environment": describe_environment(), "results": results},
+                      handle, indent=2)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,8 @@ def _add_demo_command(subcommands: argparse._SubParsersAction) -> None:
         "--source",
         default=None,
         help=f"directory holding the four Fashion-MNIST idx files (gzipped or not), or '{demo.DIGITS_SOURCE}'; "
-        f"default: {demo.DEFAULT_FASHION_MNIST_DIR} when it holds them, else scikit-learn's digits",
+        f"default: the first of {', '.join(map(str, demo.default_fashion_mnist_dirs()))} that holds them, "
+        "else scikit-learn's digits",
     )
     parser.add_argument("--out", type=Path, default=Path("data/demo/fashion-mnist"), help="output directory")
     parser.add_argument(
@@ -57,9 +58,9 @@ def _run_demo(args: argparse.Namespace) -> int:
     )
     if dataset.fell_back:
         print(
-            f"NOTE: Fashion-MNIST was not found in {demo.DEFAULT_FASHION_MNIST_DIR}; this demo dataset holds "
-            "scikit-learn's 8x8 digits upsampled to 28x28 instead. For the real data install the Debian "
-            "package dataset-fashion-mnist or pass --source DIR, and build into a fresh --out."
+            f"NOTE: Fashion-MNIST was not found in {' or '.join(map(str, demo.default_fashion_mnist_dirs()))}; "
+            "this demo dataset holds scikit-learn's 8x8 digits upsampled to 28x28 instead. For the real data "
+            "install the Debian package dataset-fashion-mnist or pass --source DIR, and build into a fresh --out."
         )
     source = f"{dataset.source} ({dataset.source_path})" if dataset.source_path else dataset.source
     print(f"demo dataset at {dataset.root}, from {source}")

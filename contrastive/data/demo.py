@@ -1,6 +1,7 @@
 """The offline demo dataset: real images written as webdataset shards, built without a network.
 
-Owns reading the sources (Fashion-MNIST idx files, or scikit-learn's bundled digits as a fallback), captioning
+Owns reading the sources (Fashion-MNIST idx files: a directory given, Debian's package, or the copy shipped in the
+repository's demo_data/; scikit-learn's bundled digits as the last fallback), captioning
 each image from a class-name template, and writing one directory that serves two readers at once:
 the trainer reads img2dataset-style samples (``{key}.png``, ``.txt``, ``.json``) from ``train/``, and
 clip_benchmark's ``wds`` loader reads ``test/`` (``.png`` + ``.cls``) with ``classnames.txt`` and
@@ -30,6 +31,9 @@ logger = logging.getLogger(__name__)
 BUILDER_VERSION = 1
 
 DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
+# The same four files committed to the repository, for machines without network or apt (GPU nodes). Absent from an
+# installed wheel, which then falls back as before.
+REPO_FASHION_MNIST_DIR = Path(__file__).resolve().parents[2] / "demo_data" / "fashion-mnist"
 FASHION_MNIST_SOURCE = "fashion-mnist"
 DIGITS_SOURCE = "sklearn-digits"
 
@@ -203,8 +207,9 @@ def build_demo_dataset(
 ) -> DemoDataset:
     """Write the demo shards to `out_dir`, or return the existing build made with the same parameters.
 
-    `source` is a directory holding the four idx files, DIGITS_SOURCE, or None for the Debian Fashion-MNIST
-    directory with the digits as fallback. Test shards hold half as many samples as train shards.
+    `source` is a directory holding the four idx files, DIGITS_SOURCE, or None for the first of
+    `default_fashion_mnist_dirs()` that holds them, with the digits as fallback. Test shards hold half as many
+    samples as train shards.
     `limit` keeps the first N samples of each split.
     """
     if samples_per_shard < 2:
@@ -276,19 +281,28 @@ def _read_complete_info(root: Path) -> dict:
     return info
 
 
+def default_fashion_mnist_dirs() -> tuple[Path, ...]:
+    """Where Fashion-MNIST is looked for when no source is given, in order: Debian's package, the repository's copy."""
+    return DEFAULT_FASHION_MNIST_DIR, REPO_FASHION_MNIST_DIR
+
+
 def _resolve_source(source: str | Path | None) -> tuple[str, str | None, bool]:
     """Decide which source to read without loading it: (name, idx directory or None, fell_back)."""
     if source is None:
-        try:
-            find_idx_files(DEFAULT_FASHION_MNIST_DIR)
-        except ValueError as exc:
-            logger.warning(
-                "Fashion-MNIST is not available (%s); FALLING BACK to scikit-learn's 8x8 digits upsampled to "
-                "28x28. Install the Debian package dataset-fashion-mnist or pass a source directory.",
-                exc,
-            )
-            return DIGITS_SOURCE, None, True
-        return FASHION_MNIST_SOURCE, str(DEFAULT_FASHION_MNIST_DIR.resolve()), False
+        reasons = []
+        for directory in default_fashion_mnist_dirs():
+            try:
+                find_idx_files(directory)
+            except ValueError as exc:
+                reasons.append(str(exc))
+                continue
+            return FASHION_MNIST_SOURCE, str(directory.resolve()), False
+        logger.warning(
+            "Fashion-MNIST is not available (%s); FALLING BACK to scikit-learn's 8x8 digits upsampled to "
+            "28x28. Install the Debian package dataset-fashion-mnist or pass a source directory.",
+            "; ".join(reasons),
+        )
+        return DIGITS_SOURCE, None, True
     if str(source) == DIGITS_SOURCE:
         return DIGITS_SOURCE, None, False
     find_idx_files(source)
