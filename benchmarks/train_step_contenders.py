@@ -74,7 +74,7 @@ def ours(model_cfg: ModelConfig, batch: Batch, precision: str, variant: str | No
     forward_model = torch.compile(model) if variant == "compile" else model
     objective = build_loss(LossConfig(name="clip"))
     amp = autocast(device, precision)
-    forward_backward = build_forward_backward(forward_model, objective, "clip", LocalCollectives(), 1, amp)
+    forward_backward = build_forward_backward(forward_model, objective, "clip", LocalCollectives(device), 1, amp)
 
     def step() -> None:
         forward_backward(batch)
