@@ -6,10 +6,9 @@ GPU_CHECK_ARGS ?=
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 NPROC ?= 2
 DEMO_DATA ?= data/demo/fashion-mnist
-FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 BIN := $(VENV)/bin
 
-.PHONY: setup fashion-mnist demo demo-data test test-fast clean-demo gpu-check
+.PHONY: setup demo demo-data test test-fast clean-demo gpu-check
 
 # PYTHON names the interpreter that creates the venv. Given on the command line to `make gpu-check`, it is instead
 # the environment to check as it is (e.g. a node's own CUDA-matched torch): no venv, nothing installed, the package
@@ -31,16 +30,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
-# Fashion-MNIST comes from Debian's dataset-fashion-mnist package; without it the demo data builder reads the copy
-# in demo_data/fashion-mnist, and without that scikit-learn's digits (and says so).
-fashion-mnist:
-	@if [ ! -f $(FASHION_MNIST_DIR)/t10k-labels-idx1-ubyte.gz ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-		apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
-		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 || \
-		echo "NOTE: could not install dataset-fashion-mnist; demo and tests use scikit-learn's digits"; \
-	fi
-
-demo-data: setup fashion-mnist
+# Fashion-MNIST: Debian's dataset-fashion-mnist package when installed, else the same files committed in
+# demo_data/fashion-mnist (no network or apt needed).
+demo-data: setup
 	$(BIN)/contrastive-data demo --out $(DEMO_DATA)
 
 demo: demo-data
@@ -48,10 +40,10 @@ demo: demo-data
 	$(BIN)/contrastive-eval zeroshot --checkpoint runs/demo --dataset-root $(DEMO_DATA) \
 		--output runs/demo/zeroshot.json
 
-test: setup fashion-mnist
+test: setup
 	$(BIN)/python -m pytest
 
-test-fast: setup fashion-mnist
+test-fast: setup
 	$(BIN)/python -m pytest -m "not slow and not distributed"
 
 clean-demo:

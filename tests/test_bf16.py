@@ -14,7 +14,7 @@ from tests.dist_scripts.precision_runs import run
 
 STEPS = 50
 RELATIVE_TOLERANCE = 0.02
-OVERRIDES = ["data.batch_size=64", "trainer.threads_per_process=2"]
+OVERRIDES = ["data.batch_size=32", "trainer.threads_per_process=2"]
 
 
 def _check(results: dict) -> None:
@@ -43,5 +43,5 @@ def test_bf16_autocast_follows_fp32_and_keeps_fp32_state(demo_root, tmp_path):
 def test_fsdp_bf16_mixed_precision_follows_fp32_and_keeps_fp32_state(demo_root, tmp_path):
     script = REPO / "tests" / "dist_scripts" / "precision_runs.py"
     torchrun([str(script), str(demo_root / "train"), str(tmp_path / "runs"), str(tmp_path / "out"), "fsdp",
-              str(STEPS), "data.batch_size=64", "trainer.threads_per_process=1"])
+              str(STEPS), "data.batch_size=32", "trainer.threads_per_process=1"])
     _check(json.loads((tmp_path / "out" / "rank0.json").read_text()))

@@ -141,6 +141,7 @@ def test_limit_keeps_the_first_samples_of_each_split(tiny_idx_dir, tmp_path):
 
 def test_falls_back_to_digits_and_says_so(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(demo, "DEFAULT_FASHION_MNIST_DIR", tmp_path / "absent")
+    monkeypatch.setattr(demo, "REPO_FASHION_MNIST_DIR", tmp_path / "also-absent")
     with caplog.at_level(logging.WARNING, logger="contrastive.data.demo"):
         dataset = build_demo_dataset(tmp_path / "digits", samples_per_shard=100, limit=150)
     assert dataset.fell_back and dataset.source == demo.DIGITS_SOURCE

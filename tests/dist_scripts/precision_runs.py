@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from contrastive.dist import shutdown_distributed
 from contrastive.train.checkpoint import list_checkpoints, load_checkpoint
 from contrastive.train.trainer import Trainer
 from tests.conftest import compose_config
@@ -64,6 +65,7 @@ def main(shards: str, run_root: str, out: str, strategy: str, steps: str, *overr
                for precision in ("fp32", "bf16")}
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / f"rank{os.environ.get('RANK', 0)}.json").write_text(json.dumps(results))
+    shutdown_distributed()  # a rank that exits with its process group alive aborts ("terminate called ...")
 
 
 if __name__ == "__main__":
