@@ -13,8 +13,11 @@ import sys
 import zlib
 from pathlib import Path
 
+import pytest
 from wandb.proto import wandb_internal_pb2
 
+from contrastive.config import LoggerConfig, WandbConfig
+from contrastive.train.metrics import MetricsLogger, wandb_run_id
 from tests.conftest import process_env, run, tiny_run_overrides
 
 BLOCK, CHUNK_HEADER = 32768, 7  # bytes
@@ -57,7 +60,8 @@ def test_offline_wandb_run_holds_the_logged_metrics(demo_root, tmp_path):
     [wandb_file] = run_dir.glob("wandb/offline-run-*/run-*.wandb")
     records = read_wandb_records(wandb_file)
     [run_record] = [record.run for record in records if record.HasField("run")]
-    assert run_record.project == "test-project" and run_record.run_id == "debug"
+    assert run_record.project == "test-project"
+    assert run_record.run_id == (run_dir / "wandb_run_id.txt").read_text().strip()
     assert records[-1].HasField("exit") and records[-1].exit.exit_code == 0, "the run was finished"
 
     # wandb-core writes a flat key as a nested key of one part
@@ -70,3 +74,26 @@ def test_offline_wandb_run_holds_the_logged_metrics(demo_root, tmp_path):
         logged = {key: value for key, value in row.items() if key != "step"}
         assert {key: history[row["step"]][key] for key in logged} == logged, row["step"]
     assert len({row["loss"] for row in rows}) == 4, "distinct losses: a shifted step would be caught"
+
+
+def test_runs_sharing_a_name_get_their_own_wandb_ids_and_a_resumed_run_keeps_its_own(tmp_path):
+    first, second = wandb_run_id(tmp_path / "a", "demo"), wandb_run_id(tmp_path / "b", "demo")
+    assert first != second and first.startswith("demo-") and second.startswith("demo-")
+    assert wandb_run_id(tmp_path / "a", "demo") == first, "resuming in the same directory continues the same run"
+
+
+def test_online_wandb_that_cannot_start_stops_the_run_before_training(tmp_path, monkeypatch):
+    import wandb
+
+    def unreachable(**kwargs):
+        raise ConnectionError("api.wandb.ai unreachable")
+
+    monkeypatch.setattr(wandb, "init", unreachable)
+    cfg = LoggerConfig(wandb=WandbConfig(mode="online"))
+    with pytest.raises(RuntimeError, match="logger=online: wandb could not start .*unreachable.*logger=offline"):
+        MetricsLogger(cfg, tmp_path, "demo", {}, enabled=True, total_steps=1, start_step=0, progress_bar=False)
+    offline = LoggerConfig(wandb=WandbConfig(mode="offline"))  # offline: warned, metrics.jsonl goes on
+    logger = MetricsLogger(offline, tmp_path, "demo", {}, enabled=True, total_steps=1, start_step=0,
+                           progress_bar=False)
+    assert logger.wandb_run is None
+    logger.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,18 @@ from tqdm import tqdm
 from contrastive.config import LoggerConfig
 
 log = logging.getLogger(__name__)
+
+
+def wandb_run_id(run_dir: Path, run_name: str) -> str:
+    """The wandb id of the run in `run_dir`: made once and kept there, so resuming continues the same wandb run
+    while another run that happens to share the name (another directory) never merges into it."""
+    path = run_dir / "wandb_run_id.txt"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        return path.read_text().strip()
+    run_id = f"{run_name.replace('/', '-')}-{uuid.uuid4().hex[:8]}"
+    path.write_text(run_id + "\n")
+    return run_id
 
 
 class MetricsLogger:
@@ -42,9 +55,12 @@ class MetricsLogger:
             return wandb.init(
                 project=cfg.wandb.project, entity=cfg.wandb.entity, name=run_name, tags=list(cfg.wandb.tags),
                 dir=str(run_dir), mode=cfg.wandb.mode, config=config, resume="allow",
-                id=run_name.replace("/", "-"),
+                id=wandb_run_id(run_dir, run_name),
             )
-        except Exception as error:  # noqa: BLE001 - a logging backend must never stop training
+        except Exception as error:  # noqa: BLE001 - wandb raises many kinds; each is reported the same way
+            if cfg.wandb.mode == "online":  # asked for explicitly: a run that silently logs nowhere is lost work
+                raise RuntimeError(f"logger=online: wandb could not start ({error}); fix the connection or "
+                                   f"credentials, or use logger=offline (wandb sync later)") from error
             log.warning("wandb could not start (%s); continuing with metrics.jsonl only", error)
             return None
 
