@@ -2,12 +2,14 @@
 
 `conf/train.yaml` composes on top of `TrainConfig`, so an unknown key or a value of the wrong type fails at
 start-up with a message naming it. `validate` adds the checks types cannot express (ranges, choices,
-divisibility) and raises `ValueError` with one clear line.
+divisibility) and raises `ValueError` with one clear line. The registered model and loss names are passed to it:
+the registries sit above this module.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -195,13 +197,14 @@ def _require_choice(value: str, name: str, choices: tuple[str, ...]) -> None:
     _require(value in choices, f"{name}={value!r} is not one of {', '.join(choices)}")
 
 
-def validate(cfg: TrainConfig, world_size: int = 1) -> None:
-    """Check what the schema's types cannot; raise ValueError naming the offending key."""
-    from contrastive.losses import list_losses
-    from contrastive.models import list_models
+def validate(cfg: TrainConfig, world_size: int = 1, *, model_archs: Collection[str],
+             loss_names: Collection[str]) -> None:
+    """Check what the schema's types cannot; raise ValueError naming the offending key.
 
-    _require_choice(cfg.model.arch, "model.arch", tuple(list_models()))
-    _require_choice(cfg.loss.name, "loss.name", tuple(list_losses()))
+    `model_archs`, `loss_names`: the registered names (contrastive.models.list_models, contrastive.losses.list_losses).
+    """
+    _require_choice(cfg.model.arch, "model.arch", tuple(model_archs))
+    _require_choice(cfg.loss.name, "loss.name", tuple(loss_names))
     _require(cfg.model.max_logit_scale > 0, "model.max_logit_scale must be positive")
     _require(len(cfg.model.image_mean) == 3 and len(cfg.model.image_std) == 3,
              "model.image_mean and model.image_std need three values (RGB)")

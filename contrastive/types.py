@@ -1,10 +1,14 @@
-"""The types that cross module lines: what the data pipeline yields, what models return, what losses return."""
+"""The types that cross module lines: what the data pipeline yields, what models return, what losses return,
+the collectives losses talk to other ranks through, and the evaluators a training run is handed."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 
 @dataclass
@@ -61,3 +65,44 @@ class LossOutput:
 
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Collectives(Protocol):
+    """How losses and the trainer reach the other ranks; contrastive.dist.collectives implements it for one process
+    and for torchrun ranks."""
+
+    rank: int
+    world_size: int
+    device: torch.device  # where tensors handed to these collectives must live
+
+    def all_gather_with_grad(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's (B, ...) tensor along dim 0 into (world_size * B, ...), differentiably."""
+
+    def ring_exchange_with_grad(
+        self, to_next: torch.Tensor, to_previous: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Send `to_next` to rank + 1 and `to_previous` (if given) to rank - 1, around the ring, at the same time.
+
+        Returns (what rank - 1 sent to its next, what rank + 1 sent to its previous or None). Every rank passes
+        tensors of the same shape. Gradients of the received tensors travel back to the ranks that sent them.
+        """
+
+    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Mean over ranks, without gradient (for metrics)."""
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, without gradient (for counters)."""
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any: ...
+
+    def all_gather_object(self, obj: Any) -> list[Any]: ...
+
+    def barrier(self) -> None: ...
+
+
+class Evaluator(Protocol):
+    """Scores a model on one dataset (contrastive.eval): `name` prefixes its metrics in a training log."""
+
+    name: str
+
+    def run(self, model: nn.Module, tokenizer: Callable, device: torch.device) -> dict[str, float]: ...

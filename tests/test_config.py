@@ -9,7 +9,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from contrastive.config import TrainConfig, validate
-from contrastive.models import build_model
+from contrastive.losses import list_losses
+from contrastive.models import build_model, list_models
 from tests.conftest import CONF_DIR, compose_config
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
@@ -20,19 +21,23 @@ def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
+def _validate(cfg, world_size: int = 1) -> None:
+    validate(cfg, world_size, model_archs=list_models(), loss_names=list_losses())
+
+
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in _options(g)])
 def test_every_config_composes(group, option):
     cfg = compose_config([f"{group}={option}"])
     schema_fields = set(OmegaConf.structured(TrainConfig).keys())
     assert schema_fields <= set(cfg.keys())
     if group not in GLOBAL_GROUPS and group != "data":
-        validate(cfg)
+        _validate(cfg)
 
 
 @pytest.mark.parametrize("option", _options("experiment"))
 def test_every_experiment_validates_and_builds_its_model(option):
     cfg = compose_config([f"experiment={option}"])
-    validate(cfg, world_size=1)
+    _validate(cfg)
     build_model(cfg.model)
 
 
@@ -56,12 +61,14 @@ def test_unknown_key_and_wrong_type_fail_at_composition():
         ("trainer.precision=fp8", "trainer.precision='fp8'"),
         ("resume=somewhere", "resume must be null, 'latest' or a checkpoint .pt file"),
         ("data.sources=[]", "data.sources is empty"),
+        ("model.arch=nonsense", "model.arch='nonsense' is not one of cappa, clip, coca"),
+        ("loss.name=nonsense", "loss.name='nonsense' is not one of cappa, clip, coca, siglip"),
     ],
 )
 def test_validate_names_the_bad_key(override, message):
     cfg = compose_config([override])
     with pytest.raises(ValueError) as error:
-        validate(cfg)
+        _validate(cfg)
     assert message in str(error.value)
 
 

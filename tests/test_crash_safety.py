@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from contrastive import checkpoint_io
 from contrastive.train import checkpoint as ckpt
 from contrastive.train.trainer import Trainer
 from contrastive.types import LossOutput
@@ -34,34 +35,34 @@ def _state(step: int) -> dict:
 
 
 def test_checkpoint_write_killed_halfway_leaves_the_previous_one(tmp_path):
-    ckpt.save_checkpoint(_state(2), ckpt.checkpoint_path(tmp_path, 2), keep_last=5)
-    with running([sys.executable, "-c", WRITER, str(ckpt.checkpoint_path(tmp_path, 4))]) as writer:
+    ckpt.save_checkpoint(_state(2), checkpoint_io.checkpoint_path(tmp_path, 2), keep_last=5)
+    with running([sys.executable, "-c", WRITER, str(checkpoint_io.checkpoint_path(tmp_path, 4))]) as writer:
         deadline = time.time() + 120
         while time.time() < deadline:
-            partial = list(ckpt.checkpoint_dir(tmp_path).glob(".step_*.tmp"))
+            partial = list(checkpoint_io.checkpoint_dir(tmp_path).glob(".step_*.tmp"))
             if partial and partial[0].stat().st_size > 50_000_000:
                 break
             time.sleep(0.01)
         stop(writer, grace=0)
-    assert [step for step, _ in ckpt.list_checkpoints(tmp_path)] == [2]
+    assert [step for step, _ in checkpoint_io.list_checkpoints(tmp_path)] == [2]
     assert ckpt.load_resume_state("latest", tmp_path)[1]["step"] == 2
     assert ckpt.remove_partial_writes(tmp_path), "the half-written file is found and removed"
-    assert not list(ckpt.checkpoint_dir(tmp_path).glob(".step_*"))
+    assert not list(checkpoint_io.checkpoint_dir(tmp_path).glob(".step_*"))
 
 
 def test_keep_last_and_every_mth(tmp_path):
     for step in range(1, 11):
-        ckpt.save_checkpoint(_state(step), ckpt.checkpoint_path(tmp_path, step), keep_last=2, keep_every=4)
-    assert [step for step, _ in ckpt.list_checkpoints(tmp_path)] == [4, 8, 9, 10]
+        ckpt.save_checkpoint(_state(step), checkpoint_io.checkpoint_path(tmp_path, step), keep_last=2, keep_every=4)
+    assert [step for step, _ in checkpoint_io.list_checkpoints(tmp_path)] == [4, 8, 9, 10]
 
 
 def test_resume_latest_skips_a_damaged_newest_checkpoint(tmp_path, caplog):
     for step in (2, 4):
-        ckpt.save_checkpoint(_state(step), ckpt.checkpoint_path(tmp_path, step), keep_last=5)
-    newest = ckpt.checkpoint_path(tmp_path, 4)
+        ckpt.save_checkpoint(_state(step), checkpoint_io.checkpoint_path(tmp_path, step), keep_last=5)
+    newest = checkpoint_io.checkpoint_path(tmp_path, 4)
     newest.write_bytes(newest.read_bytes()[:100])
     path, state = ckpt.load_resume_state("latest", tmp_path)
-    assert state["step"] == 2 and path == ckpt.checkpoint_path(tmp_path, 2)
+    assert state["step"] == 2 and path == checkpoint_io.checkpoint_path(tmp_path, 2)
     assert "skipping unreadable checkpoint" in caplog.text
 
 
@@ -86,7 +87,7 @@ def test_loading_bad_files_gives_a_clear_error(tmp_path, content, message):
     elif content is not None:
         path.write_bytes(content)
     with pytest.raises(ValueError, match=message):
-        ckpt.load_checkpoint(path)
+        checkpoint_io.load_checkpoint(path)
     assert not (tmp_path / "pwned").exists()
 
 
@@ -99,7 +100,7 @@ def test_checkpoint_of_another_architecture_is_named(demo_root, tmp_path):
 
     bigger = compose_config(["model=tiny_clip"]).model
     with pytest.raises(ValueError, match="does not match this model architecture"):
-        ckpt.load_model_weights(build_model(bigger), ckpt.list_checkpoints(tmp_path / "run")[-1][1])
+        checkpoint_io.load_model_weights(build_model(bigger), checkpoint_io.list_checkpoints(tmp_path / "run")[-1][1])
 
 
 def _nan_at(trainer: Trainer, steps: set[int]):
@@ -172,7 +173,8 @@ def _wait_for(ready, process: subprocess.Popen, what: str) -> None:
 
 
 def _wait_for_checkpoint(run_dir: Path, step: int, process: subprocess.Popen) -> None:
-    _wait_for(lambda: any(s >= step for s, _ in ckpt.list_checkpoints(run_dir)), process, f"step-{step} checkpoint")
+    _wait_for(lambda: any(s >= step for s, _ in checkpoint_io.list_checkpoints(run_dir)), process,
+              f"step-{step} checkpoint")
 
 
 def _logged_steps(run_dir: Path) -> list[int]:
@@ -199,8 +201,9 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint
     assert stopped_at[0] == stopped_at[1] and len(stopped_at[0]) == 1, stopped_at
     step = int(stopped_at[0][0])
     assert signalled_after <= step < 100000
-    [(saved, path)] = ckpt.list_checkpoints(run_dir)  # checkpoint_every is never reached: this is the preemption's
-    assert saved == step and ckpt.load_checkpoint(path)["step"] == step
+    # checkpoint_every is never reached: this is the preemption's
+    [(saved, path)] = checkpoint_io.list_checkpoints(run_dir)
+    assert saved == step and checkpoint_io.load_checkpoint(path)["step"] == step
     assert _logged_steps(run_dir)[-1] <= step
 
 
@@ -227,7 +230,7 @@ def test_worker_killed_by_sigkill_is_restarted_by_torchrun_and_matches_an_uninte
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     repeated = len(steps) - len(set(steps))
     assert steps[-1] == 10 and repeated <= 2, f"repeated more than the steps since the checkpoint: {steps}"
-    straight = ckpt.load_checkpoint(ckpt.list_checkpoints(tmp_path / "straight")[-1][1])["model"]
-    restarted = ckpt.load_checkpoint(ckpt.list_checkpoints(run_dir)[-1][1])["model"]
+    straight = checkpoint_io.load_checkpoint(checkpoint_io.list_checkpoints(tmp_path / "straight")[-1][1])["model"]
+    restarted = checkpoint_io.load_checkpoint(checkpoint_io.list_checkpoints(run_dir)[-1][1])["model"]
     for name, tensor in straight.items():
         torch.testing.assert_close(restarted[name], tensor, rtol=0, atol=0, msg=name)

@@ -11,8 +11,9 @@ from contrastive.config import ModelConfig
 from contrastive.data.loader import build_train_loader
 from contrastive.data.shards import expand_shards, shards_for_slot
 from contrastive.data.stream import ImageTextStream, Source, StreamLayout
-from contrastive.data.transforms import BatchNormalize, build_train_transform
+from contrastive.data.transforms import BatchNormalize, Preprocess, build_train_transform
 from contrastive.models import build_tokenizer
+from contrastive.models.registry import model_image_size
 from tests.conftest import compose_config
 from tests.data_factory import png, write_tar
 
@@ -120,7 +121,9 @@ def test_too_many_bad_samples_stop_with_a_clear_error(tmp_path, tiny_model_cfg):
 
 def test_train_loader_from_config(demo_root, tiny_model_cfg):
     cfg = compose_config(["model=test_tiny", "debug=tiny", f"data.sources.0.shards={demo_root / 'train'}"])
-    loader = build_train_loader(cfg.data, cfg.model, build_tokenizer(cfg.model), rank=0, world_size=1, seed=0)
+    preprocess = Preprocess(model_image_size(cfg.model), list(cfg.model.image_mean), list(cfg.model.image_std),
+                            cfg.model.interpolation)
+    loader = build_train_loader(cfg.data, preprocess, build_tokenizer(cfg.model), rank=0, world_size=1, seed=0)
     batch = next(iter(loader))
     assert batch.images.shape == (16, 3, 28, 28) and batch.tokens.shape == (16, 16)
     assert batch.labels.min() >= 0 and len(batch.keys) == 16

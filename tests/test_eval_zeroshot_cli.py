@@ -20,9 +20,9 @@ from torchvision.transforms import v2
 
 from contrastive.cli.eval import main as eval_main
 from contrastive.eval.evaluators import build_evaluators
-from contrastive.eval.loading import load_trained_model
 from contrastive.eval.zeroshot import ZeroShotClassification
 from contrastive.config import EvalConfig, RetrievalDatasetConfig, ZeroShotDatasetConfig
+from contrastive.models.loading import load_trained_model
 from tests.conftest import run, tiny_run_overrides
 
 

@@ -16,11 +16,11 @@ from PIL import Image
 from torch import nn
 
 from contrastive.cli.export import main as export_main
-from contrastive.eval.loading import load_trained_model
 from contrastive.eval.zeroshot import ZeroShotClassification
 from contrastive.export import EXPORT_FORMATS, VisionEncoder, load_vision_encoder, preprocess_of
 from contrastive.export.transformers_format import build_hf_vision_model
 from contrastive.models import build_model, list_models
+from contrastive.models.loading import load_trained_model
 from tests.conftest import run, tiny_run_overrides
 from tests.export_models import (clip_style_config, randomized, registered_model_config, siglip_style_config,
                                  tiny_config)

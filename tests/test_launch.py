@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from contrastive.train.checkpoint import list_checkpoints, load_checkpoint
+from contrastive.checkpoint_io import list_checkpoints, load_checkpoint
 from tests.conftest import REPO, free_port, running, tiny_run_overrides
 
 TRAIN = ["-m", "contrastive.cli.train"]

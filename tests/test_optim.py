@@ -66,15 +66,17 @@ def test_config_accepts_multipliers_and_rejects_non_positive_ones(demo_root):
     from omegaconf import OmegaConf
 
     from contrastive.config import validate
+    from contrastive.losses import list_losses
+    from contrastive.models import list_models
 
     overrides = ["model=test_tiny", "debug=tiny", f"data.sources.0.shards={demo_root / 'train'}",
                  "optim.betas=[0.9,0.95]"]
     cfg = OmegaConf.to_object(compose_config([*overrides, "++optim.lr_multipliers={clip.visual.:0.1}"]))
-    validate(cfg)
+    validate(cfg, model_archs=list_models(), loss_names=list_losses())
     assert cfg.optim.lr_multipliers == {"clip.visual.": 0.1} and cfg.optim.betas == [0.9, 0.95]
     cfg = OmegaConf.to_object(compose_config([*overrides, "++optim.lr_multipliers={clip.visual.:0}"]))
     with pytest.raises(ValueError, match="must be positive"):
-        validate(cfg)
+        validate(cfg, model_archs=list_models(), loss_names=list_losses())
 
 
 @pytest.mark.parametrize("implementation, fused, foreach", [("auto", True, None), ("fused", True, None),

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from contrastive.train.checkpoint import list_checkpoints, load_checkpoint
+from contrastive.checkpoint_io import list_checkpoints, load_checkpoint
 from tests.conftest import run, running, stop, tiny_run_overrides, torchrun, torchrun_command
 
 TRAIN = ["-m", "contrastive.cli.train"]

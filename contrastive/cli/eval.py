@@ -31,10 +31,10 @@ import torch
 from contrastive.eval.captioning import caption_dataset, named_class
 from contrastive.eval.labelled import open_classification_dataset
 from contrastive.eval.linear_probe import LinearProbeEvaluation
-from contrastive.eval.loading import load_trained_model
 from contrastive.eval.open_clip_models import load_open_clip_model
 from contrastive.eval.retrieval import ZeroShotRetrieval
 from contrastive.eval.zeroshot import ZeroShotClassification, result_record, write_result
+from contrastive.models.loading import load_trained_model
 
 TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval", "probe": "linear_probe"}
 

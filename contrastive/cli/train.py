@@ -25,10 +25,11 @@ register_configs()
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def run(cfg: DictConfig) -> None:
     from contrastive.dist import shutdown_distributed
+    from contrastive.eval.evaluators import build_evaluators
     from contrastive.train.trainer import Trainer
 
     try:
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, evaluators=build_evaluators(cfg.eval))
         result = trainer.train()
     except (ValueError, FloatingPointError) as error:  # a user mistake or a diverged run: one clear line
         log.error("%s", error)

@@ -1,4 +1,4 @@
-"""Builds the DataLoaders the trainer and evaluators use, from the typed configs."""
+"""Builds the DataLoaders the trainer and evaluators use, from the data config and the model's `Preprocess`."""
 
 from __future__ import annotations
 
@@ -9,28 +9,14 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from contrastive.config import DataConfig, ModelConfig
+from contrastive.config import DataConfig
 from contrastive.data.plan import RunPlan, plan_finite_run
 from contrastive.data.reader import iter_shard
 from contrastive.data.shards import check_epoch_mode_slots, check_local_shards_exist, expand_shards
 from contrastive.data.stream import ImageTextStream, Source, StreamLayout, decode_sample
-from contrastive.data.transforms import (
-    BadSample, BatchNormalize, build_eval_transform, build_train_transform, train_decode_size,
-)
+from contrastive.data.transforms import BadSample, BatchNormalize, Preprocess, build_train_transform, train_decode_size
 
 log = logging.getLogger(__name__)
-
-
-def model_image_size(model_cfg: ModelConfig) -> int:
-    from contrastive.models.registry import tower_configs
-
-    _, vision, _ = tower_configs(model_cfg)
-    size = vision.get("image_size", 224)
-    if isinstance(size, (list, tuple)):
-        if size[0] != size[1]:
-            raise ValueError(f"model.vision.image_size={size}: only square images are supported")
-        size = size[0]
-    return int(size)
 
 
 def build_sources(data: DataConfig) -> list[Source]:
@@ -56,7 +42,7 @@ def plan_run(data: DataConfig, *, world_size: int, seed: int) -> RunPlan | None:
 
 def build_train_loader(
     data: DataConfig,
-    model_cfg: ModelConfig,
+    preprocess: Preprocess,
     tokenizer: Callable[[list[str]], torch.Tensor],
     *,
     rank: int,
@@ -67,9 +53,9 @@ def build_train_loader(
     pin_memory: bool = False,
 ) -> DataLoader:
     sources = build_sources(data)
-    image_size = model_image_size(model_cfg)
+    image_size = preprocess.image_size
     transform = build_train_transform(
-        image_size, model_cfg.interpolation, crop_scale=tuple(data.crop_scale), horizontal_flip=data.horizontal_flip,
+        image_size, preprocess.interpolation, crop_scale=tuple(data.crop_scale), horizontal_flip=data.horizontal_flip,
     )
     layout = StreamLayout(
         rank=rank, world_size=world_size, num_workers=max(1, data.num_workers), seed=seed,
@@ -79,7 +65,7 @@ def build_train_loader(
         for source in sources:  # fail now, not inside a worker
             check_epoch_mode_slots(len(source.urls), world_size, layout.num_workers, source.name)
     stream = ImageTextStream(
-        sources, layout, transform, BatchNormalize(list(model_cfg.image_mean), list(model_cfg.image_std)), tokenizer,
+        sources, layout, transform, BatchNormalize(preprocess.mean, preprocess.std), tokenizer,
         image_size, data.batch_size // world_size, max_skip_fraction=data.max_skip_fraction,
         decode_size=train_decode_size(image_size, tuple(data.crop_scale)), min_image_size=data.min_image_size,
         start_step=start_step, positions=positions,
@@ -115,9 +101,7 @@ class LabelledShards(IterableDataset):
             raise ValueError(f"evaluation shards are damaged: {dict(skipped)} in {urls}")
 
 
-def build_eval_loader(urls: list[str], model_cfg: ModelConfig, batch_size: int, num_workers: int = 0) -> DataLoader:
+def build_eval_loader(urls: list[str], preprocess: Preprocess, batch_size: int, num_workers: int = 0) -> DataLoader:
     check_local_shards_exist(urls, "evaluation")
-    image_size = model_image_size(model_cfg)
-    transform = build_eval_transform(image_size, list(model_cfg.image_mean), list(model_cfg.image_std), model_cfg.interpolation)
-    dataset = LabelledShards(urls, transform, image_size)
+    dataset = LabelledShards(urls, preprocess.transform(), preprocess.image_size)
     return DataLoader(dataset, batch_size=batch_size, num_workers=min(num_workers, len(urls)))

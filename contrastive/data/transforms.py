@@ -1,9 +1,11 @@
-"""Image decoding and the train / eval transforms (torchvision v2), built from the model's preprocessing config."""
+"""Image decoding and the train / eval transforms (torchvision v2), built from a model's `Preprocess` (a value its
+callers make from the model config)."""
 
 from __future__ import annotations
 
 import io
 import math
+from dataclasses import asdict, dataclass
 
 import torch
 from PIL import Image
@@ -94,3 +96,24 @@ def build_eval_transform(image_size: int, mean: list[float], std: list[float], i
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(mean, std),
     ])
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """What a model expects of its images: the square input size, the normalisation, the resize interpolation.
+
+    Eval preprocessing (`transform`): resize the shorter side to image_size, centre crop, scale to [0, 1], normalise.
+    Training crops at random instead (build_train_transform) and normalises whole batches (BatchNormalize).
+    """
+
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    interpolation: str  # bicubic | bilinear | nearest
+
+    def transform(self) -> v2.Compose:
+        """PIL image -> (3, image_size, image_size) float tensor, exactly as our evaluators feed the model."""
+        return build_eval_transform(self.image_size, self.mean, self.std, self.interpolation)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

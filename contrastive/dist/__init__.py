@@ -1,10 +1,9 @@
 """Everything that knows about more than one process: torchrun environment, collectives, model wrapping."""
 
-from contrastive.dist.collectives import Collectives, LocalCollectives, ProcessGroupCollectives
+from contrastive.dist.collectives import LocalCollectives, ProcessGroupCollectives
 from contrastive.dist.env import DistEnv, init_distributed, shutdown_distributed
 
 __all__ = [
-    "Collectives",
     "DistEnv",
     "LocalCollectives",
     "ProcessGroupCollectives",

@@ -1,4 +1,5 @@
-"""All cross-rank communication. Losses and the trainer talk to other ranks only through a `Collectives` object.
+"""All cross-rank communication. Losses and the trainer talk to other ranks only through a `Collectives` object
+(the protocol is in contrastive.types, so losses need nothing from here).
 
 `LocalCollectives` is the one-process case (every operation is the identity), `ProcessGroupCollectives` runs
 on the default torch.distributed process group. Both present the same interface, so losses stay pure maths.
@@ -11,40 +12,10 @@ Object collectives pickle through whatever device the group picks for them (CPU 
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.distributed as dist
-
-
-class Collectives(Protocol):
-    rank: int
-    world_size: int
-    device: torch.device  # where tensors handed to these collectives must live
-
-    def all_gather_with_grad(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Concatenate every rank's (B, ...) tensor along dim 0 into (world_size * B, ...), differentiably."""
-
-    def ring_exchange_with_grad(
-        self, to_next: torch.Tensor, to_previous: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Send `to_next` to rank + 1 and `to_previous` (if given) to rank - 1, around the ring, at the same time.
-
-        Returns (what rank - 1 sent to its next, what rank + 1 sent to its previous or None). Every rank passes
-        tensors of the same shape. Gradients of the received tensors travel back to the ranks that sent them.
-        """
-
-    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Mean over ranks, without gradient (for metrics)."""
-
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum over ranks, without gradient (for counters)."""
-
-    def broadcast_object(self, obj: Any, src: int = 0) -> Any: ...
-
-    def all_gather_object(self, obj: Any) -> list[Any]: ...
-
-    def barrier(self) -> None: ...
 
 
 class LocalCollectives:

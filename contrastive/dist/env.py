@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from contrastive.dist.collectives import Collectives, LocalCollectives, ProcessGroupCollectives
+from contrastive.dist.collectives import LocalCollectives, ProcessGroupCollectives
+from contrastive.types import Collectives
 
 log = logging.getLogger(__name__)
 

@@ -11,12 +11,13 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 
 from contrastive.config import ModelConfig
-from contrastive.data.loader import build_eval_loader, model_image_size
+from contrastive.data.loader import build_eval_loader
 from contrastive.data.shards import expand_shards, is_local
-from contrastive.data.transforms import build_eval_transform
+from contrastive.data.transforms import Preprocess
 from contrastive.eval.datasets import read_lines, read_templates
 from contrastive.eval.image_folder import build_image_folder_loader, is_image_folder, scan_image_folder
 from contrastive.eval.prompts import load_classnames, load_templates
+from contrastive.models.registry import model_image_size
 
 CLASSNAMES_FILE = "classnames.txt"
 TEMPLATES_FILE = "zeroshot_classification_templates.txt"
@@ -32,12 +33,12 @@ class EvalDataset:
     templates: list[str] = field(default_factory=list)
 
     def loader(self, model_cfg: ModelConfig, batch_size: int, num_workers: int = 0) -> DataLoader:
+        preprocess = Preprocess(model_image_size(model_cfg), list(model_cfg.image_mean), list(model_cfg.image_std),
+                                model_cfg.interpolation)
         if self.urls:
-            return build_eval_loader(self.urls, model_cfg, batch_size, num_workers)
-        size = model_image_size(model_cfg)
-        transform = build_eval_transform(size, list(model_cfg.image_mean), list(model_cfg.image_std),
-                                         model_cfg.interpolation)
-        return build_image_folder_loader(self.images, transform, size, batch_size, num_workers)
+            return build_eval_loader(self.urls, preprocess, batch_size, num_workers)
+        return build_image_folder_loader(self.images, preprocess.transform(), preprocess.image_size, batch_size,
+                                         num_workers)
 
 
 def check_shards_not_empty(urls: list[str]) -> None:

@@ -11,9 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from contrastive.export import open_clip_format, transformers_format  # noqa: F401  (register formats)
-from contrastive.export.base import EXPORT_FORMATS, Exported, Preprocess, prepare_output_dir, preprocess_of
+from contrastive.export.base import EXPORT_FORMATS, Exported, prepare_output_dir, preprocess_of
 from contrastive.export.bundle import VisionEncoder, VisionEncoderOutput, load_vision_encoder
 from contrastive.export.model_card import model_card
+from contrastive.models.loading import load_trained_model
 
 
 def list_formats() -> list[str]:
@@ -22,8 +23,6 @@ def list_formats() -> list[str]:
 
 def export_checkpoint(checkpoint: str | Path, format: str, out: str | Path, overwrite: bool = False) -> Exported:
     """Checkpoint file or run directory -> `out` in the chosen format, with a model card."""
-    from contrastive.eval.loading import load_trained_model
-
     exporter = EXPORT_FORMATS.get(format)
     model, _, run = load_trained_model(checkpoint)
     created = not Path(out).exists()
@@ -38,5 +37,5 @@ def export_checkpoint(checkpoint: str | Path, format: str, out: str | Path, over
     return exported
 
 
-__all__ = ["EXPORT_FORMATS", "Exported", "Preprocess", "VisionEncoder", "VisionEncoderOutput", "export_checkpoint",
-           "list_formats", "load_vision_encoder"]
+__all__ = ["EXPORT_FORMATS", "Exported", "VisionEncoder", "VisionEncoderOutput", "export_checkpoint", "list_formats",
+           "load_vision_encoder"]

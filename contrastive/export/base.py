@@ -8,31 +8,13 @@ the model wraps. That is why CLIP, SigLIP, CapPa and CoCa checkpoints all go thr
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
-from torchvision.transforms import v2
 
-from contrastive.data.transforms import build_eval_transform
+from contrastive.data.transforms import Preprocess
 from contrastive.registry import Registry
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """Eval preprocessing: resize the shorter side to image_size, centre crop, scale to [0, 1], normalise."""
-
-    image_size: int
-    mean: list[float]
-    std: list[float]
-    interpolation: str  # bicubic | bilinear | nearest
-
-    def transform(self) -> v2.Compose:
-        """PIL image -> (3, image_size, image_size) float tensor, exactly as our evaluators feed the model."""
-        return build_eval_transform(self.image_size, self.mean, self.std, self.interpolation)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

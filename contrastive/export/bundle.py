@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from contrastive.config import ModelConfig
-from contrastive.export.base import EXPORT_FORMATS, Exported, Preprocess, preprocess_of
+from contrastive.data.transforms import Preprocess
+from contrastive.export.base import EXPORT_FORMATS, Exported, preprocess_of
 
 CONFIG_FILE = "encoder.json"
 WEIGHTS_FILE = "vision.safetensors"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from contrastive.export.base import Exported, Preprocess
+from contrastive.data.transforms import Preprocess
+from contrastive.export.base import Exported
 
 
 def run_metrics(run_dir: Path) -> tuple[dict | None, list[dict]]:

@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from contrastive.config import LossConfig
-from contrastive.dist.collectives import Collectives
 from contrastive.losses.registry import LOSSES
-from contrastive.types import Batch, LossOutput, ModelOutput
+from contrastive.types import Batch, Collectives, LossOutput, ModelOutput
 
 IGNORE_INDEX = -100
 

@@ -12,10 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from contrastive.config import LossConfig
-from contrastive.dist.collectives import Collectives
 from contrastive.losses.blockwise import blockwise_log_sum_exp
 from contrastive.losses.registry import LOSSES
-from contrastive.types import Batch, LossOutput, ModelOutput
+from contrastive.types import Batch, Collectives, LossOutput, ModelOutput
 
 
 def _gather_global_batch(image_features: torch.Tensor, text_features: torch.Tensor, collectives: Collectives):

@@ -7,11 +7,10 @@ the per-example token-mean cross-entropy of CapPa's loss.
 from __future__ import annotations
 
 from contrastive.config import LossConfig
-from contrastive.dist.collectives import Collectives
 from contrastive.losses.cappa import caption_loss, require_captions
 from contrastive.losses.clip import clip_loss
 from contrastive.losses.registry import LOSSES
-from contrastive.types import Batch, LossOutput, ModelOutput
+from contrastive.types import Batch, Collectives, LossOutput, ModelOutput
 
 
 class CoCaLoss:

@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Protocol
 
 from contrastive.config import LossConfig
-from contrastive.dist.collectives import Collectives
 from contrastive.registry import Registry
-from contrastive.types import Batch, LossOutput, ModelOutput
+from contrastive.types import Batch, Collectives, LossOutput, ModelOutput
 
 
 class Objective(Protocol):

@@ -14,10 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from contrastive.config import LossConfig
-from contrastive.dist.collectives import Collectives
 from contrastive.losses.blockwise import blockwise_sigmoid_loss
 from contrastive.losses.registry import LOSSES
-from contrastive.types import Batch, LossOutput, ModelOutput
+from contrastive.types import Batch, Collectives, LossOutput, ModelOutput
 
 
 def sigmoid_pair_loss(

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from open_clip.model import CLIPVisionCfg, _build_vision_tower
 from torch import nn
 
-from contrastive.config import LossConfig, ModelConfig
+from contrastive.config import ModelConfig
 from contrastive.models.registry import MODELS, tower_configs
 from contrastive.types import ModelOutput
 
@@ -37,7 +37,7 @@ class CaptionDecoderCfg:
     layers: int = 6
     heads: int = 8
     mlp_ratio: float = 4.0
-    parallel_prob: float = LossConfig.parallel_prob
+    parallel_prob: float = 0.75  # the paper's share; model configs set it from ${loss.parallel_prob}
 
 
 def decoder_config(values: dict) -> CaptionDecoderCfg:

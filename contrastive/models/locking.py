@@ -14,8 +14,8 @@ import logging
 import torch
 from torch import nn
 
+from contrastive.checkpoint_io import load_checkpoint
 from contrastive.config import LockConfig, TowerLockConfig
-from contrastive.train.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The model registry and the open_clip tower configuration shared by every architecture."""
+"""The model registry and the open_clip tower configuration shared by every architecture (and its input size)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import open_clip
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from torch import nn
 
+from contrastive.checkpoint_io import load_model_weights
 from contrastive.config import ModelConfig
 from contrastive.registry import Registry
 
@@ -22,8 +23,6 @@ def list_models() -> list[str]:
 def build_model(cfg: ModelConfig) -> nn.Module:
     model = MODELS.get(cfg.arch)(cfg)
     if cfg.pretrained:
-        from contrastive.train.checkpoint import load_model_weights
-
         load_model_weights(model, cfg.pretrained)
     return model
 
@@ -54,3 +53,14 @@ def tower_configs(cfg: ModelConfig) -> tuple[int, dict[str, Any], dict[str, Any]
     if vision.get("timm_model_pretrained"):
         raise ValueError("model.vision.timm_model_pretrained downloads weights; use model.pretrained with a local file")
     return embed_dim, vision, text
+
+
+def model_image_size(cfg: ModelConfig) -> int:
+    """The side of the square images the image tower takes."""
+    _, vision, _ = tower_configs(cfg)
+    size = vision.get("image_size", 224)
+    if isinstance(size, (list, tuple)):
+        if size[0] != size[1]:
+            raise ValueError(f"model.vision.image_size={size}: only square images are supported")
+        size = size[0]
+    return int(size)

@@ -27,9 +27,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from contrastive.dist.collectives import Collectives
 from contrastive.losses.registry import Objective
-from contrastive.types import Batch, LossOutput, ModelOutput
+from contrastive.types import Batch, Collectives, LossOutput, ModelOutput
 
 FEATURE_CACHE_LOSSES = ("clip", "siglip")  # the loss is a function of the features and the scale/bias only
 PER_EXAMPLE_LOSSES = ("cappa",)  # mean of per-example terms: summing micro-batch means is exact

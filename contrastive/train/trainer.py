@@ -1,7 +1,8 @@
 """The trainer: builds everything in one fixed order, then runs a short loop.
 
 Order: process group -> model -> data parallel wrap -> optimiser and schedule -> checkpoint restore ->
-data (it needs the restored stream position) -> evaluators -> loop.
+data (it needs the restored stream position) -> loop. The evaluators arrive built (the entry point builds them
+from `cfg.eval`), as training and evaluation never import each other.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import random
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,15 +20,17 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from contrastive import checkpoint_io
 from contrastive.config import TrainConfig, validate
 from contrastive.data.loader import build_train_loader, plan_run
 from contrastive.data.stream import SKIP_REASONS
+from contrastive.data.transforms import Preprocess
 from contrastive.dist import DistEnv, init_distributed
 from contrastive.dist.parallel import full_state, gather_model_state, is_sharded, load_full_state, parallelize
-from contrastive.eval.evaluators import build_evaluators
-from contrastive.losses import build_loss
-from contrastive.models import build_model, build_tokenizer
+from contrastive.losses import build_loss, list_losses
+from contrastive.models import build_model, build_tokenizer, list_models
 from contrastive.models.locking import apply_locks
+from contrastive.models.registry import model_image_size
 from contrastive.train import checkpoint as ckpt
 from contrastive.train.accumulation import build_forward_backward
 from contrastive.train.flops import flops_per_sample, throughput_metrics
@@ -34,6 +38,7 @@ from contrastive.train.host_memory import reuse_freed_host_memory
 from contrastive.train.metrics import MetricsLogger
 from contrastive.train.optim import (NonfiniteReport, NonfiniteSteps, build_optimizer, build_scheduler,
                                      optimizer_step)
+from contrastive.types import Evaluator
 
 log = logging.getLogger(__name__)
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SIGUSR1: SLURM's --signal warning before the time limit
@@ -71,10 +76,13 @@ def _restore_rng(state: dict[str, Any]) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, env: DistEnv | None = None) -> None:
+    """`evaluators` (the entry point builds them from `cfg.eval`) run when `cfg.eval` says; with none, nothing is
+    evaluated."""
+
+    def __init__(self, cfg: TrainConfig, env: DistEnv | None = None, evaluators: Sequence[Evaluator] = ()) -> None:
         self.cfg = cfg
         self.env = env or init_distributed(cfg.dist.device, cfg.dist.backend, cfg.dist.timeout_minutes)
-        validate(cfg, self.env.world_size)
+        validate(cfg, self.env.world_size, model_archs=list_models(), loss_names=list_losses())
         _set_threads(cfg)
         if cfg.trainer.reuse_freed_host_memory and self.env.device.type == "cpu":
             reuse_freed_host_memory()  # before anything large is allocated; loader workers fork with it
@@ -86,7 +94,7 @@ class Trainer:
         resume = cfg.resume
         if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:
             resume = "latest"  # torchrun restarted the workers after a failure: continue, do not start over
-        if resume is None and ckpt.list_checkpoints(self.run_dir):
+        if resume is None and checkpoint_io.list_checkpoints(self.run_dir):
             raise ValueError(f"{self.run_dir} already holds checkpoints of another run; "
                              f"pass resume=latest to continue it, or choose another name=")
         if self.env.is_main:
@@ -116,12 +124,14 @@ class Trainer:
         self.data_positions: dict[int, dict] = {}
         if resume_from is not None:
             self._restore(*resume_from)
+        preprocess = Preprocess(model_image_size(cfg.model), list(cfg.model.image_mean), list(cfg.model.image_std),
+                                cfg.model.interpolation)
         self.loader = build_train_loader(
-            cfg.data, cfg.model, self.tokenizer, rank=self.env.rank, world_size=self.env.world_size,
+            cfg.data, preprocess, self.tokenizer, rank=self.env.rank, world_size=self.env.world_size,
             seed=cfg.seed, start_step=self.step, positions=self.data_positions,
             pin_memory=self.env.device.type == "cuda",
         )
-        self.evaluators = build_evaluators(cfg.eval)
+        self.evaluators = list(evaluators)
         self.config_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
         self.logger = MetricsLogger(
             cfg.logger, self.run_dir, cfg.name, self.config_dict, enabled=self.env.is_main,
@@ -237,7 +247,7 @@ class Trainer:
         last_step = self.step - 1
         where = f"ending at step {last_step}" if since_last_read.ongoing_run == since_last_read.longest_run \
             else f"before step {last_step}"
-        last = ckpt.list_checkpoints(self.run_dir)
+        last = checkpoint_io.list_checkpoints(self.run_dir)
         raise FloatingPointError(
             f"{since_last_read.longest_run} non-finite steps in a row {where} "
             f"(loss terms: { {k: float(v) for k, v in result.metrics.items()} }); "
@@ -291,11 +301,11 @@ class Trainer:
             "config": self.config_dict,
             "git_commit": ckpt.git_commit(),
         }
-        ckpt.save_checkpoint(state, ckpt.checkpoint_path(self.run_dir, self.step),
+        ckpt.save_checkpoint(state, checkpoint_io.checkpoint_path(self.run_dir, self.step),
                              self.cfg.trainer.keep_last_checkpoints, self.cfg.trainer.keep_every_steps)
 
     def _restore(self, path: Path, state: dict[str, Any]) -> None:
-        ckpt.check_model_state(self.model, state["model"], path)
+        checkpoint_io.check_model_state(self.model, state["model"], path)
         load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = self.saved_step = state["step"]

@@ -15,8 +15,10 @@ from hydra import compose, initialize_config_dir
 
 from contrastive.config import register_configs
 from contrastive.data.loader import build_train_loader, plan_run
+from contrastive.data.transforms import Preprocess
 from contrastive.dist import init_distributed, shutdown_distributed
 from contrastive.models import build_tokenizer
+from contrastive.models.registry import model_image_size
 from tests.conftest import CONF_DIR
 
 
@@ -28,7 +30,9 @@ def main(shards: str, total: int, out: str) -> None:
                                           "data.resampled=false", "data.epochs=1", "data.num_workers=2",
                                           "data.batch_size=8"])
     plan = plan_run(cfg.data, world_size=env.world_size, seed=cfg.seed)
-    loader = build_train_loader(cfg.data, cfg.model, build_tokenizer(cfg.model), rank=env.rank,
+    preprocess = Preprocess(model_image_size(cfg.model), list(cfg.model.image_mean), list(cfg.model.image_std),
+                            cfg.model.interpolation)
+    loader = build_train_loader(cfg.data, preprocess, build_tokenizer(cfg.model), rank=env.rank,
                                 world_size=env.world_size, seed=cfg.seed)
     batches = iter(loader)
     keys, past_plan = [], 0

@@ -17,7 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from contrastive.dist import shutdown_distributed
-from contrastive.train.checkpoint import list_checkpoints, load_checkpoint
+from contrastive.checkpoint_io import list_checkpoints, load_checkpoint
 from contrastive.train.trainer import Trainer
 from tests.conftest import compose_config
 
