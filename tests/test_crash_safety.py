@@ -115,12 +115,18 @@ def _nan_at(trainer: Trainer, steps: set[int]):
     trainer.forward_backward.objective = poisoned
 
 
+def _preemption_handlers() -> list:
+    return [signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)]
+
+
 def test_injected_nan_step_is_skipped_and_counted(demo_root, tmp_path):
     cfg = compose_config(tiny_run_overrides(demo_root, tmp_path / "run") + ["trainer.max_steps=5"])
     trainer = Trainer(cfg)
     _nan_at(trainer, {2})
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    handlers = _preemption_handlers()
     result = trainer.train()
+    assert _preemption_handlers() == handlers, "the trainer gives the signals back to their previous handlers"
     assert result.final_step == 5 and result.nonfinite_steps_skipped == 1
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [row["nonfinite_steps_skipped"] for row in rows] == [0, 0, 1, 1, 1]
@@ -134,12 +140,26 @@ def test_a_run_of_nans_stops_with_a_clear_error(demo_root, tmp_path):
                          + ["trainer.max_steps=10", "trainer.max_nonfinite_steps=3"])
     trainer = Trainer(cfg)
     _nan_at(trainer, {4, 5, 6, 7, 8, 9})
+    handlers = _preemption_handlers()
     with pytest.raises(FloatingPointError) as error:
         trainer.train()
+    assert _preemption_handlers() == handlers, "given back on the way out of an error too"
     message = str(error.value)
     assert "3 non-finite steps in a row ending at step 6" in message
     # skipped steps leave the weights untouched, so the step-6 checkpoint (after steps 4 and 5) is still good
     assert "contrastive_loss" in message and "step_00000006.pt" in message
+
+
+def test_a_run_of_nans_between_log_steps_is_caught_at_the_next_one(demo_root, tmp_path):
+    """Non-finite counts are read only at log steps (no host sync in between): a run that ended before the log step
+    is still caught there, and the message says it ended earlier."""
+    cfg = compose_config(tiny_run_overrides(demo_root, tmp_path / "run")
+                         + ["trainer.max_steps=8", "trainer.log_every=4", "trainer.max_nonfinite_steps=3"])
+    trainer = Trainer(cfg)
+    _nan_at(trainer, {0, 1, 2})
+    with pytest.raises(FloatingPointError, match="3 non-finite steps in a row before step 3 "):
+        trainer.train()
+    assert trainer.step == 4
 
 
 def _workers_of(agent_pid: int) -> dict[int, int]:
