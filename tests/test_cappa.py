@@ -140,3 +140,11 @@ def test_model_config_reads_parallel_prob_from_the_loss_config():
 
     cfg = compose_config(["model=tiny_cappa", "loss=cappa", "loss.parallel_prob=0.3"])
     assert build_model(OmegaConf.to_object(cfg.model)).parallel_prob == 0.3
+
+
+def test_settings_cappa_would_ignore_are_refused():
+    with pytest.raises(ValueError, match="model.init_logit_bias is SigLIP's learnable bias; model.arch=cappa has none"):
+        build_model(ModelConfig(arch="cappa", embed_dim=32, vision=VISION, text=TEXT, init_logit_bias=-10.0,
+                                decoder=dict(width=32, layers=1, heads=2)))
+    with pytest.raises(ValueError, match="loss.block_size applies to loss=clip and loss=siglip; loss=cappa"):
+        build_loss(LossConfig(name="cappa", block_size=256))

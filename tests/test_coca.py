@@ -79,3 +79,11 @@ def test_decoder_width_must_match_embed_dim_and_text_width():
         build_model(ModelConfig(arch="coca", embed_dim=32, vision=VISION, text=TEXT, decoder=dict(width=16)))
     with pytest.raises(ValueError, match="model.text.width=32 must equal model.decoder.width=64"):
         build_model(ModelConfig(arch="coca", embed_dim=64, vision=VISION, text=TEXT, decoder=dict(width=64)))
+
+
+def test_settings_coca_would_ignore_are_refused():
+    with pytest.raises(ValueError, match="model.init_logit_bias is SigLIP's learnable bias; model.arch=coca has none"):
+        build_model(ModelConfig(arch="coca", embed_dim=32, vision=VISION, text=TEXT, init_logit_bias=-10.0,
+                                decoder=dict(width=32, heads=2, layers=1)))
+    with pytest.raises(ValueError, match="loss.block_size applies to loss=clip and loss=siglip; loss=coca"):
+        build_loss(LossConfig(name="coca", block_size=256))

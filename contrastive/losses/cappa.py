@@ -39,8 +39,16 @@ def require_captions(output: ModelOutput, loss_name: str) -> None:
                          f"this model returns no caption logits")
 
 
+def refuse_block_size(cfg: LossConfig) -> None:
+    """Captioning cross-entropy has no (B, N) logits to score in blocks: a set block_size would silently do nothing."""
+    if cfg.block_size is not None:
+        raise ValueError(f"loss.block_size applies to loss=clip and loss=siglip; loss={cfg.name} does not score "
+                         f"in blocks: leave it null")
+
+
 class CapPaLoss:
     def __init__(self, cfg: LossConfig) -> None:
+        refuse_block_size(cfg)
         self.cfg = cfg
 
     def __call__(self, output: ModelOutput, batch: Batch, collectives: Collectives) -> LossOutput:

@@ -7,7 +7,7 @@ the per-example token-mean cross-entropy of CapPa's loss.
 from __future__ import annotations
 
 from contrastive.config import LossConfig
-from contrastive.losses.cappa import caption_loss, require_captions
+from contrastive.losses.cappa import caption_loss, refuse_block_size, require_captions
 from contrastive.losses.clip import clip_loss
 from contrastive.losses.registry import LOSSES
 from contrastive.types import Batch, Collectives, LossOutput, ModelOutput
@@ -15,6 +15,7 @@ from contrastive.types import Batch, Collectives, LossOutput, ModelOutput
 
 class CoCaLoss:
     def __init__(self, cfg: LossConfig) -> None:
+        refuse_block_size(cfg)  # its contrastive term is the plain CLIP loss
         self.cfg = cfg
 
     def __call__(self, output: ModelOutput, batch: Batch, collectives: Collectives) -> LossOutput:

@@ -134,6 +134,9 @@ class CapPaModel(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        if cfg.init_logit_bias is not None:  # it would be ignored: no sigmoid loss scores this model's pairs
+            raise ValueError("model.init_logit_bias is SigLIP's learnable bias; model.arch=cappa has none: "
+                             "leave it null")
         embed_dim, vision, text = tower_configs(cfg)
         vision = {**vision, "output_tokens": True}
         if vision.get("timm_model_name") or isinstance(vision.get("layers"), (list, tuple)):

@@ -44,6 +44,9 @@ class CoCaModel(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        if cfg.init_logit_bias is not None:  # it would be ignored: no sigmoid loss scores this model's pairs
+            raise ValueError("model.init_logit_bias is SigLIP's learnable bias; model.arch=coca has none: "
+                             "leave it null")
         embed_dim, vision, text = tower_configs(cfg)
         if vision.get("timm_model_name"):
             raise ValueError("model.arch=coca needs an open_clip ViT image tower (its attentional pooler)")
