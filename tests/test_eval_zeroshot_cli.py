@@ -131,7 +131,8 @@ def test_cli_names_bad_input(checkpoint_run, demo_root, tmp_path, capsys):
     (root / "test").mkdir(parents=True)
     (root / "test" / "0.tar").write_bytes((demo_root / "test" / "0.tar").read_bytes())
     assert eval_main([*args, "--dataset-root", str(root)]) == 2
-    assert "class name file" in capsys.readouterr().err and "classnames.txt does not exist"
+    error = capsys.readouterr().err
+    assert "class name file" in error and "classnames.txt does not exist" in error
     assert eval_main([*args, "--dataset-root", str(root), "--classnames", str(tmp_path / "nope.txt")]) == 2
     assert "nope.txt' is neither a file nor a built-in list" in capsys.readouterr().err
     (root / "templates.txt").write_text("a photo of a thing.\n")
