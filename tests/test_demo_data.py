@@ -145,7 +145,7 @@ def test_falls_back_to_digits_and_says_so(tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="contrastive.data.demo"):
         dataset = build_demo_dataset(tmp_path / "digits", samples_per_shard=100, limit=150)
     assert dataset.fell_back and dataset.source == demo.DIGITS_SOURCE
-    assert "FALLING BACK" in caplog.text
+    assert "FALLING BACK" in caplog.text and "also-absent" in caplog.text, "it names where it looked"
     assert dataset.classnames == tuple(demo.DIGITS_CLASSNAMES)
     assert (dataset.train_shard_count, dataset.test_shard_count) == (2, 3)
     check_dataset(dataset)

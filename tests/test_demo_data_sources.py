@@ -1,9 +1,9 @@
-"""Where the demo builder finds Fashion-MNIST: a directory given > Debian's package > the repository's copy > digits."""
+"""Where the demo builder finds Fashion-MNIST: a directory given > Debian's package > the repository's copy > digits
+(the digits fallback: tests/test_demo_data.py::test_falls_back_to_digits_and_says_so)."""
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import re
 
 import pytest
@@ -26,15 +26,6 @@ def test_repository_copy_is_used_without_debians(tmp_path, monkeypatch):
 def test_debians_copy_comes_first(tmp_path):
     dataset = build_demo_dataset(tmp_path / "out", samples_per_shard=64, limit=100)
     assert dataset.source_path == str(demo.DEFAULT_FASHION_MNIST_DIR.resolve())
-
-
-def test_digits_only_when_neither_copy_is_there(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(demo, "DEFAULT_FASHION_MNIST_DIR", tmp_path / "absent")
-    monkeypatch.setattr(demo, "REPO_FASHION_MNIST_DIR", tmp_path / "also-absent")
-    with caplog.at_level(logging.WARNING, logger="contrastive.data.demo"):
-        dataset = build_demo_dataset(tmp_path / "digits", samples_per_shard=100, limit=150)
-    assert dataset.fell_back and dataset.source == demo.DIGITS_SOURCE
-    assert "FALLING BACK" in caplog.text and "also-absent" in caplog.text
 
 
 def test_repository_copy_matches_its_listed_checksums():
