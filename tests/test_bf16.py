@@ -5,7 +5,6 @@ One process (bf16 autocast) and FSDP2 over two torchrun ranks (bf16 parameters a
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
