@@ -143,3 +143,24 @@ def test_step_with_non_finite_gradients_leaves_weights_and_optimiser_state_alone
         decayed = old * (1 - optimizer.defaults["lr"] * group_of(optimizer, new)["weight_decay"])
         torch.testing.assert_close(decayed - new.detach(), torch.full_like(old, optimizer.defaults["lr"]),
                                    rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    # warmup (s + 1) / 4 for s < 4, then from 1 down to min_lr_ratio 0.1 at step 14, by hand:
+    # cosine at progress 0.2 = 0.1 + 0.9 * (1 + cos(0.2 pi)) / 2 = 0.91405765; linear = 0.1 + 0.9 * 0.8 = 0.82
+    ("cosine", {0: 0.25, 3: 1.0, 4: 1.0, 6: 0.91405765, 9: 0.55, 14: 0.1, 20: 0.1}),
+    ("linear", {0: 0.25, 3: 1.0, 4: 1.0, 6: 0.82, 9: 0.55, 14: 0.1, 20: 0.1}),
+    ("constant", {0: 0.25, 3: 1.0, 4: 1.0, 6: 1.0, 9: 1.0, 14: 1.0, 20: 1.0}),
+])
+def test_learning_rate_schedule_values(schedule, expected):
+    cfg = OptimConfig(lr=0.5, warmup_steps=4, schedule=schedule, min_lr_ratio=0.1, lr_multipliers={"text.": 0.1})
+    model = TwoTowers()
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, max_steps=14)
+    seen = {}
+    for step in range(21):
+        seen[step] = sorted({group["lr"] for group in optimizer.param_groups})  # decay and no-decay groups alike
+        optimizer.step()
+        scheduler.step()
+    for step, multiplier in expected.items():
+        assert seen[step] == pytest.approx([0.05 * multiplier, 0.5 * multiplier], rel=1e-7), (step, seen[step])
