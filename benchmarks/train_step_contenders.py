@@ -36,6 +36,7 @@ from contrastive.types import Batch
 from devices import DEVICES, PRECISIONS, autocast, benchmark_device, peak_memory_bytes, timed
 
 STEPS = 1000  # schedule length; only the lr value changes with it
+GLIBC_MEMORY = "glibc_memory"  # contender-name suffix: glibc's default host-memory handling, not Trainer's
 
 
 @dataclass
@@ -59,8 +60,6 @@ def random_batch(model_cfg: ModelConfig, batch_size: int) -> Batch:
 
 def ours(model_cfg: ModelConfig, batch: Batch, precision: str, variant: str | None,
          device: torch.device) -> Contender:
-    if variant != "glibc_memory" and device.type == "cpu":
-        reuse_freed_host_memory()  # as Trainer does on CPU
     torch.manual_seed(0)
     model = build_model(model_cfg).to(device)
     optim_cfg = OptimConfig()  # conf/optim/adamw.yaml's values are the schema defaults
@@ -123,7 +122,7 @@ def open_clip_step(model_cfg: ModelConfig, batch: Batch, precision: str, weights
 def build_contender(name: str, config: str, batch_size: int, precision: str, device: torch.device) -> Contender:
     model_cfg = model_config(config)
     batch = random_batch(model_cfg, batch_size).to(device)
-    if name == "open_clip":
+    if name.startswith("open_clip"):
         torch.manual_seed(0)
         return open_clip_step(model_cfg, batch, precision, build_model(model_cfg).clip.state_dict(), device)
     return ours(model_cfg, batch, precision, name.removeprefix("ours_") if name != "ours" else None, device)
@@ -133,6 +132,9 @@ def serve(args: argparse.Namespace) -> None:
     """Build one contender, then answer one request per line read from stdin."""
     torch.set_num_threads(args.threads)
     device = benchmark_device(args.device)
+    if device.type == "cpu" and not args.contender.endswith(GLIBC_MEMORY):
+        # Trainer's CPU default, given to every contender alike (open_clip too), before anything large is allocated.
+        reuse_freed_host_memory()
     contender = build_contender(args.contender, args.config, args.batch_size, args.precision, device)
     answers = {
         "step": lambda: timed(contender.step, device),
@@ -146,7 +148,9 @@ def serve(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--contender", required=True, help="ours, ours_VARIANT (see train_step.py) or open_clip")
+    parser.add_argument("--contender", required=True,
+                        help="ours, ours_VARIANT (see train_step.py) or open_clip; a _glibc_memory suffix keeps glibc's "
+                             "default host-memory handling instead of Trainer's reuse_freed_host_memory")
     parser.add_argument("--config", required=True, help="a conf/model/ file")
     parser.add_argument("--batch-size", type=int, required=True)
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS)
