@@ -143,13 +143,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     env = init_distributed(args.device, "auto")
+    backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
     rows = []
     header = (f"{'loss':<7} {'B_local':>7} {'ours ms':>9} {'open_clip ms':>12} {'time x':>7} "
               f"{'ours MiB':>9} {'open_clip MiB':>13} {'memory x':>8}")
     memory_measure = ("torch.cuda.max_memory_allocated above the inputs" if env.device.type == "cuda"
                       else "torch.profiler replay of torch's CPU allocations above the inputs")
     if env.is_main:
-        print(f"world_size={env.world_size} device={env.device} backend={env.backend} dim={args.dim} "
+        print(f"world_size={env.world_size} device={env.device} backend={backend} dim={args.dim} "
               f"block_size={args.block_size} threads/rank={args.threads}")
         print(header, flush=True)
     for local_batch in [int(batch) for batch in args.batches.split(",")]:
@@ -168,7 +169,7 @@ def main() -> None:
                   f"{TIME_TARGET}x: {'met' if met else 'NOT met'}")
         if args.json:
             with open(args.json, "w") as handle:
-                json.dump({"world_size": env.world_size, "device": env.device.type, "backend": env.backend,
+                json.dump({"world_size": env.world_size, "device": env.device.type, "backend": backend,
                            "dim": args.dim, "block_size": args.block_size, "threads_per_rank": args.threads,
                            "repeats": args.repeats, "memory_measure": memory_measure,
                            "environment": describe_environment(),

@@ -143,8 +143,7 @@ def lazy_device():
 
 def _trainer(demo_root: Path, run_dir: Path, overrides: list[str], collectives) -> Trainer:
     cfg = OmegaConf.to_object(compose_config(tiny_run_overrides(demo_root, run_dir) + overrides))
-    env = DistEnv(rank=0, world_size=1, local_rank=0, node_rank=0, num_nodes=1, device=torch.device("cpu"),
-                  backend="gloo", collectives=collectives)
+    env = DistEnv(rank=0, world_size=1, device=torch.device("cpu"), collectives=collectives)
     return Trainer(cfg, env)
 
 

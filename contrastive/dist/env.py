@@ -20,11 +20,7 @@ log = logging.getLogger(__name__)
 class DistEnv:
     rank: int
     world_size: int
-    local_rank: int
-    node_rank: int
-    num_nodes: int
     device: torch.device
-    backend: str | None  # None when running as one process without a process group
     collectives: Collectives
 
     @property
@@ -65,7 +61,6 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_minute
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
-    local_world_size = _env_int("LOCAL_WORLD_SIZE", world_size)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
@@ -90,22 +85,8 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_minute
             timeout=timeout,
             device_id=torch_device if torch_device.type == "cuda" else None,
         )
-    if world_size > 1:
-        collectives: Collectives = ProcessGroupCollectives(torch_device)
-    else:
-        collectives = LocalCollectives(torch_device)
-        backend = None
-    num_nodes = max(1, world_size // max(1, local_world_size))
-    return DistEnv(
-        rank=rank,
-        world_size=world_size,
-        local_rank=local_rank,
-        node_rank=rank // max(1, local_world_size),
-        num_nodes=num_nodes,
-        device=torch_device,
-        backend=backend,
-        collectives=collectives,
-    )
+    collectives = ProcessGroupCollectives(torch_device) if world_size > 1 else LocalCollectives(torch_device)
+    return DistEnv(rank=rank, world_size=world_size, device=torch_device, collectives=collectives)
 
 
 def shutdown_distributed() -> None:
