@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from contrastive.data import demo
-from contrastive.data import inspect as inspection
+from contrastive.data.shard_report import ShardReport, inspect_shards
 from contrastive.data.shards import expand_shards
 
 
@@ -98,9 +98,9 @@ def _add_validate_command(subcommands: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=_run_validate)
 
 
-def _inspect(args: argparse.Namespace) -> inspection.ShardReport:
+def _inspect(args: argparse.Namespace) -> ShardReport:
     urls = expand_shards(args.shards)
-    report = inspection.inspect_shards(urls, args.min_image_size, progress=not args.no_progress)
+    report = inspect_shards(urls, args.min_image_size, progress=not args.no_progress)
     print("\n".join(report.summary()))
     return report
 
