@@ -96,6 +96,18 @@ def test_fused_on_an_optimiser_without_it_is_a_clear_error():
         build_optimizer(TwoTowers(), OptimConfig(optimizer="torch.optim.Adamax", implementation="fused"))
 
 
+def test_optimiser_without_betas_builds_and_refuses_betas_that_would_do_nothing():
+    sgd = build_optimizer(TwoTowers(), OptimConfig(optimizer="torch.optim.SGD", lr=0.5, extra_kwargs={"momentum": 0.8}))
+    assert isinstance(sgd, torch.optim.SGD)
+    assert sgd.defaults["momentum"] == 0.8 and "betas" not in sgd.defaults and "eps" not in sgd.defaults
+    adamw = build_optimizer(TwoTowers(), OptimConfig(betas=[0.8, 0.9], eps=1e-5))
+    assert adamw.defaults["betas"] == (0.8, 0.9) and adamw.defaults["eps"] == 1e-5
+    with pytest.raises(ValueError, match=r"optim.betas=\[0.5, 0.6\] does nothing: torch.optim.SGD takes no betas"):
+        build_optimizer(TwoTowers(), OptimConfig(optimizer="torch.optim.SGD", betas=[0.5, 0.6]))
+    with pytest.raises(ValueError, match="optim.eps=0.001 does nothing"):
+        build_optimizer(TwoTowers(), OptimConfig(optimizer="torch.optim.SGD", eps=1e-3))
+
+
 def _with_gradients(model: nn.Module, value: float) -> list[nn.Parameter]:
     parameters = list(model.parameters())
     for parameter in parameters:

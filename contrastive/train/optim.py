@@ -8,7 +8,7 @@ import importlib
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -62,11 +62,27 @@ def _implementation_kwargs(optimizer_class: type[torch.optim.Optimizer], impleme
     return {implementation: True}
 
 
+def _adam_kwargs(optimizer_class: type[torch.optim.Optimizer], cfg: OptimConfig) -> dict[str, Any]:
+    """optim.betas and optim.eps for the optimisers that take them. Another optimiser (SGD) builds without them
+    while they keep the schema's defaults; set to anything else, they would do nothing, which is refused."""
+    accepted = inspect.signature(optimizer_class).parameters
+    schema = OptimConfig()
+    kwargs = {}
+    for name, value, default in (("betas", tuple(cfg.betas), tuple(schema.betas)), ("eps", cfg.eps, schema.eps)):
+        if name in accepted:
+            kwargs[name] = value
+        elif value != default:
+            raise ValueError(f"optim.{name}={list(value) if name == 'betas' else value} does nothing: "
+                             f"{cfg.optimizer} takes no {name}; remove the override")
+    return kwargs
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     optimizer_class = _optimizer_class(cfg.optimizer)
-    kwargs = {**_implementation_kwargs(optimizer_class, cfg.implementation), **cfg.extra_kwargs}
+    kwargs = {**_adam_kwargs(optimizer_class, cfg), **_implementation_kwargs(optimizer_class, cfg.implementation),
+              **cfg.extra_kwargs}
     try:
-        return optimizer_class(parameter_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **kwargs)
+        return optimizer_class(parameter_groups(model, cfg), lr=cfg.lr, **kwargs)
     except (TypeError, RuntimeError) as error:
         raise ValueError(f"optim.optimizer={cfg.optimizer} rejected its arguments {kwargs}: {error}") from error
 
