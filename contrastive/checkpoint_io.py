@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from contrastive.errors import InputError
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)\.pt$")
 
@@ -40,7 +41,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if path.is_dir():
         found = list_checkpoints(path)
         if not found:
-            raise ValueError(f"run directory {path} holds no checkpoints (looked in {path / 'checkpoints'})")
+            raise InputError(f"run directory {path} holds no checkpoints (looked in {path / 'checkpoints'})")
         return found[-1][1]
     return path
 
@@ -49,14 +50,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint without executing pickled code; failures name the file and the reason."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"checkpoint {path} does not exist")
+        raise InputError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises many types for truncated or foreign files
-        raise ValueError(f"checkpoint {path} cannot be read (truncated, corrupt or not a contrastive checkpoint): "
+        raise InputError(f"checkpoint {path} cannot be read (truncated, corrupt or not a contrastive checkpoint): "
                          f"{str(error).splitlines()[0]}") from error
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise ValueError(f"{path} is not a contrastive checkpoint (no model state or config)")
+        raise InputError(f"{path} is not a contrastive checkpoint (no model state or config)")
     return state
 
 
@@ -77,7 +78,7 @@ def check_model_state(model: nn.Module, state: dict[str, torch.Tensor], path: st
     unexpected = [k for k in state if k not in expected]
     mismatched = [k for k, v in expected.items() if k in state and state[k].shape != v.shape]
     if missing or unexpected or mismatched:
-        raise ValueError(
+        raise InputError(
             f"checkpoint {path} does not match this model architecture: {len(missing)} missing, "
             f"{len(unexpected)} unexpected, {len(mismatched)} mismatched tensors "
             f"(e.g. {(missing + unexpected + mismatched)[:3]})"

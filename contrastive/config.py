@@ -2,7 +2,7 @@
 
 `conf/train.yaml` composes on top of `TrainConfig`, so an unknown key or a value of the wrong type fails at
 start-up with a message naming it. `validate` adds the checks types cannot express (ranges, choices,
-divisibility) and raises `ValueError` with one clear line. The registered model and loss names are passed to it:
+divisibility) and raises `ConfigError` with one clear line. The registered model and loss names are passed to it:
 the registries sit above this module.
 """
 
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from contrastive.errors import ConfigError
 
 
 @dataclass
@@ -190,7 +191,7 @@ def register_configs() -> None:
 
 def _require(condition: bool, message: str) -> None:
     if not condition:
-        raise ValueError(message)
+        raise ConfigError(message)
 
 
 def _require_choice(value: str, name: str, choices: tuple[str, ...]) -> None:
@@ -199,7 +200,7 @@ def _require_choice(value: str, name: str, choices: tuple[str, ...]) -> None:
 
 def validate(cfg: TrainConfig, world_size: int = 1, *, model_archs: Collection[str],
              loss_names: Collection[str]) -> None:
-    """Check what the schema's types cannot; raise ValueError naming the offending key.
+    """Check what the schema's types cannot; raise ConfigError naming the offending key.
 
     `model_archs`, `loss_names`: the registered names (contrastive.models.list_models, contrastive.losses.list_losses).
     """

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from contrastive.registry import Registry
+from contrastive.errors import ConfigError
 
 CONNECTORS: Registry = Registry("connector")
 
@@ -40,7 +41,7 @@ class AttentionPooler(nn.Module):
     def __init__(self, vision_dim: int, llm_dim: int, num_queries: int = 64, num_heads: int = 8) -> None:
         super().__init__()
         if llm_dim % num_heads:
-            raise ValueError(f"llm_dim={llm_dim} is not divisible by num_heads={num_heads}")
+            raise ConfigError(f"llm_dim={llm_dim} is not divisible by num_heads={num_heads}")
         self.queries = nn.Parameter(torch.randn(num_queries, llm_dim) * llm_dim ** -0.5)
         self.norm_queries = nn.LayerNorm(llm_dim)
         self.norm_tokens = nn.LayerNorm(vision_dim)
@@ -65,7 +66,7 @@ class PatchMerger(nn.Module):
         batch, count, dim = tokens.shape
         side, m = math.isqrt(count), self.merge_size
         if side * side != count or side % m:
-            raise ValueError(f"PatchMerger needs a square grid with a side divisible by {m}; got {count} tokens "
+            raise ConfigError(f"PatchMerger needs a square grid with a side divisible by {m}; got {count} tokens "
                              f"(drop the class token first)")
         grid = self.norm(tokens).reshape(batch, side // m, m, side // m, m, dim)  # rows, row offset, cols, col offset
         merged = grid.permute(0, 1, 3, 2, 4, 5).reshape(batch, (side // m) ** 2, m * m * dim)  # (B, N/m^2, m^2 D)

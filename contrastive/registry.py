@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Generic, TypeVar
+from contrastive.errors import ConfigError
 
 T = TypeVar("T", bound=Callable)
 
@@ -24,7 +25,7 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         if name not in self._builders:
-            raise ValueError(f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}")
+            raise ConfigError(f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}")
         return self._builders[name]
 
     def names(self) -> list[str]:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from contrastive import checkpoint_io
+from contrastive.errors import TrainingDiverged
 from contrastive.train import checkpoint as ckpt
 from contrastive.train.trainer import Trainer
 from contrastive.types import LossOutput
@@ -141,7 +142,7 @@ def test_a_run_of_nans_stops_with_a_clear_error(demo_root, tmp_path):
     trainer = Trainer(cfg)
     _nan_at(trainer, {4, 5, 6, 7, 8, 9})
     handlers = _preemption_handlers()
-    with pytest.raises(FloatingPointError) as error:
+    with pytest.raises(TrainingDiverged) as error:
         trainer.train()
     assert _preemption_handlers() == handlers, "given back on the way out of an error too"
     message = str(error.value)
@@ -157,7 +158,7 @@ def test_a_run_of_nans_between_log_steps_is_caught_at_the_next_one(demo_root, tm
                          + ["trainer.max_steps=8", "trainer.log_every=4", "trainer.max_nonfinite_steps=3"])
     trainer = Trainer(cfg)
     _nan_at(trainer, {0, 1, 2})
-    with pytest.raises(FloatingPointError, match="3 non-finite steps in a row before step 3 "):
+    with pytest.raises(TrainingDiverged, match="3 non-finite steps in a row before step 3 "):
         trainer.train()
     assert trainer.step == 4
 

@@ -16,6 +16,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "contrastive"
 
 LAYERS = (
+    # The user-facing error family, which every layer raises.
+    ("errors",),
     # Leaves. checkpoint_io is the checkpoint files' layout and reading, which models/ (pretrained weights, locked
     # towers) needs as much as train/, eval/ and export/.
     ("config", "types", "registry", "checkpoint_io"),

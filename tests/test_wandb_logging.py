@@ -17,6 +17,7 @@ import pytest
 from wandb.proto import wandb_internal_pb2
 
 from contrastive.config import LoggerConfig, WandbConfig
+from contrastive.errors import ConfigError
 from contrastive.train.metrics import MetricsLogger, wandb_run_id
 from tests.conftest import process_env, run, tiny_run_overrides
 
@@ -90,7 +91,7 @@ def test_online_wandb_that_cannot_start_stops_the_run_before_training(tmp_path, 
 
     monkeypatch.setattr(wandb, "init", unreachable)
     cfg = LoggerConfig(wandb=WandbConfig(mode="online"))
-    with pytest.raises(RuntimeError, match="logger=online: wandb could not start .*unreachable.*logger=offline"):
+    with pytest.raises(ConfigError, match="logger=online: wandb could not start .*unreachable.*logger=offline"):
         MetricsLogger(cfg, tmp_path, "demo", {}, enabled=True, total_steps=1, start_step=0, progress_bar=False)
     offline = LoggerConfig(wandb=WandbConfig(mode="offline"))  # offline: warned, metrics.jsonl goes on
     logger = MetricsLogger(offline, tmp_path, "demo", {}, enabled=True, total_steps=1, start_step=0,

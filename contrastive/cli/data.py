@@ -8,8 +8,8 @@ SHARDS is what data.sources.N.shards takes: a directory, a brace pattern, `pipe:
 webdataset's gopen opens (s3:// gs:// https://), several joined with '::'.
 
 To add a subcommand, write an ``_add_<name>_command(subcommands)`` that registers its parser and sets
-``run`` to a function ``(args) -> exit code``, and list it in ``_COMMANDS``. A ValueError raised by a
-command is a user mistake: it is printed as one line and the exit code is 2.
+``run`` to a function ``(args) -> exit code``, and list it in ``_COMMANDS``. A ConfigError (contrastive.errors)
+raised by a command is a user mistake: it is printed as one line and the exit code is 2.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 from contrastive.data import demo
 from contrastive.data.shard_report import ShardReport, inspect_shards
 from contrastive.data.shards import expand_shards
+from contrastive.errors import ConfigError
 
 
 def _add_demo_command(subcommands: argparse._SubParsersAction) -> None:
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args)
-    except ValueError as exc:
+    except ConfigError as exc:
         print(f"contrastive-data {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

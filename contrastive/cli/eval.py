@@ -35,6 +35,7 @@ from contrastive.eval.open_clip_models import load_open_clip_model
 from contrastive.eval.retrieval import ZeroShotRetrieval
 from contrastive.eval.zeroshot import ZeroShotClassification, result_record, write_result
 from contrastive.models.loading import load_trained_model
+from contrastive.errors import ConfigError
 
 TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval", "probe": "linear_probe"}
 
@@ -43,7 +44,7 @@ def _model_specs(args: argparse.Namespace) -> list[tuple[str, ...]]:
     specs = [("checkpoint", path) for path in args.checkpoint or []]
     specs += [("open_clip", name, weights) for name, weights in args.open_clip or []]
     if not specs:
-        raise ValueError("give at least one model: --checkpoint PATH or --open-clip NAME WEIGHTS")
+        raise ConfigError("give at least one model: --checkpoint PATH or --open-clip NAME WEIGHTS")
     return specs
 
 
@@ -58,7 +59,7 @@ def _load(spec: tuple[str, ...]) -> tuple[torch.nn.Module, object, str, str]:
 
 def _evaluators(args: argparse.Namespace) -> list:
     if args.dataset_name and len(args.dataset_root) > 1:
-        raise ValueError("--dataset-name needs a single --dataset-root")
+        raise ConfigError("--dataset-name needs a single --dataset-root")
     common = {"batch_size": args.batch_size, "num_workers": args.workers, "progress": not args.no_progress}
     if args.command == "zeroshot":
         return [ZeroShotClassification(args.dataset_name, root, args.split, classnames=args.classnames,
@@ -94,7 +95,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     specs = _model_specs(args)
     evaluators = _evaluators(args)  # opened first, so a bad dataset fails before any model is loaded
     if args.output and len(specs) * len(evaluators) > 1:
-        raise ValueError("--output names one result file; with several models or datasets use --output-dir")
+        raise ConfigError("--output names one result file; with several models or datasets use --output-dir")
     records = []
     for spec in specs:
         model, tokenizer, model_name, weights = _load(spec)
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except ValueError as error:
+    except ConfigError as error:
         print(f"contrastive-eval {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -18,6 +18,7 @@ import argparse
 import sys
 
 from contrastive.export import export_checkpoint, list_formats
+from contrastive.errors import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         exported = export_checkpoint(args.checkpoint, args.format, args.out, overwrite=args.overwrite)
-    except ValueError as error:
+    except ConfigError as error:
         print(f"contrastive-export: error: {error}", file=sys.stderr)
         return 2
     print(f"exported {exported.architecture} to {args.out}")

@@ -15,6 +15,7 @@ import hydra
 from omegaconf import DictConfig
 
 from contrastive.config import register_configs
+from contrastive.errors import ConfigError
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 log = logging.getLogger("contrastive.train")
@@ -31,7 +32,7 @@ def run(cfg: DictConfig) -> None:
     try:
         trainer = Trainer(cfg, evaluators=build_evaluators(cfg.eval))
         result = trainer.train()
-    except (ValueError, FloatingPointError) as error:  # a user mistake or a diverged run: one clear line
+    except ConfigError as error:  # a user mistake or a diverged run (TrainingDiverged): one clear line
         log.error("%s", error)
         print(f"contrastive-train: error: {error}", file=sys.stderr)
         shutdown_distributed()

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 from PIL import Image
+from contrastive.errors import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -119,20 +120,20 @@ def read_idx(path: str | Path, ndim: int) -> np.ndarray:
         if raw[:2] == b"\x1f\x8b":
             raw = gzip.decompress(raw)
     except FileNotFoundError:
-        raise ValueError(f"idx file not found: {path}") from None
+        raise InputError(f"idx file not found: {path}") from None
     except (OSError, EOFError, zlib.error) as exc:
-        raise ValueError(f"cannot read idx file {path}: {exc}") from None
+        raise InputError(f"cannot read idx file {path}: {exc}") from None
     header_size = 4 + 4 * ndim
     expected_magic = bytes([0, 0, _IDX_UNSIGNED_BYTE, ndim])
     if len(raw) < header_size or raw[:4] != expected_magic:
-        raise ValueError(
+        raise InputError(
             f"malformed idx file {path}: magic number {raw[:4].hex() or 'missing'}, "
             f"expected {expected_magic.hex()} (unsigned bytes, {ndim} dimensions)"
         )
     shape = tuple(int(size) for size in np.frombuffer(raw[4:header_size], dtype=">u4"))
     payload = raw[header_size:]
     if len(payload) != math.prod(shape):
-        raise ValueError(
+        raise InputError(
             f"malformed idx file {path}: header declares shape {shape} ({math.prod(shape)} bytes) "
             f"but {len(payload)} bytes follow"
         )
@@ -143,13 +144,13 @@ def find_idx_files(directory: str | Path) -> dict[tuple[str, str], Path]:
     """Locate the four Fashion-MNIST idx files in `directory`; raises ValueError naming any that is missing."""
     directory = Path(directory).expanduser()
     if not directory.is_dir():
-        raise ValueError(f"source directory {directory} does not exist or is not a directory")
+        raise InputError(f"source directory {directory} does not exist or is not a directory")
     found = {}
     for part, stem in _IDX_STEMS.items():
         candidates = [directory / stem, directory / f"{stem}.gz"]
         existing = [candidate for candidate in candidates if candidate.is_file()]
         if not existing:
-            raise ValueError(f"source directory {directory} is missing {stem} (or {stem}.gz)")
+            raise InputError(f"source directory {directory} is missing {stem} (or {stem}.gz)")
         found[part] = existing[0]
     return found
 
@@ -162,14 +163,14 @@ def load_fashion_mnist(directory: str | Path) -> SourceData:
         images = read_idx(files[split, "images"], ndim=3)
         labels = read_idx(files[split, "labels"], ndim=1).astype(np.int64)
         if len(labels) == 0:
-            raise ValueError(f"{files[split, 'labels']} holds no samples")
+            raise InputError(f"{files[split, 'labels']} holds no samples")
         if len(images) != len(labels):
-            raise ValueError(
+            raise InputError(
                 f"{files[split, 'images']} holds {len(images)} images but "
                 f"{files[split, 'labels']} holds {len(labels)} labels"
             )
         if labels.max() >= len(FASHION_MNIST_CLASSNAMES):
-            raise ValueError(
+            raise InputError(
                 f"{files[split, 'labels']} has label {labels.max()}, expected 0..{len(FASHION_MNIST_CLASSNAMES) - 1}"
             )
         splits[split] = SplitArrays(images, labels, np.arange(len(labels), dtype=np.int64))
@@ -213,11 +214,11 @@ def build_demo_dataset(
     `limit` keeps the first N samples of each split.
     """
     if samples_per_shard < 2:
-        raise ValueError(f"samples_per_shard must be at least 2 (test shards hold half), got {samples_per_shard}")
+        raise ConfigError(f"samples_per_shard must be at least 2 (test shards hold half), got {samples_per_shard}")
     if seed < 0:
-        raise ValueError(f"seed must be non-negative, got {seed}")
+        raise ConfigError(f"seed must be non-negative, got {seed}")
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be a positive number of samples per split, got {limit}")
+        raise ConfigError(f"limit must be a positive number of samples per split, got {limit}")
     root = Path(out_dir).expanduser().resolve()
     source_name, source_path, fell_back = _resolve_source(source)
     parameters = {
@@ -230,7 +231,7 @@ def build_demo_dataset(
     }
     if root.exists():
         if not root.is_dir():
-            raise ValueError(f"output path {root} exists and is not a directory")
+            raise InputError(f"output path {root} exists and is not a directory")
         if any(root.iterdir()):
             return _reuse_existing(root, parameters)
 
@@ -264,11 +265,11 @@ def _read_complete_info(root: Path) -> dict:
         info = json.loads(info_path.read_text())
         shard_counts = {split: int(info["splits"][split]["shards"]) for split in SPLITS}
     except FileNotFoundError:
-        raise ValueError(
+        raise InputError(
             f"{root} has no info.json: it is not a finished demo dataset; delete it and build again"
         ) from None
     except (KeyError, TypeError, ValueError) as exc:  # ValueError includes malformed JSON
-        raise ValueError(
+        raise InputError(
             f"{info_path} is not a demo dataset description ({exc!r}); delete {root} and build again"
         ) from None
     expected_files = ["classnames.txt", "zeroshot_classification_templates.txt", "dataset_type.txt"]
@@ -277,7 +278,7 @@ def _read_complete_info(root: Path) -> dict:
         expected_files.extend(f"{split}/{shard}.tar" for shard in range(shards))
     missing = [name for name in expected_files if not (root / name).is_file()]
     if missing:
-        raise ValueError(f"{root} is incomplete (missing {', '.join(missing[:3])}); delete it and build again")
+        raise InputError(f"{root} is incomplete (missing {', '.join(missing[:3])}); delete it and build again")
     return info
 
 
@@ -318,7 +319,7 @@ def _reuse_existing(root: Path, parameters: dict) -> DemoDataset:
         if built_with.get(name) != value
     ]
     if differences:
-        raise ValueError(
+        raise InputError(
             f"{root} already holds a demo dataset built with different parameters: {'; '.join(differences)}. "
             "Delete it or choose another output directory."
         )

@@ -15,6 +15,7 @@ from contrastive.data.reader import iter_shard
 from contrastive.data.shards import check_epoch_mode_slots, check_local_shards_exist, expand_shards
 from contrastive.data.stream import ImageTextStream, Source, StreamLayout, decode_sample
 from contrastive.data.transforms import BadSample, BatchNormalize, Preprocess, build_train_transform, train_decode_size
+from contrastive.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +96,10 @@ class LabelledShards(IterableDataset):
                     image, caption, label = decode_sample(raw, self.transform, self.image_size, require_caption=False)
                 except BadSample as bad:
                     # Skipping would change the denominator of every metric, so evaluation refuses bad data.
-                    raise ValueError(f"bad evaluation sample {raw['__key__']} in {url}: {bad}") from bad
+                    raise InputError(f"bad evaluation sample {raw['__key__']} in {url}: {bad}") from bad
                 yield image, caption, -1 if label is None else label, str(raw["__key__"])
         if skipped:
-            raise ValueError(f"evaluation shards are damaged: {dict(skipped)} in {urls}")
+            raise InputError(f"evaluation shards are damaged: {dict(skipped)} in {urls}")
 
 
 def build_eval_loader(urls: list[str], preprocess: Preprocess, batch_size: int, num_workers: int = 0) -> DataLoader:

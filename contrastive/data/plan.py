@@ -24,6 +24,7 @@ import webdataset as wds
 
 from contrastive.data.reader import split_key
 from contrastive.data.shards import is_local, shards_for_slot
+from contrastive.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def plan_finite_run(sources: Iterable, *, world_size: int, num_workers: int, see
                                                worker=worker, num_workers=num_workers, seed=seed, resampled=resampled)
                         epoch_samples = sum(count(url) for url in urls)
                         if epoch_samples == 0:
-                            raise ValueError(f"data source {source.name!r} has no samples for rank {rank} worker {worker}")
+                            raise ConfigError(f"data source {source.name!r} has no samples for rank {rank} worker {worker}")
                         taken += epoch_samples
                     total += share
                     continue
@@ -114,6 +115,6 @@ def plan_finite_run(sources: Iterable, *, world_size: int, num_workers: int, see
     steps = min(rank_steps)
     leftover = planned - steps * local_batch_size * world_size
     if steps == 0:
-        raise ValueError(f"the capped data sources hold {planned} samples, too few for one step of "
+        raise ConfigError(f"the capped data sources hold {planned} samples, too few for one step of "
                          f"{local_batch_size} samples on each of {world_size} ranks x {num_workers} workers")
     return RunPlan(steps=steps, planned_samples=planned, leftover_samples=leftover, rank_steps=rank_steps)

@@ -8,6 +8,7 @@ import random
 import re
 
 import braceexpand
+from contrastive.errors import InputError
 
 
 def expand_shards(pattern: str) -> list[str]:
@@ -21,7 +22,7 @@ def expand_shards(pattern: str) -> list[str]:
         elif part:
             urls.extend(braceexpand.braceexpand(part))
     if not urls:
-        raise ValueError(f"shard pattern {pattern!r} names no shards")
+        raise InputError(f"shard pattern {pattern!r} names no shards")
     return urls
 
 
@@ -38,12 +39,12 @@ def check_local_shards_exist(urls: list[str], source_name: str) -> None:
     missing = [url for url in urls if is_local(url) and not os.path.exists(url)]
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise ValueError(f"data source {source_name!r}: {len(missing)} of {len(urls)} shards do not exist: {shown}")
+        raise InputError(f"data source {source_name!r}: {len(missing)} of {len(urls)} shards do not exist: {shown}")
 
 
 def check_epoch_mode_slots(num_shards: int, world_size: int, num_workers: int, source_name: str = "") -> None:
     if num_shards < world_size * num_workers:
-        raise ValueError(
+        raise InputError(
             f"epoch mode needs at least one shard per (rank, worker) slot: data source {source_name!r} has "
             f"{num_shards} shards for {world_size} ranks x {num_workers} workers; "
             f"use fewer workers, more shards, or data.resampled=true"

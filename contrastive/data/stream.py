@@ -27,6 +27,7 @@ from contrastive.data.reader import RawSample, iter_shard
 from contrastive.data.shards import shards_for_slot, slot_seed
 from contrastive.data.transforms import IMAGE_EXTENSIONS, BadSample, decode_image
 from contrastive.types import Batch
+from contrastive.errors import InputError
 
 log = logging.getLogger(__name__)
 MIN_SAMPLES_FOR_SKIP_CHECK = 200
@@ -177,7 +178,7 @@ class ImageTextStream(IterableDataset):
                 taken += 1
                 yield current_epoch, index + 1, taken, sample
             if not yielded:
-                raise ValueError(f"data source {source.name!r} yielded no samples in a full pass over {urls[:3]}...")
+                raise InputError(f"data source {source.name!r} yielded no samples in a full pass over {urls[:3]}...")
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -268,7 +269,7 @@ class ImageTextStream(IterableDataset):
             log.warning("skipping sample %s from %s: %s", raw.get("__key__"), raw.get("__url__"), bad)
         total = total_skipped + seen
         if total >= MIN_SAMPLES_FOR_SKIP_CHECK and total_skipped > self.max_skip_fraction * total:
-            raise ValueError(
+            raise InputError(
                 f"{total_skipped} of {total} samples were bad ({dict(skipped)}), more than "
                 f"data.max_skip_fraction={self.max_skip_fraction}; check the shards (contrastive-data inspect)"
             )

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 import torch
 from PIL import Image
 from torchvision.transforms import v2
+from contrastive.errors import ConfigError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
@@ -70,7 +71,7 @@ class BatchNormalize:
 
 def _interpolation(name: str) -> v2.InterpolationMode:
     if name not in _INTERPOLATION:
-        raise ValueError(f"model.interpolation={name!r} is not one of {', '.join(_INTERPOLATION)}")
+        raise ConfigError(f"model.interpolation={name!r} is not one of {', '.join(_INTERPOLATION)}")
     return _INTERPOLATION[name]
 
 

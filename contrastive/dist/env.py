@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from contrastive.dist.collectives import LocalCollectives, ProcessGroupCollectives
 from contrastive.types import Collectives
+from contrastive.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +66,13 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_minute
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("dist.device=cuda but no CUDA device is visible; use dist.device=cpu or auto")
+            raise ConfigError("dist.device=cuda but no CUDA device is visible; use dist.device=cpu or auto")
         torch.cuda.set_device(local_rank)
         torch_device = torch.device("cuda", local_rank)
     elif device == "cpu":
         torch_device = torch.device("cpu")
     else:
-        raise ValueError(f"dist.device must be auto, cpu or cuda, got {device!r}")
+        raise ConfigError(f"dist.device must be auto, cpu or cuda, got {device!r}")
 
     if backend == "auto":
         backend = "cpu:gloo,cuda:nccl" if torch_device.type == "cuda" else "gloo"

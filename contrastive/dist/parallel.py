@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from contrastive.dist.env import DistEnv
+from contrastive.errors import ConfigError
 
 STRATEGIES = ("ddp", "fsdp")
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0 receives the tensors, on CPU
@@ -74,7 +75,7 @@ def parallelize(model: nn.Module, env: DistEnv, strategy: str = "ddp", activatio
     (the trainer then needs no autocast); DDP and a single process leave precision to the trainer's autocast.
     """
     if strategy not in STRATEGIES:
-        raise ValueError(f"dist.strategy={strategy!r} is not one of {', '.join(STRATEGIES)}")
+        raise ConfigError(f"dist.strategy={strategy!r} is not one of {', '.join(STRATEGIES)}")
     blocks = transformer_blocks(model)
     if activation_checkpointing:
         blocks = _checkpoint_blocks(model, blocks)

@@ -18,6 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from contrastive.eval.datasets import PLACEHOLDER
+from contrastive.errors import ConfigError, InputError
 
 PAD_ID = 0
 SCORING_MODES = ("parallel", "autoregressive")
@@ -27,7 +28,7 @@ def special_tokens(tokenizer) -> tuple[int, int]:
     """(start-of-text id, end-of-text id) of an open_clip tokenizer."""
     sot, eot = getattr(tokenizer, "sot_token_id", None), getattr(tokenizer, "eot_token_id", None)
     if sot is None or eot is None:
-        raise ValueError(f"{type(tokenizer).__name__} exposes no sot_token_id / eot_token_id for caption generation")
+        raise ConfigError(f"{type(tokenizer).__name__} exposes no sot_token_id / eot_token_id for caption generation")
     return sot, eot
 
 
@@ -57,7 +58,7 @@ def beam_search_captions(model: nn.Module, images: torch.Tensor, sot: int, eot: 
     competing with the live beams. Search stops when every beam is finished or max_length tokens are reached.
     """
     if beam_size < 1 or max_length < 2:
-        raise ValueError(f"need beam_size >= 1 and max_length >= 2, got {beam_size} and {max_length}")
+        raise ConfigError(f"need beam_size >= 1 and max_length >= 2, got {beam_size} and {max_length}")
     batch = images.shape[0]
     memory = model.encode_image_tokens(images).repeat_interleave(beam_size, dim=0)  # (B*K, N, D)
     sequences = torch.full((batch * beam_size, 1), sot, dtype=torch.long, device=images.device)
@@ -98,7 +99,7 @@ def caption_log_likelihoods(model: nn.Module, images: torch.Tensor, prompts: tor
     `chunk` bounds how many decoder sequences are scored at once (each holds a (T, vocab) logit table).
     """
     if mode not in SCORING_MODES:
-        raise ValueError(f"caption scoring mode {mode!r} is not one of {', '.join(SCORING_MODES)}")
+        raise ConfigError(f"caption scoring mode {mode!r} is not one of {', '.join(SCORING_MODES)}")
     length = int((prompts != PAD_ID).sum(dim=1).max())  # drop the all-padding tail
     inputs, targets = prompts[:, : length - 1], prompts[:, 1:length]  # (P, T)
     memory = model.encode_image_tokens(images)  # (B, N, D)
@@ -154,10 +155,10 @@ def caption_classification_scores(model: nn.Module, tokenizer: Callable, classna
         scores.append(classifier(images.to(device)).float().cpu())
         labels.append(torch.as_tensor(batch_labels))
     if not scores:
-        raise ValueError("caption scoring: the dataset yielded no samples")
+        raise InputError("caption scoring: the dataset yielded no samples")
     labels = torch.cat(labels)
     if (labels < 0).any() or (labels >= len(classnames)).any():
-        raise ValueError(f"labels outside 0..{len(classnames) - 1}; do the class names and the labels match?")
+        raise InputError(f"labels outside 0..{len(classnames) - 1}; do the class names and the labels match?")
     return torch.cat(scores), labels
 
 

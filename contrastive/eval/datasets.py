@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from contrastive.data.shards import expand_shards
+from contrastive.errors import InputError
 
 PLACEHOLDER = "{c}"
 
@@ -20,11 +21,11 @@ class ClassificationDataset:
 
 def read_lines(path: Path, what: str) -> list[str]:
     if not path.is_file():
-        raise ValueError(f"{what} file {path} does not exist")
+        raise InputError(f"{what} file {path} does not exist")
     lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     lines = [line for line in lines if line]
     if not lines:
-        raise ValueError(f"{what} file {path} is empty")
+        raise InputError(f"{what} file {path} is empty")
     return lines
 
 
@@ -33,13 +34,13 @@ def read_templates(path: Path) -> list[str]:
     templates = [line.replace("{}", PLACEHOLDER) for line in read_lines(path, "prompt template")]
     for number, template in enumerate(templates, start=1):
         if PLACEHOLDER not in template:
-            raise ValueError(f"{path}:{number}: template {template!r} has no {{c}} (or {{}}) placeholder for the class name")
+            raise InputError(f"{path}:{number}: template {template!r} has no {{c}} (or {{}}) placeholder for the class name")
     return templates
 
 
 def shard_urls(split_dir: Path) -> list[str]:
     if not split_dir.is_dir():
-        raise ValueError(f"dataset split directory {split_dir} does not exist")
+        raise InputError(f"dataset split directory {split_dir} does not exist")
     return expand_shards(str(split_dir))
 
 

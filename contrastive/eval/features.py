@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from tqdm import tqdm
+from contrastive.errors import ConfigError, InputError
 
 
 @dataclass
@@ -23,7 +24,7 @@ class ImageFeatures:
 
 def _check_not_empty(count: int, desc: str) -> None:
     if count == 0:
-        raise ValueError(f"{desc}: the dataset yielded no samples (are the shards or folders empty?)")
+        raise InputError(f"{desc}: the dataset yielded no samples (are the shards or folders empty?)")
 
 
 @torch.no_grad()
@@ -49,7 +50,7 @@ def encode_image_blocks(model: nn.Module, loader: Iterable, device: torch.device
     """
     visual = model.visual
     if not hasattr(visual, "forward_intermediates"):
-        raise ValueError(f"vision tower {type(visual).__name__} does not expose per-block tokens (forward_intermediates)")
+        raise ConfigError(f"vision tower {type(visual).__name__} does not expose per-block tokens (forward_intermediates)")
     per_block: list[list[torch.Tensor]] = []
     labels = []
     for images, _, batch_labels, _ in tqdm(loader, desc=desc, disable=not progress):

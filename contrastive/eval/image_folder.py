@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from contrastive.data.transforms import IMAGE_EXTENSIONS, BadSample, decode_image
+from contrastive.errors import InputError
 
 
 def is_image_folder(split_dir: Path) -> bool:
@@ -29,7 +30,7 @@ def scan_image_folder(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]
         if path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
     ]
     if not samples:
-        raise ValueError(f"image folder {split_dir} has class folders but no {'/'.join(IMAGE_EXTENSIONS)} images")
+        raise InputError(f"image folder {split_dir} has class folders but no {'/'.join(IMAGE_EXTENSIONS)} images")
     return folders, samples
 
 
@@ -49,7 +50,7 @@ class ImageFolderSamples(Dataset):
         try:
             image = decode_image(path.read_bytes(), self.image_size)
         except BadSample as bad:
-            raise ValueError(f"bad evaluation image {path}: {bad}") from bad
+            raise InputError(f"bad evaluation image {path}: {bad}") from bad
         return self.transform(image), "", label, str(path)
 
 

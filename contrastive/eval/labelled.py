@@ -18,6 +18,7 @@ from contrastive.eval.datasets import read_lines, read_templates
 from contrastive.eval.image_folder import build_image_folder_loader, is_image_folder, scan_image_folder
 from contrastive.eval.prompts import load_classnames, load_templates
 from contrastive.models.registry import model_image_size
+from contrastive.errors import InputError
 
 CLASSNAMES_FILE = "classnames.txt"
 TEMPLATES_FILE = "zeroshot_classification_templates.txt"
@@ -47,21 +48,21 @@ def check_shards_not_empty(urls: list[str]) -> None:
         if not is_local(url):
             continue
         if Path(url).stat().st_size == 0:
-            raise ValueError(f"shard {url} is empty (0 bytes)")
+            raise InputError(f"shard {url} is empty (0 bytes)")
         try:
             with tarfile.open(url) as archive:
                 first = archive.next()
         except tarfile.TarError as error:
-            raise ValueError(f"shard {url} is not a readable tar file: {error}") from error
+            raise InputError(f"shard {url} is not a readable tar file: {error}") from error
         if first is None:
-            raise ValueError(f"shard {url} is empty (a tar archive with no samples)")
+            raise InputError(f"shard {url} is empty (a tar archive with no samples)")
 
 
 def _shard_urls(split_dir: Path) -> list[str]:
     urls = expand_shards(str(split_dir))
     missing = [url for url in urls if is_local(url) and not Path(url).exists()]
     if missing:
-        raise ValueError(f"shard {missing[0]} does not exist")
+        raise InputError(f"shard {missing[0]} does not exist")
     check_shards_not_empty(urls)
     return urls
 
@@ -69,7 +70,7 @@ def _shard_urls(split_dir: Path) -> list[str]:
 def _split_dir(root: Path, split: str) -> Path:
     split_dir = root / split
     if not split_dir.is_dir():
-        raise ValueError(f"dataset split directory {split_dir} does not exist")
+        raise InputError(f"dataset split directory {split_dir} does not exist")
     return split_dir
 
 
@@ -88,7 +89,7 @@ def open_classification_dataset(root: str | Path, split: str = "test", name: str
         else:
             names = load_classnames(classnames) if classnames else read_lines(root / CLASSNAMES_FILE, "class name")
         if len(names) != len(folders):
-            raise ValueError(f"{len(names)} class names for {len(folders)} class folders in {split_dir}")
+            raise InputError(f"{len(names)} class names for {len(folders)} class folders in {split_dir}")
     else:
         urls = _shard_urls(split_dir)
         names = load_classnames(classnames) if classnames else read_lines(root / CLASSNAMES_FILE, "class name")
@@ -97,7 +98,7 @@ def open_classification_dataset(root: str | Path, split: str = "test", name: str
     elif (root / TEMPLATES_FILE).is_file() or urls:
         prompts = read_templates(root / TEMPLATES_FILE)
     else:
-        raise ValueError(f"{root} has no {TEMPLATES_FILE}; give templates (a file, or a built-in name such as "
+        raise InputError(f"{root} has no {TEMPLATES_FILE}; give templates (a file, or a built-in name such as "
                          f"openai_imagenet)")
     return EvalDataset(name or root.name, split_dir, urls, images, names, prompts)
 

@@ -23,6 +23,7 @@ from torch import nn
 from contrastive.eval.features import ImageFeatures, encode_images
 from contrastive.eval.labelled import open_classification_dataset
 from contrastive.eval.zeroshot import build_classifier, classification_metrics
+from contrastive.errors import ConfigError
 
 WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
@@ -84,7 +85,7 @@ def fit_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor,
     """Pick the weight decay with the best validation acc1 (the smaller one on ties), then refit with it
     (on train + validation when `refit_on_validation`)."""
     if prior is not None and standardize:
-        raise ValueError("a zero-shot prior lives in the embedding space; it cannot be combined with standardize")
+        raise ConfigError("a zero-shot prior lives in the embedding space; it cannot be combined with standardize")
     mean = std = None
     if standardize:
         mean, std = train_x.mean(dim=0), train_x.std(dim=0).clamp_min(1e-6)
@@ -110,7 +111,7 @@ def sample_per_class(labels: torch.Tensor, k: int, seed: int, exclude: torch.Ten
     for cls in labels.unique().tolist():
         pool = torch.nonzero((labels == cls) & allowed).flatten()
         if len(pool) < k:
-            raise ValueError(f"class {cls} has {len(pool)} samples available, fewer than the {k} asked for")
+            raise ConfigError(f"class {cls} has {len(pool)} samples available, fewer than the {k} asked for")
         chosen.append(pool[torch.randperm(len(pool), generator=generator)[:k]])
     return torch.cat(chosen)
 
@@ -139,7 +140,7 @@ def full_probe(train: ImageFeatures | tuple[torch.Tensor, torch.Tensor], test: I
     train_x, train_y = (train.features, train.labels) if isinstance(train, ImageFeatures) else train
     test_x, test_y = (test.features, test.labels) if isinstance(test, ImageFeatures) else test
     if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be within (0, 1), got {val_fraction}")
+        raise ConfigError(f"val_fraction must be within (0, 1), got {val_fraction}")
     order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(seed))
     cut = max(1, int(len(order) * val_fraction))
     val, fit = order[:cut], order[cut:]

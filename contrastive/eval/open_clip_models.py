@@ -15,6 +15,7 @@ from open_clip.model import get_model_preprocess_cfg
 from torch import nn
 
 from contrastive.config import ModelConfig
+from contrastive.errors import InputError
 
 
 class OpenClipEvalModel(nn.Module):
@@ -50,16 +51,16 @@ class OpenClipEvalModel(nn.Module):
 def load_open_clip_model(name: str, weights: str | Path) -> tuple[OpenClipEvalModel, object, dict]:
     """(model in eval mode, tokenizer, description) for an open_clip config name and a local weights file."""
     if name.startswith(("hf-hub:", "local-dir:")) or name not in open_clip.list_models():
-        raise ValueError(f"{name!r} is not an open_clip model config name (see open_clip.list_models())")
+        raise InputError(f"{name!r} is not an open_clip model config name (see open_clip.list_models())")
     if not Path(weights).is_file():
-        raise ValueError(f"open_clip weights file {weights} does not exist (weights are never downloaded)")
+        raise InputError(f"open_clip weights file {weights} does not exist (weights are never downloaded)")
     try:
         clip = open_clip.create_model(name, pretrained=str(weights))
     except (RuntimeError, KeyError) as error:
-        raise ValueError(f"weights {weights} do not fit open_clip model {name} (weights of another architecture, "
+        raise InputError(f"weights {weights} do not fit open_clip model {name} (weights of another architecture, "
                          f"or a checkpoint of ours: pass that as --checkpoint): {str(error).splitlines()[0]}") from error
     try:
         tokenizer = open_clip.get_tokenizer(name)
     except OSError as error:
-        raise ValueError(f"the tokenizer of {name} is not available offline: {error}") from error
+        raise InputError(f"the tokenizer of {name} is not available offline: {error}") from error
     return OpenClipEvalModel(clip, name).eval(), tokenizer, {"name": name, "checkpoint": str(weights)}

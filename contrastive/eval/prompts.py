@@ -10,6 +10,7 @@ from importlib import resources
 from pathlib import Path
 
 from contrastive.eval.datasets import PLACEHOLDER, read_lines, read_templates
+from contrastive.errors import InputError
 
 BUILTIN_CLASSNAMES = {"imagenet1k": "imagenet1k_classnames.txt", "cifar10": "cifar10_classnames.txt",
                       "cifar100": "cifar100_classnames.txt"}
@@ -25,7 +26,7 @@ def _file_or_builtin(spec: str, builtin: dict[str, str], what: str) -> Path:
         return _resource(builtin[spec])
     path = Path(spec)
     if not path.is_file():
-        raise ValueError(f"{what} {spec!r} is neither a file nor a built-in list ({', '.join(builtin)})")
+        raise InputError(f"{what} {spec!r} is neither a file nor a built-in list ({', '.join(builtin)})")
     return path
 
 

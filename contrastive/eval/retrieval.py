@@ -20,6 +20,7 @@ from tqdm import tqdm
 from contrastive.eval.features import encode_images
 from contrastive.eval.labelled import open_retrieval_dataset
 from contrastive.eval.zeroshot import require_text_tower
+from contrastive.errors import InputError
 
 RECALL_KS = (1, 5, 10)
 
@@ -53,7 +54,7 @@ def split_captions(captions: list[str], keys: list[str]) -> tuple[list[str], tor
     for index, (caption, key) in enumerate(zip(captions, keys)):
         lines = [line.strip() for line in caption.splitlines() if line.strip()]
         if not lines:
-            raise ValueError(f"retrieval sample {key} has no caption (.txt)")
+            raise InputError(f"retrieval sample {key} has no caption (.txt)")
         texts.extend(lines)
         owners.extend([index] * len(lines))
     return texts, torch.tensor(owners)

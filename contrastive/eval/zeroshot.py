@@ -18,11 +18,12 @@ from contrastive.eval.captioning import caption_classification_scores
 from contrastive.eval.features import encode_images
 from contrastive.eval.labelled import open_classification_dataset
 from contrastive.eval.prompts import fill_template
+from contrastive.errors import ConfigError, InputError
 
 
 def require_text_tower(model: nn.Module, task: str) -> None:
     if not hasattr(model, "encode_text"):
-        raise ValueError(f"{task} needs a text encoder; a {type(model).__name__} model has none")
+        raise ConfigError(f"{task} needs a text encoder; a {type(model).__name__} model has none")
 
 
 @torch.no_grad()
@@ -80,7 +81,7 @@ class ZeroShotClassification:
         images = encode_images(model, loader, device, progress=self.progress, desc=f"zero-shot {self.name}")
         labels = images.labels
         if (labels < 0).any() or (labels >= len(self.dataset.classnames)).any():
-            raise ValueError(f"{self.name}: labels outside 0..{len(self.dataset.classnames) - 1}; "
+            raise InputError(f"{self.name}: labels outside 0..{len(self.dataset.classnames) - 1}; "
                              f"do the class names and the shards' .cls files match?")
         return classification_metrics(images.features @ classifier.float().cpu().T, labels)
 

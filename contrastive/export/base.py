@@ -15,6 +15,7 @@ from torch import nn
 
 from contrastive.data.transforms import Preprocess
 from contrastive.registry import Registry
+from contrastive.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -33,10 +34,10 @@ EXPORT_FORMATS: Registry[Exporter] = Registry("export format")
 def tower_image_size(visual: nn.Module) -> int:
     size = getattr(visual, "image_size", None)
     if size is None:
-        raise ValueError(f"cannot tell the input size of the {type(visual).__name__} image tower")
+        raise ConfigError(f"cannot tell the input size of the {type(visual).__name__} image tower")
     height, width = (size, size) if isinstance(size, int) else tuple(size)
     if height != width:
-        raise ValueError(f"image size {height}x{width} is not square; exports describe one square input size")
+        raise ConfigError(f"image size {height}x{width} is not square; exports describe one square input size")
     return height
 
 
@@ -48,8 +49,8 @@ def preprocess_of(model: nn.Module) -> Preprocess:
 def prepare_output_dir(out: str | Path, overwrite: bool) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a directory")
+        raise ConfigError(f"--out {out} is a file, not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"--out {out} is not empty; choose a new directory or pass --overwrite")
+        raise ConfigError(f"--out {out} is not empty; choose a new directory or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
     return out

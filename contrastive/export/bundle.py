@@ -18,6 +18,7 @@ from torch import nn
 from contrastive.config import ModelConfig
 from contrastive.data.transforms import Preprocess
 from contrastive.export.base import EXPORT_FORMATS, Exported, preprocess_of
+from contrastive.errors import ConfigError
 
 CONFIG_FILE = "encoder.json"
 WEIGHTS_FILE = "vision.safetensors"
@@ -37,14 +38,14 @@ def tower_depth(visual: nn.Module) -> int:
     trunk = getattr(visual, "trunk", None)
     if trunk is not None and hasattr(trunk, "blocks"):
         return len(trunk.blocks)
-    raise ValueError(f"the {type(visual).__name__} image tower is not a ViT; patch tokens need a transformer tower")
+    raise ConfigError(f"the {type(visual).__name__} image tower is not a ViT; patch tokens need a transformer tower")
 
 
 def block_index(feature_layer: int, depth: int) -> int:
     """Hidden-state index as transformers and LLaVA count (0 = embeddings, k = output of block k, -1 = last)
     -> 0-based block index. The embeddings themselves are not offered: they carry no image context."""
     if not (1 <= feature_layer <= depth or -depth <= feature_layer <= -1):
-        raise ValueError(f"feature_layer={feature_layer} is outside 1..{depth} and -{depth}..-1 for a {depth}-block tower")
+        raise ConfigError(f"feature_layer={feature_layer} is outside 1..{depth} and -{depth}..-1 for a {depth}-block tower")
     return feature_layer - 1 if feature_layer > 0 else depth + feature_layer
 
 
@@ -80,10 +81,10 @@ def load_vision_encoder(path: str | Path, feature_layer: int | None = None) -> V
 
     path = Path(path)
     if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
-        raise ValueError(f"{path} is not an encoder bundle: it needs {CONFIG_FILE} and {WEIGHTS_FILE}")
+        raise ConfigError(f"{path} is not an encoder bundle: it needs {CONFIG_FILE} and {WEIGHTS_FILE}")
     record = json.loads((path / CONFIG_FILE).read_text())
     if record.get("bundle_version") != BUNDLE_VERSION:
-        raise ValueError(f"{path / CONFIG_FILE} has bundle_version {record.get('bundle_version')}; "
+        raise ConfigError(f"{path / CONFIG_FILE} has bundle_version {record.get('bundle_version')}; "
                          f"this contrastive reads version {BUNDLE_VERSION}")
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     model_cfg = ModelConfig(**{k: v for k, v in record["model_config"].items() if k in known})

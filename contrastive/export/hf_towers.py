@@ -20,6 +20,7 @@ import torch
 from open_clip.transformer import QuickGELU as OpenClipQuickGELU
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
+from contrastive.errors import ConfigError
 
 Weights = dict[str, torch.Tensor]
 
@@ -30,12 +31,12 @@ def activation_name(module: nn.Module) -> str:
         return "gelu" if module.approximate == "none" else "gelu_pytorch_tanh"
     if isinstance(module, OpenClipQuickGELU) or type(module).__name__ == "QuickGELU":
         return "quick_gelu"
-    raise ValueError(f"activation {type(module).__name__} has no transformers equivalent (gelu, gelu_pytorch_tanh, quick_gelu)")
+    raise ConfigError(f"activation {type(module).__name__} has no transformers equivalent (gelu, gelu_pytorch_tanh, quick_gelu)")
 
 
 def layer_norm_eps(norm: nn.Module, where: str) -> float:
     if not isinstance(norm, nn.LayerNorm) or not norm.elementwise_affine or norm.bias is None:
-        raise ValueError(f"{where} is {type(norm).__name__}, not an affine LayerNorm with bias as transformers uses")
+        raise ConfigError(f"{where} is {type(norm).__name__}, not an affine LayerNorm with bias as transformers uses")
     return norm.eps
 
 
@@ -45,7 +46,7 @@ def layer_scale(module: nn.Module) -> torch.Tensor | None:
         return None
     gamma = getattr(module, "gamma", None)
     if gamma is None:
-        raise ValueError(f"unexpected layer-scale module {type(module).__name__}")
+        raise ConfigError(f"unexpected layer-scale module {type(module).__name__}")
     return gamma.detach()
 
 
@@ -74,13 +75,13 @@ def _split_in_proj(weight: torch.Tensor, bias: torch.Tensor, prefix: str) -> Wei
 def _square(size: Any, what: str) -> int:
     height, width = (size, size) if isinstance(size, int) else tuple(size)
     if height != width:
-        raise ValueError(f"{what} {height}x{width} is not square; transformers' CLIP/SigLIP vision configs take one size")
+        raise ConfigError(f"{what} {height}x{width} is not square; transformers' CLIP/SigLIP vision configs take one size")
     return height
 
 
 def _require(condition: bool, reason: str) -> None:
     if not condition:
-        raise ValueError(reason)
+        raise ConfigError(reason)
 
 
 def clip_vision(visual: nn.Module) -> tuple[dict[str, Any], Weights]:

@@ -18,6 +18,7 @@ from torch import nn
 
 from contrastive.export.base import EXPORT_FORMATS, Exported, preprocess_of
 from contrastive.models.registry import tower_configs
+from contrastive.errors import ConfigError
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
@@ -45,7 +46,7 @@ def open_clip_model_config(model: nn.Module) -> tuple[nn.Module, dict]:
         model_cfg["multimodal_cfg"] = dataclasses.asdict(multimodal_config(cfg.decoder, text, embed_dim))
         model_cfg["custom_text"] = True  # how open_clip's factory picks CoCa (with multimodal_cfg present)
     else:
-        raise ValueError(f"model.arch={cfg.arch!r} has no open_clip counterpart (open_clip has CLIP, SigLIP and CoCa); "
+        raise ConfigError(f"model.arch={cfg.arch!r} has no open_clip counterpart (open_clip has CLIP, SigLIP and CoCa); "
                          f"use --format bundle or --format transformers for its image tower")
     model_cfg["vision_cfg"], model_cfg["text_cfg"] = vision, text
     return module, model_cfg

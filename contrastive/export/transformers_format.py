@@ -14,6 +14,7 @@ from torch import nn
 
 from contrastive.export.base import EXPORT_FORMATS, Exported, preprocess_of
 from contrastive.export.hf_towers import clip_vision, siglip_vision
+from contrastive.errors import ConfigError
 
 # PIL resampling codes, as transformers' image processors store them.
 _PIL_RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}
@@ -23,7 +24,7 @@ def _transformers():
     try:
         import transformers
     except ImportError as error:
-        raise ValueError("--format transformers needs the transformers package: pip install transformers") from error
+        raise ConfigError("--format transformers needs the transformers package: pip install transformers") from error
     return transformers
 
 
@@ -39,7 +40,7 @@ def build_hf_vision_model(visual: nn.Module) -> nn.Module:
         config_kwargs, weights = siglip_vision(visual)
         model_class, config = transformers.SiglipVisionModel, transformers.SiglipVisionConfig(**config_kwargs)
     else:
-        raise ValueError(f"the {type(visual).__name__} image tower has no transformers counterpart; "
+        raise ConfigError(f"the {type(visual).__name__} image tower has no transformers counterpart; "
                          f"use --format open_clip or --format bundle")
     model = model_class(config)
     # The in-memory prefix of the vision transformer differs between transformers versions ("vision_model." or "").

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from contrastive.config import LossConfig
 from contrastive.losses.registry import LOSSES
 from contrastive.types import Batch, Collectives, LossOutput, ModelOutput
+from contrastive.errors import ConfigError
 
 IGNORE_INDEX = -100
 
@@ -35,14 +36,14 @@ def caption_loss(
 
 def require_captions(output: ModelOutput, loss_name: str) -> None:
     if output.caption_logits is None or output.caption_targets is None:
-        raise ValueError(f"loss={loss_name} needs a captioning model (model.arch=cappa or coca); "
+        raise ConfigError(f"loss={loss_name} needs a captioning model (model.arch=cappa or coca); "
                          f"this model returns no caption logits")
 
 
 def refuse_block_size(cfg: LossConfig) -> None:
     """Captioning cross-entropy has no (B, N) logits to score in blocks: a set block_size would silently do nothing."""
     if cfg.block_size is not None:
-        raise ValueError(f"loss.block_size applies to loss=clip and loss=siglip; loss={cfg.name} does not score "
+        raise ConfigError(f"loss.block_size applies to loss=clip and loss=siglip; loss={cfg.name} does not score "
                          f"in blocks: leave it null")
 
 

@@ -15,6 +15,7 @@ from contrastive.config import LossConfig
 from contrastive.losses.blockwise import blockwise_log_sum_exp
 from contrastive.losses.registry import LOSSES
 from contrastive.types import Batch, Collectives, LossOutput, ModelOutput
+from contrastive.errors import ConfigError
 
 
 def _gather_global_batch(image_features: torch.Tensor, text_features: torch.Tensor, collectives: Collectives):
@@ -60,7 +61,7 @@ def blockwise_clip_loss(
 class ClipLoss:
     def __init__(self, cfg: LossConfig) -> None:
         if cfg.block_size is not None and cfg.block_size <= 0:
-            raise ValueError(f"loss.block_size must be a positive integer or null, got {cfg.block_size}")
+            raise ConfigError(f"loss.block_size must be a positive integer or null, got {cfg.block_size}")
         self.cfg = cfg
 
     def __call__(self, output: ModelOutput, batch: Batch, collectives: Collectives) -> LossOutput:

@@ -17,6 +17,7 @@ from contrastive.config import LossConfig
 from contrastive.losses.blockwise import blockwise_sigmoid_loss
 from contrastive.losses.registry import LOSSES
 from contrastive.types import Batch, Collectives, LossOutput, ModelOutput
+from contrastive.errors import ConfigError
 
 
 def sigmoid_pair_loss(
@@ -65,12 +66,12 @@ def siglip_loss(
 class SigLipLoss:
     def __init__(self, cfg: LossConfig) -> None:
         if cfg.block_size is not None and cfg.block_size <= 0:
-            raise ValueError(f"loss.block_size must be a positive integer or null, got {cfg.block_size}")
+            raise ConfigError(f"loss.block_size must be a positive integer or null, got {cfg.block_size}")
         self.cfg = cfg
 
     def __call__(self, output: ModelOutput, batch: Batch, collectives: Collectives) -> LossOutput:
         if output.logit_bias is None:
-            raise ValueError("loss=siglip needs a learnable logit bias: set model.init_logit_bias (SigLIP uses -10)")
+            raise ConfigError("loss=siglip needs a learnable logit bias: set model.init_logit_bias (SigLIP uses -10)")
         loss = siglip_loss(output.image_features, output.text_features, output.logit_scale, output.logit_bias,
                            collectives, self.cfg.block_size)
         return LossOutput(

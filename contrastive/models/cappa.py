@@ -26,6 +26,7 @@ from torch import nn
 from contrastive.config import ModelConfig
 from contrastive.models.registry import MODELS, tower_configs
 from contrastive.types import ModelOutput
+from contrastive.errors import ConfigError
 
 IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index
 PAD_ID = 0
@@ -44,12 +45,12 @@ def decoder_config(values: dict) -> CaptionDecoderCfg:
     known = {f.name for f in dataclasses.fields(CaptionDecoderCfg)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"model.decoder has unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise ConfigError(f"model.decoder has unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     cfg = CaptionDecoderCfg(**values)
     if not 0.0 <= cfg.parallel_prob <= 1.0:
-        raise ValueError(f"model.decoder.parallel_prob must be within [0, 1], got {cfg.parallel_prob}")
+        raise ConfigError(f"model.decoder.parallel_prob must be within [0, 1], got {cfg.parallel_prob}")
     if cfg.width % cfg.heads:
-        raise ValueError(f"model.decoder.width={cfg.width} is not divisible by model.decoder.heads={cfg.heads}")
+        raise ConfigError(f"model.decoder.width={cfg.width} is not divisible by model.decoder.heads={cfg.heads}")
     return cfg
 
 
@@ -135,14 +136,14 @@ class CapPaModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         if cfg.init_logit_bias is not None:  # it would be ignored: no sigmoid loss scores this model's pairs
-            raise ValueError("model.init_logit_bias is SigLIP's learnable bias; model.arch=cappa has none: "
+            raise ConfigError("model.init_logit_bias is SigLIP's learnable bias; model.arch=cappa has none: "
                              "leave it null")
         embed_dim, vision, text = tower_configs(cfg)
         vision = {**vision, "output_tokens": True}
         if vision.get("timm_model_name") or isinstance(vision.get("layers"), (list, tuple)):
-            raise ValueError("model.arch=cappa needs an open_clip ViT image tower (no timm or ResNet towers)")
+            raise ConfigError("model.arch=cappa needs an open_clip ViT image tower (no timm or ResNet towers)")
         if embed_dim != vision["width"]:
-            raise ValueError(f"model.embed_dim={embed_dim} must equal model.vision.width={vision['width']} for "
+            raise ConfigError(f"model.embed_dim={embed_dim} must equal model.vision.width={vision['width']} for "
                              f"CapPa: its image embedding is the pooled encoder output, with no projection")
         self.visual = _build_vision_tower(embed_dim, CLIPVisionCfg(**vision), quick_gelu=cfg.quick_gelu)
         self.visual.proj = None  # no contrastive head; a parameter without gradient would also stall DDP

@@ -21,20 +21,21 @@ from contrastive.config import ModelConfig
 from contrastive.models.cappa import shift_captions
 from contrastive.models.registry import MODELS, tower_configs
 from contrastive.types import ModelOutput
+from contrastive.errors import ConfigError
 
 
 def multimodal_config(decoder: dict, text: dict, embed_dim: int) -> MultimodalCfg:
     known = {f.name for f in dataclasses.fields(MultimodalCfg)}
     unknown = sorted(set(decoder) - known)
     if unknown:
-        raise ValueError(f"model.decoder has unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise ConfigError(f"model.decoder has unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     values = {"context_length": text.get("context_length", 77), "vocab_size": text.get("vocab_size", 49408),
               "width": embed_dim, **decoder}
     if values["width"] != embed_dim:
-        raise ValueError(f"model.decoder.width={values['width']} must equal model.embed_dim={embed_dim}: "
+        raise ConfigError(f"model.decoder.width={values['width']} must equal model.embed_dim={embed_dim}: "
                          f"open_clip's CoCa decoder cross-attends to the attentional pooler's {embed_dim}-d tokens")
     if text.get("width", 512) != values["width"]:
-        raise ValueError(f"model.text.width={text.get('width', 512)} must equal model.decoder.width={values['width']}: "
+        raise ConfigError(f"model.text.width={text.get('width', 512)} must equal model.decoder.width={values['width']}: "
                          f"the multimodal decoder continues from the text tower's token states")
     return MultimodalCfg(**values)
 
@@ -45,11 +46,11 @@ class CoCaModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         if cfg.init_logit_bias is not None:  # it would be ignored: no sigmoid loss scores this model's pairs
-            raise ValueError("model.init_logit_bias is SigLIP's learnable bias; model.arch=coca has none: "
+            raise ConfigError("model.init_logit_bias is SigLIP's learnable bias; model.arch=coca has none: "
                              "leave it null")
         embed_dim, vision, text = tower_configs(cfg)
         if vision.get("timm_model_name"):
-            raise ValueError("model.arch=coca needs an open_clip ViT image tower (its attentional pooler)")
+            raise ConfigError("model.arch=coca needs an open_clip ViT image tower (its attentional pooler)")
         # What makes the towers CoCa's: pooled + token outputs from both, an attention-pooled image, a text CLS.
         vision = {**vision, "attentional_pool": True, "output_tokens": True}
         text = {**text, "embed_cls": True, "output_tokens": True}

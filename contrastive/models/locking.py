@@ -16,6 +16,7 @@ from torch import nn
 
 from contrastive.checkpoint_io import load_checkpoint
 from contrastive.config import LockConfig, TowerLockConfig
+from contrastive.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +31,11 @@ def tower_root(model: nn.Module, tower: str) -> tuple[str, nn.Module]:
         for name, module in model.named_modules():
             if module is getattr(model, "visual", None):
                 return f"{name}.", module
-        raise ValueError(f"{type(model).__name__} has no image tower (model.visual) to lock or load")
+        raise ConfigError(f"{type(model).__name__} has no image tower (model.visual) to lock or load")
     clip = getattr(model, "clip", None)
     if tower == "text" and clip is not None and hasattr(clip, "encode_text"):
         return "clip.", clip
-    raise ValueError(f"{type(model).__name__} has no text tower to lock or load (lock.text fits model.arch=clip)")
+    raise ConfigError(f"{type(model).__name__} has no text tower to lock or load (lock.text fits model.arch=clip)")
 
 
 def tower_parameter_names(model: nn.Module, tower: str) -> list[str]:
@@ -48,7 +49,7 @@ def tower_parameter_names(model: nn.Module, tower: str) -> list[str]:
 def _blocks(root: nn.Module, prefix: str) -> tuple[str, nn.ModuleList]:
     lists = [(name, module) for name, module in root.named_modules() if isinstance(module, nn.ModuleList)]
     if not lists:
-        raise ValueError(f"no block list found under {prefix!r} to leave the last blocks unlocked")
+        raise ConfigError(f"no block list found under {prefix!r} to leave the last blocks unlocked")
     name, blocks = max(lists, key=lambda item: len(item[1]))
     return f"{prefix}{name}.", blocks
 
@@ -61,7 +62,7 @@ def trainable_names(model: nn.Module, tower: str, cfg: TowerLockConfig) -> set[s
     if cfg.unlocked_blocks:
         blocks_prefix, blocks = _blocks(root, prefix)
         if cfg.unlocked_blocks > len(blocks):
-            raise ValueError(f"lock.{tower}.unlocked_blocks={cfg.unlocked_blocks} but the tower has {len(blocks)} blocks")
+            raise ConfigError(f"lock.{tower}.unlocked_blocks={cfg.unlocked_blocks} but the tower has {len(blocks)} blocks")
         for index in range(len(blocks) - cfg.unlocked_blocks, len(blocks)):
             keep |= {f"{blocks_prefix}{index}.{n}" for n, _ in blocks[index].named_parameters()}
         keep |= {name for name in names if not name.startswith(blocks_prefix)
@@ -83,7 +84,7 @@ def load_tower(model: nn.Module, tower: str, path: str) -> None:
     mismatched = [f"{name} {tuple(state[name].shape)} vs {tuple(expected[name].shape)}"
                   for name in names if name in state and state[name].shape != expected[name].shape]
     if missing or mismatched:
-        raise ValueError(f"lock.{tower}.checkpoint={path} does not match this model's {tower} tower: "
+        raise InputError(f"lock.{tower}.checkpoint={path} does not match this model's {tower} tower: "
                          f"{len(missing)} missing and {len(mismatched)} mismatched tensors "
                          f"(e.g. {(missing + mismatched)[:3]}); its model config: {checkpoint['config'].get('model')}")
     with torch.no_grad():
@@ -100,7 +101,7 @@ def apply_locks(model: nn.Module, cfg: LockConfig) -> None:
             load_tower(model, tower, tower_cfg.checkpoint)
         if not tower_cfg.locked:
             if tower_cfg.unlocked_blocks or tower_cfg.unlocked_norms:
-                raise ValueError(f"lock.{tower}.unlocked_blocks/unlocked_norms need lock.{tower}.locked=true")
+                raise ConfigError(f"lock.{tower}.unlocked_blocks/unlocked_norms need lock.{tower}.locked=true")
             continue
         keep = trainable_names(model, tower, tower_cfg)
         parameters = dict(model.named_parameters())

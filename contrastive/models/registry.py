@@ -12,6 +12,7 @@ from torch import nn
 from contrastive.checkpoint_io import load_model_weights
 from contrastive.config import ModelConfig
 from contrastive.registry import Registry
+from contrastive.errors import ConfigError
 
 MODELS: Registry = Registry("model")
 
@@ -31,7 +32,7 @@ def _checked_fields(values: dict[str, Any], schema: type, section: str) -> dict[
     known = {f.name for f in dataclasses.fields(schema)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"model.{section} has unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise ConfigError(f"model.{section} has unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     return dict(values)
 
 
@@ -41,7 +42,7 @@ def tower_configs(cfg: ModelConfig) -> tuple[int, dict[str, Any], dict[str, Any]
     if cfg.open_clip_name:
         base = open_clip.get_model_config(cfg.open_clip_name)
         if base is None:
-            raise ValueError(
+            raise ConfigError(
                 f"model.open_clip_name={cfg.open_clip_name!r} is not an open_clip model config; "
                 f"see open_clip.list_models()"
             )
@@ -49,9 +50,9 @@ def tower_configs(cfg: ModelConfig) -> tuple[int, dict[str, Any], dict[str, Any]
     text = {**base.get("text_cfg", {}), **_checked_fields(cfg.text, CLIPTextCfg, "text")}
     embed_dim = cfg.embed_dim if cfg.embed_dim is not None else base.get("embed_dim")
     if embed_dim is None:
-        raise ValueError("model.embed_dim is required when model.open_clip_name is not set")
+        raise ConfigError("model.embed_dim is required when model.open_clip_name is not set")
     if vision.get("timm_model_pretrained"):
-        raise ValueError("model.vision.timm_model_pretrained downloads weights; use model.pretrained with a local file")
+        raise ConfigError("model.vision.timm_model_pretrained downloads weights; use model.pretrained with a local file")
     return embed_dim, vision, text
 
 
@@ -61,6 +62,6 @@ def model_image_size(cfg: ModelConfig) -> int:
     size = vision.get("image_size", 224)
     if isinstance(size, (list, tuple)):
         if size[0] != size[1]:
-            raise ValueError(f"model.vision.image_size={size}: only square images are supported")
+            raise ConfigError(f"model.vision.image_size={size}: only square images are supported")
         size = size[0]
     return int(size)

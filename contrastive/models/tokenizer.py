@@ -9,6 +9,7 @@ import torch
 
 from contrastive.config import ModelConfig
 from contrastive.models.registry import tower_configs
+from contrastive.errors import ConfigError
 
 Tokenizer = Callable[[list[str]], torch.Tensor]  # texts -> (N, context_length) int64
 
@@ -22,7 +23,7 @@ def build_tokenizer(cfg: ModelConfig) -> Tokenizer:
     try:
         return open_clip.HFTokenizer(hf_name, context_length=context_length, **(text.get("tokenizer_kwargs") or {}))
     except OSError as error:
-        raise ValueError(
+        raise ConfigError(
             f"tokenizer {hf_name!r} is not in the local Hugging Face cache and cannot be downloaded here; "
             f"set model.text.hf_tokenizer_name=null to use open_clip's bundled BPE tokenizer"
         ) from error

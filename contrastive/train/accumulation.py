@@ -29,6 +29,7 @@ from torch import nn
 
 from contrastive.losses.registry import Objective
 from contrastive.types import Batch, Collectives, LossOutput, ModelOutput
+from contrastive.errors import ConfigError
 
 FEATURE_CACHE_LOSSES = ("clip", "siglip")  # the loss is a function of the features and the scale/bias only
 PER_EXAMPLE_LOSSES = ("cappa",)  # mean of per-example terms: summing micro-batch means is exact
@@ -45,7 +46,7 @@ def batch_rows(batch: Batch, rows: slice) -> Batch:
 def micro_batches(batch: Batch, steps: int) -> list[Batch]:
     """Split a local batch into `steps` equal micro-batches."""
     if len(batch) % steps:
-        raise ValueError(f"local batch of {len(batch)} is not divisible by trainer.accumulation_steps={steps}")
+        raise ConfigError(f"local batch of {len(batch)} is not divisible by trainer.accumulation_steps={steps}")
     size = len(batch) // steps
     return [batch_rows(batch, slice(index * size, (index + 1) * size)) for index in range(steps)]
 
@@ -181,7 +182,7 @@ def build_forward_backward(model: nn.Module, objective: Objective, loss_name: st
         return FeatureCache(model, objective, collectives, autocast, steps)
     if loss_name in PER_EXAMPLE_LOSSES:
         return SummedMicroBatches(model, objective, collectives, autocast, steps)
-    raise ValueError(
+    raise ConfigError(
         f"trainer.accumulation_steps={steps} is not supported with loss={loss_name}: a feature cache fits "
         f"{', '.join(FEATURE_CACHE_LOSSES)} and summed micro-batches fit {', '.join(PER_EXAMPLE_LOSSES)}; "
         f"use trainer.accumulation_steps=1 with a smaller data.batch_size or more ranks"

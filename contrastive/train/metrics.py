@@ -12,6 +12,7 @@ from typing import Any
 from tqdm import tqdm
 
 from contrastive.config import LoggerConfig
+from contrastive.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,8 @@ class MetricsLogger:
             )
         except Exception as error:  # noqa: BLE001 - wandb raises many kinds; each is reported the same way
             if cfg.wandb.mode == "online":  # asked for explicitly: a run that silently logs nowhere is lost work
-                raise RuntimeError(f"logger=online: wandb could not start ({error}); fix the connection or "
-                                   f"credentials, or use logger=offline (wandb sync later)") from error
+                raise ConfigError(f"logger=online: wandb could not start ({error}); fix the connection or "
+                                  f"credentials, or use logger=offline (wandb sync later)") from error
             log.warning("wandb could not start (%s); continuing with metrics.jsonl only", error)
             return None
 

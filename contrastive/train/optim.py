@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from contrastive.config import OptimConfig
 from contrastive.dist.parallel import replicated
+from contrastive.errors import ConfigError
 
 NO_DECAY_NAME_PARTS = ("logit_scale", "logit_bias", "bias", "norm", "ln_", ".ln", "bn")
 
@@ -28,7 +29,7 @@ def _optimizer_class(path: str) -> type[torch.optim.Optimizer]:
     try:
         return getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError, ValueError) as error:
-        raise ValueError(f"optim.optimizer={path!r} cannot be imported: {error}") from error
+        raise ConfigError(f"optim.optimizer={path!r} cannot be imported: {error}") from error
 
 
 def _lr_multiplier_of(name: str, multipliers: dict[str, float]) -> float:
@@ -47,7 +48,7 @@ def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
             groups.setdefault(key, []).append(parameter)
     unused = sorted(set(cfg.lr_multipliers) - used_prefixes)
     if unused:
-        raise ValueError(f"optim.lr_multipliers prefix(es) {unused} match no parameter name (e.g. 'clip.visual.')")
+        raise ConfigError(f"optim.lr_multipliers prefix(es) {unused} match no parameter name (e.g. 'clip.visual.')")
     return [
         {"params": params, "weight_decay": cfg.weight_decay if decay else 0.0, "lr": cfg.lr * multiplier}
         for (decay, multiplier), params in sorted(groups.items(), key=lambda item: (not item[0][0], -item[0][1]))
@@ -72,7 +73,7 @@ def _adam_kwargs(optimizer_class: type[torch.optim.Optimizer], cfg: OptimConfig)
         if name in accepted:
             kwargs[name] = value
         elif value != default:
-            raise ValueError(f"optim.{name}={list(value) if name == 'betas' else value} does nothing: "
+            raise ConfigError(f"optim.{name}={list(value) if name == 'betas' else value} does nothing: "
                              f"{cfg.optimizer} takes no {name}; remove the override")
     return kwargs
 
@@ -84,7 +85,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     try:
         return optimizer_class(parameter_groups(model, cfg), lr=cfg.lr, **kwargs)
     except (TypeError, RuntimeError) as error:
-        raise ValueError(f"optim.optimizer={cfg.optimizer} rejected its arguments {kwargs}: {error}") from error
+        raise ConfigError(f"optim.optimizer={cfg.optimizer} rejected its arguments {kwargs}: {error}") from error
 
 
 def skips_without_host_sync(optimizer: torch.optim.Optimizer) -> bool:

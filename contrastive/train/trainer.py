@@ -39,6 +39,7 @@ from contrastive.train.metrics import MetricsLogger
 from contrastive.train.optim import (NonfiniteReport, NonfiniteSteps, build_optimizer, build_scheduler,
                                      optimizer_step)
 from contrastive.types import Evaluator
+from contrastive.errors import ConfigError, TrainingDiverged
 
 log = logging.getLogger(__name__)
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SIGUSR1: SLURM's --signal warning before the time limit
@@ -95,7 +96,7 @@ class Trainer:
         if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:
             resume = "latest"  # torchrun restarted the workers after a failure: continue, do not start over
         if resume is None and checkpoint_io.list_checkpoints(self.run_dir):
-            raise ValueError(f"{self.run_dir} already holds checkpoints of another run; "
+            raise ConfigError(f"{self.run_dir} already holds checkpoints of another run; "
                              f"pass resume=latest to continue it, or choose another name=")
         if self.env.is_main:
             for partial in ckpt.remove_partial_writes(self.run_dir):
@@ -248,7 +249,7 @@ class Trainer:
         where = f"ending at step {last_step}" if since_last_read.ongoing_run == since_last_read.longest_run \
             else f"before step {last_step}"
         last = checkpoint_io.list_checkpoints(self.run_dir)
-        raise FloatingPointError(
+        raise TrainingDiverged(
             f"{since_last_read.longest_run} non-finite steps in a row {where} "
             f"(loss terms: { {k: float(v) for k, v in result.metrics.items()} }); "
             f"last good checkpoint: {last[-1][1] if last else 'none'}"
@@ -281,7 +282,7 @@ class Trainer:
         if self.step == self.saved_step:
             return
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
-            raise FloatingPointError(f"model weights are not finite at step {self.step}; not checkpointing them")
+            raise TrainingDiverged(f"model weights are not finite at step {self.step}; not checkpointing them")
         positions = self.env.collectives.all_gather_object(self.data_positions)
         rng = self.env.collectives.all_gather_object(_rng_state())
         # Full, name-keyed states, so the checkpoint loads under either strategy and any world size.
