@@ -97,21 +97,67 @@ def tiny_cappa() -> torch.nn.Module:
     return build_model(ModelConfig(arch="cappa", embed_dim=32, vision=vision, text=text, decoder=decoder)).eval()
 
 
-@pytest.mark.parametrize("mode", ["autoregressive", "parallel"])
-def test_caption_log_likelihood_equals_direct_sum(mode):
+def toy_log_likelihood(model: ToyCaptioner, image: torch.Tensor, sequence: list[int]) -> float:
+    """By hand from the toy's tables: logits at position t are token_table[x_t] + position_table[t] + image."""
+    total = 0.0
+    for t in range(len(sequence) - 1):
+        logits = model.token_table[sequence[t]] + model.position_table[t] + image[0]
+        total += (logits[sequence[t + 1]] - torch.logsumexp(logits, dim=0)).item()
+    return total
+
+
+def test_autoregressive_caption_scores_equal_a_hand_computed_sum_on_the_toy():
+    model = ToyCaptioner()
+    images = torch.randn(3, 1, VOCAB, generator=torch.Generator().manual_seed(4))
+    captions = [[SOT, 1, 2, EOT], [SOT, 3, EOT], [SOT, 2, 2, 3, 1, EOT]]  # padded with zeros, which are not scored
+    prompts = torch.zeros(len(captions), 7, dtype=torch.long)
+    for row, caption in zip(prompts, captions):
+        row[: len(caption)] = torch.tensor(caption)
+    scores = caption_log_likelihoods(model, images, prompts, mode="autoregressive", chunk=4)
+    assert scores.shape == (3, 3)
+    for i, image in enumerate(images):
+        for p, caption in enumerate(captions):
+            assert scores[i, p].item() == pytest.approx(toy_log_likelihood(model, image, caption), rel=1e-5, abs=1e-5)
+
+
+def test_autoregressive_caption_scores_equal_prefix_by_prefix_decoding():
+    """Teacher forcing, one prefix at a time: the logits for token t+1 come from decoding prompt[:t+1] alone, so a
+    decoder that peeks at later tokens (a broken causal mask) or a shifted target makes the scores differ."""
     model = tiny_cappa()
     tokenizer = build_tokenizer(model.cfg)
     images = torch.randn(2, 3, 28, 28)
     prompts = tokenizer(["a photo of a bag.", "a coat", "a picture of an ankle boot."])
-    scores = caption_log_likelihoods(model, images, prompts, mode=mode, chunk=2)
-    memory = model.encode_image_tokens(images)
-    for i in range(2):
-        for p in range(3):
-            log_probs = model.decode(memory[i : i + 1], prompts[p : p + 1, :-1], parallel=mode == "parallel")
-            log_probs = log_probs.log_softmax(-1)[0]
-            targets = prompts[p, 1:]
-            expected = sum(log_probs[t, targets[t]] for t in range(len(targets)) if targets[t] != 0)
-            assert scores[i, p].item() == pytest.approx(expected.item(), rel=1e-5)
+    scores = caption_log_likelihoods(model, images, prompts, mode="autoregressive", chunk=2)
+    with torch.no_grad():
+        memory = model.encode_image_tokens(images)
+        for i in range(2):
+            for p in range(3):
+                tokens = [t for t in prompts[p].tolist() if t != 0]
+                expected = 0.0
+                for t in range(1, len(tokens)):
+                    logits = model.decode(memory[i : i + 1], torch.tensor([tokens[:t]]))[0, -1]
+                    expected += (logits[tokens[t]] - torch.logsumexp(logits, dim=0)).item()
+                assert scores[i, p].item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_parallel_caption_scores_equal_per_position_predictions_from_mask_tokens():
+    """Parallel prediction reads mask tokens, not the prompt: decoding any token sequence of the training length
+    in parallel mode gives the same per-position logits, and a prompt's score sums them at its own tokens."""
+    model = tiny_cappa()
+    tokenizer = build_tokenizer(model.cfg)
+    images = torch.randn(2, 3, 28, 28)
+    prompts = tokenizer(["a photo of a bag.", "a coat", "a picture of an ankle boot."])
+    scores = caption_log_likelihoods(model, images, prompts, mode="parallel", chunk=1)
+    length = prompts.shape[1] - 1
+    with torch.no_grad():
+        memory = model.encode_image_tokens(images)
+        unrelated = torch.randint(1, 1000, (1, length), generator=torch.Generator().manual_seed(0))
+        for i in range(2):
+            log_probs = model.decode(memory[i : i + 1], unrelated, parallel=True)[0].log_softmax(-1)  # (T, V)
+            for p in range(3):
+                tokens = [t for t in prompts[p].tolist() if t != 0]
+                expected = sum(log_probs[t - 1, tokens[t]].item() for t in range(1, len(tokens)))
+                assert scores[i, p].item() == pytest.approx(expected, rel=1e-4)
 
 
 def test_scoring_classifier_averages_templates_per_class():

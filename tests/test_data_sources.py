@@ -7,6 +7,7 @@ import json
 from collections import Counter
 
 import pytest
+import torch
 from torch.utils.data import DataLoader
 
 from contrastive.data.plan import count_shard_samples, plan_finite_run
@@ -115,3 +116,42 @@ def test_finite_epoch_run_under_torchrun_sees_each_key_once_and_states_the_lefto
     assert figures["steps"][0] == figures["steps"][1] > 0, "every rank stops at the same step"
     assert figures["repeats"] == 0 and figures["past_plan"] == 0
     assert figures["unseen"] == figures["leftover"] == sum(sizes) - figures["steps"][0] * 8
+
+
+def _positions_before(batches: list, k: int) -> dict:
+    """The per-worker positions a checkpoint after step k holds: each worker's latest batch state."""
+    positions = {}
+    for batch in batches[:k]:
+        positions[batch.stream_state["worker"]] = batch.stream_state
+    return positions
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_after_the_epoch_wraps_reproduces_a_finite_multi_epoch_run(tmp_path, tokenizer, num_workers):
+    sources = [Source("web", _shards(tmp_path, "w", [9, 7, 11, 5]), 1.0, epochs=3)]  # 32 samples, 3 passes
+    slots = max(1, num_workers)
+    stream = lambda **kw: _stream(sources, tokenizer, num_workers=slots, batch=4, **kw)  # noqa: E731
+    steps = plan_finite_run(sources, world_size=1, num_workers=slots, seed=3, resampled=False,
+                            local_batch_size=4).steps
+    straight = _batches(stream(), steps, num_workers)
+    keys = Counter(key for batch in straight for key in batch.keys)
+    assert len(keys) == 32 and set(keys.values()) <= {2, 3}  # 3 passes, less what the slots' last batches leave
+    epochs = [batch.stream_state["sources"]["web"][0] for batch in straight]
+    first_wrap = epochs.index(1)
+    for k in (first_wrap + 1, first_wrap + 5):  # resumed just after, and well after, the first epoch boundary
+        resumed = _batches(stream(start_step=k, positions=_positions_before(straight, k)), steps - k, num_workers)
+        assert [b.keys for b in resumed] == [b.keys for b in straight[k:]], k
+        assert all(torch.equal(a.images, b.images) for a, b in zip(resumed, straight[k:])), "augmentation differs"
+
+
+def test_resume_with_weighted_sources_continues_the_same_key_sequence(tmp_path, tokenizer):
+    sources = [Source("big", _shards(tmp_path, "big", [30, 30]), 0.7), Source("small", _shards(tmp_path, "sm", [12]), 0.3)]
+    straight = _batches(_stream(sources, tokenizer, batch=5), 16)
+    small_epochs = [batch.stream_state["sources"]["small"][0] for batch in straight]
+    assert max(small_epochs) >= 1, "the small source must wrap inside the run"
+    for k in (3, small_epochs.index(1) + 1):
+        resumed = _batches(_stream(sources, tokenizer, batch=5, start_step=k, positions=_positions_before(straight, k)),
+                           16 - k)
+        assert [b.keys for b in resumed] == [b.keys for b in straight[k:]], k
+    mixed = [key for batch in straight for key in batch.keys]
+    assert {key[:2] for key in mixed} == {"bi", "sm"}

@@ -31,11 +31,20 @@ def test_linear_probe_notebook(tmp_path, monkeypatch):
     shots = results["shots"]
     assert list(shots) == ["1", "2", "4", "8", "16"]
     assert results["test_samples"] == 1024
-    # Even a briefly trained tower separates Fashion-MNIST far above chance (0.1) with all the training data,
-    # and more shots help.
-    assert results["full"]["acc1"] > 0.5
-    assert shots["16"]["plain"] > shots["1"]["plain"]
-    assert 0 <= results["zeroshot"]["acc1"] <= 1
+    assert len(results["seeds"]) >= 5  # every k-shot figure is a mean over at least 5 subset draws
+    plain = [shots[k]["plain"] for k in shots]
+    warm = [shots[k]["zeroshot_prior"] for k in shots]
+    full, zeroshot = results["full"]["acc1"], results["zeroshot"]["acc1"]
+    # What the notebook exists to show, on a briefly trained tower (30 steps), with the slack stated:
+    # 1. the k-shot curve rises: every doubling of the shots may lose at most 0.02 (about 20 of 1024 test images,
+    #    the noise of a 5-draw mean at these sizes), and 16 shots beat 1 shot by a clear 0.05;
+    assert all(later >= earlier - 0.02 for earlier, later in zip(plain, plain[1:])), plain
+    assert plain[-1] >= plain[0] + 0.05, plain
+    # 2. the zero-shot prior helps where data is scarcest: at 1 and 2 shots its mean beats the plain probe's;
+    assert warm[0] > plain[0] and warm[1] > plain[1], (warm, plain)
+    # 3. a probe on all the training data beats zero-shot, and is far above chance (0.1).
+    assert full > zeroshot, (full, zeroshot)
+    assert full > 0.5
 
 
 def test_layerwise_probe_notebook(tmp_path, monkeypatch):
@@ -43,6 +52,10 @@ def test_layerwise_probe_notebook(tmp_path, monkeypatch):
     _execute("layerwise_probe.ipynb", tmp_path, monkeypatch, CONTRASTIVE_LAYERWISE_RESULTS=str(results_path))
     curves = json.loads(results_path.read_text())["curves"]
     assert "CLIP" in curves
-    for label, accuracies in curves.items():
+    for label, accuracies in curves.items():  # every tower's curve, not one
         assert len(accuracies) == 4, label  # the tiny towers have 4 blocks
-        assert max(accuracies) > 0.5, (label, accuracies)
+        # Each block's mean-pooled tokens carry the class far above chance (0.1) for a probe on 1024 images...
+        assert min(accuracies) > 0.3, (label, accuracies)
+        # ...and depth does not throw it away: the last block is within 0.05 of the best one (the point of the
+        # notebook is that a late block is a sound export choice).
+        assert accuracies[-1] >= max(accuracies) - 0.05, (label, accuracies)
