@@ -55,12 +55,13 @@ def iter_shard(url: str, skipped: Counter) -> Iterator[RawSample]:
                 key, extension = split_key(member.name)
                 if key.startswith("__") or not extension:
                     continue
-                data = archive.extractfile(member).read()
                 if current is None or current["__key__"] != key:
+                    # A new key completes the previous sample: hand it on before reading this member, whose data
+                    # may be where the shard breaks.
                     if current is not None:
                         yield current
                     current = {"__key__": key, "__url__": url}
-                current[extension] = data
+                current[extension] = archive.extractfile(member).read()
             # Streaming tarfile ends quietly at EOF; a complete archive has a zero block after the last member.
             if counting.bytes_read < archive.offset + tarfile.BLOCKSIZE:
                 raise EOFError(f"no end-of-archive marker after {counting.bytes_read} bytes")
