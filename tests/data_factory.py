@@ -12,8 +12,8 @@ from PIL import Image
 
 def png(size: tuple[int, int] = (28, 28), mode: str = "L") -> bytes:
     buffer = io.BytesIO()
-    if mode == "I;16":
-        Image.fromarray(np.full(size[::-1], 1000, dtype=np.uint16)).save(buffer, format="PNG")
+    if mode == "F":  # float pixels: PNG cannot hold them, TIFF can (the stream sniffs the format, not the name)
+        Image.new(mode, size, 0.5).save(buffer, format="TIFF")
     else:
         Image.new(mode, size, 128).save(buffer, format="PNG")
     return buffer.getvalue()
@@ -44,7 +44,7 @@ def good_samples(prefix: str, count: int) -> list[tuple[str, dict[str, bytes]]]:
 # Reason each bad sample is counted under, by key.
 BAD_SAMPLES = {
     "corrupt": ("corrupt_image", {"png": b"\x89PNG not really", "txt": b"a caption"}),
-    "sixteenbit": ("wrong_image_mode", {"png": png(mode="I;16"), "txt": b"a caption"}),
+    "floatpixels": ("wrong_image_mode", {"png": png(mode="F"), "txt": b"a caption"}),
     "tiny": ("wrong_image_size", {"png": png((4, 4)), "txt": b"a caption"}),
     "nocaption": ("missing_caption", {"png": png()}),
     "emptycaption": ("empty_caption", {"png": png(), "txt": b"   "}),

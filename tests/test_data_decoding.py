@@ -82,7 +82,6 @@ def test_cmyk_and_rgba_images_are_used_with_their_colours(tmp_path, tokenizer):
         assert (used[key].amax(dim=(1, 2)) - used[key].amin(dim=(1, 2))).max() <= 2 * tolerance + 1, key  # flat
 
 
-@pytest.mark.xfail(strict=True, reason="16-bit decode fixed on another branch")
 def test_sixteen_bit_greyscale_png_is_used_scaled_to_eight_bits(tmp_path, tokenizer):
     values = (np.arange(32 * 32, dtype=np.uint32) * 64).astype(np.uint16).reshape(32, 32)  # 0 .. 65472
     buffer = io.BytesIO()

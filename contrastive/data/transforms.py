@@ -7,6 +7,7 @@ import io
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import v2
@@ -29,8 +30,16 @@ class BadSample(Exception):
         self.reason = reason
 
 
-# Modes PIL converts to RGB faithfully; 16-bit and float images (I;16, I, F) would be clipped to garbage.
+# Modes PIL converts to RGB faithfully.
 RGB_CONVERTIBLE_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"})
+# 16-bit greyscale (PNG, TIFF; PIL opens some as 32-bit "I"): PIL's own convert would clip every value above 255 to
+# white, so these are scaled to 8 bits (value >> 8) first. Float images ("F") have no agreed range and are skipped.
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
+
+
+def _eight_bit_greyscale(image: Image.Image) -> Image.Image:
+    values = np.asarray(image, dtype=np.int64)
+    return Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8), mode="L")
 
 
 def decode_image(data: bytes, decode_size: int, min_size: int = 1) -> Image.Image:
@@ -38,12 +47,14 @@ def decode_image(data: bytes, decode_size: int, min_size: int = 1) -> Image.Imag
     mode: 1/2, 1/4 or 1/8, never below `decode_size` on either side), which skips most of the decoding work."""
     try:
         image = Image.open(io.BytesIO(data))
-        if image.mode not in RGB_CONVERTIBLE_MODES:
+        if image.mode not in RGB_CONVERTIBLE_MODES | SIXTEEN_BIT_MODES:
             raise BadSample("wrong_image_mode", f"mode {image.mode}")
         if min(image.size) < min_size:
             raise BadSample("wrong_image_size", f"size {image.size} is below data.min_image_size={min_size}")
         if image.format == "JPEG":
             image.draft("RGB", (decode_size, decode_size))
+        if image.mode in SIXTEEN_BIT_MODES:
+            image = _eight_bit_greyscale(image)
         image = image.convert("RGB")
     except BadSample:
         raise
