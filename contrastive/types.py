@@ -3,12 +3,10 @@ the collectives losses talk to other ranks through, and the evaluators a trainin
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Protocol
 
 import torch
-from torch import nn
 
 
 @dataclass
@@ -101,8 +99,12 @@ class Collectives(Protocol):
 
 
 class Evaluator(Protocol):
-    """Scores a model on one dataset (contrastive.eval): `name` prefixes its metrics in a training log."""
+    """Scores an encoder on one dataset (contrastive.eval): `name` prefixes its metrics in a training log.
+
+    `encoder` is a contrastive.encoders.LoadedEncoder (model, preprocessing, tokenizer); that layer sits above
+    this leaf, so it is not named in the annotation.
+    """
 
     name: str
 
-    def run(self, model: nn.Module, tokenizer: Callable, device: torch.device) -> dict[str, float]: ...
+    def run(self, encoder: Any, device: torch.device) -> dict[str, float]: ...

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from contrastive.config import ModelConfig
+from contrastive.encoders import encoder_from_model
 from contrastive.eval.captioning import (
     CaptionScoringClassifier, beam_search_captions, caption_log_likelihoods, caption_texts, greedy_captions,
     named_class,
@@ -180,7 +181,7 @@ def test_caption_texts_strip_special_tokens():
 def test_shared_zero_shot_evaluator_scores_captions_for_a_model_without_text_tower(demo_root):
     model = tiny_cappa()
     evaluator = ZeroShotClassification("fm", demo_root, "test", batch_size=128)
-    metrics = evaluator.run(model, build_tokenizer(model.cfg), torch.device("cpu"))
+    metrics = evaluator.run(encoder_from_model(model), torch.device("cpu"))
     assert set(metrics) == {"acc1", "acc5", "mean_per_class_recall"}
     assert 0 <= metrics["acc1"] <= metrics["acc5"] <= 1
 

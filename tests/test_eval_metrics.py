@@ -7,7 +7,7 @@ import tarfile
 import pytest
 import torch
 
-from contrastive.eval.labelled import check_shards_not_empty, open_classification_dataset
+from contrastive.eval.datasets import check_shards_not_empty, open_classification_dataset
 from contrastive.eval.linear_probe import fit_probe, full_probe, sample_per_class
 from contrastive.eval.prompts import load_classnames, load_templates
 from contrastive.eval.retrieval import retrieval_metrics, split_captions

@@ -19,10 +19,10 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from contrastive.cli.eval import main as eval_main
+from contrastive.encoders import load_encoder
 from contrastive.eval.evaluators import build_evaluators
 from contrastive.eval.zeroshot import ZeroShotClassification
 from contrastive.config import EvalConfig, RetrievalDatasetConfig, ZeroShotDatasetConfig
-from contrastive.models.loading import load_trained_model
 from tests.conftest import run, tiny_run_overrides
 
 
@@ -67,9 +67,9 @@ def _straightforward_acc1(model, tokenizer, root: Path) -> float:
 
 
 def test_zeroshot_acc1_matches_a_straightforward_implementation(checkpoint_run, demo_root):
-    model, tokenizer, _ = load_trained_model(checkpoint_run)
-    ours = ZeroShotClassification("fm", demo_root, "test", batch_size=100).run(model, tokenizer, torch.device("cpu"))
-    assert ours["acc1"] == pytest.approx(_straightforward_acc1(model, tokenizer, demo_root), abs=1e-6)
+    encoder = load_encoder(checkpoint_run)
+    ours = ZeroShotClassification("fm", demo_root, "test", batch_size=100).run(encoder, torch.device("cpu"))
+    assert ours["acc1"] == pytest.approx(_straightforward_acc1(encoder.model, encoder.tokenizer, demo_root), abs=1e-6)
 
 
 def test_cli_writes_one_result_per_pair_and_a_summary(checkpoint_run, demo_root, tmp_path):
@@ -105,14 +105,14 @@ def test_retrieval_cli_and_training_evaluators(checkpoint_run, demo_root, tmp_pa
     assert set(record["metrics"]) == {f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)}
     cfg = EvalConfig(zeroshot=[ZeroShotDatasetConfig("fm", str(demo_root))],
                      retrieval=[RetrievalDatasetConfig("fm-captions", str(demo_root))], batch_size=128)
-    model, tokenizer, _ = load_trained_model(checkpoint_run)
     evaluators = build_evaluators(cfg)
     assert [e.name for e in evaluators] == ["fm", "fm-captions"]
-    assert evaluators[1].run(model, tokenizer, torch.device("cpu")) == pytest.approx(record["metrics"], abs=1e-6)
+    assert evaluators[1].run(load_encoder(checkpoint_run), torch.device("cpu")) == pytest.approx(record["metrics"], abs=1e-6)
 
 
 def test_open_clip_weights_load_and_wrong_ones_are_named(checkpoint_run, demo_root, tmp_path, capsys):
-    model, _, run = load_trained_model(checkpoint_run)
+    encoder = load_encoder(checkpoint_run)
+    model, run = encoder.model, encoder.run_config
     vision, text = dict(run["model"]["vision"]), dict(run["model"]["text"])
     config = {"embed_dim": run["model"]["embed_dim"], "vision_cfg": vision, "text_cfg": text}
     (tmp_path / "tiny-test-clip.json").write_text(json.dumps(config))

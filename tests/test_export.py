@@ -4,6 +4,7 @@ checkpoint, and zero-shot top-1 is unchanged through CLIPVisionModelWithProjecti
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -16,11 +17,11 @@ from PIL import Image
 from torch import nn
 
 from contrastive.cli.export import main as export_main
+from contrastive.encoders import load_encoder
 from contrastive.eval.zeroshot import ZeroShotClassification
 from contrastive.export import EXPORT_FORMATS, VisionEncoder, load_vision_encoder, preprocess_of
 from contrastive.export.transformers_format import build_hf_vision_model
 from contrastive.models import build_model, list_models
-from contrastive.models.loading import load_trained_model
 from tests.conftest import run, tiny_run_overrides
 from tests.export_models import (clip_style_config, randomized, registered_model_config, siglip_style_config,
                                  tiny_config)
@@ -151,7 +152,7 @@ class HFImageTower(nn.Module):
 
     def __init__(self, hf_model: nn.Module, ours: nn.Module) -> None:
         super().__init__()
-        self.hf_model, self.ours, self.cfg = hf_model, ours, ours.cfg
+        self.hf_model, self.ours = hf_model, ours
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         features = self.hf_model(pixel_values=images).image_embeds
@@ -182,12 +183,12 @@ def test_cli_exports_every_format_with_a_model_card(trained_run, tmp_path):
 
 
 def test_zero_shot_top1_unchanged_through_transformers(trained_run, demo_root, tmp_path):
-    model, tokenizer, _ = load_trained_model(trained_run)
+    encoder = load_encoder(trained_run)
     assert export_main(["--checkpoint", str(trained_run), "--format", "transformers", "--out", str(tmp_path)]) == 0
     hf_model = transformers.CLIPVisionModelWithProjection.from_pretrained(tmp_path).eval()
     evaluator = ZeroShotClassification(None, demo_root, "test", batch_size=128)
-    before = evaluator.run(model, tokenizer, torch.device("cpu"))
-    after = evaluator.run(HFImageTower(hf_model, model), tokenizer, torch.device("cpu"))
+    before = evaluator.run(encoder, torch.device("cpu"))
+    after = evaluator.run(dataclasses.replace(encoder, model=HFImageTower(hf_model, encoder.model)), torch.device("cpu"))
     assert after["acc1"] == before["acc1"] and after["acc5"] == before["acc5"]
 
 

@@ -24,6 +24,9 @@ LAYERS = (
     # Building blocks. Losses get their collectives as a value (the `Collectives` protocol is in types).
     # connectors holds nn.Modules that sit between an exported encoder and an LLM; it needs only the registry.
     ("dist", "data", "models", "losses", "connectors"),
+    # A model joined with its preprocessing (data) and tokenizer, read from any format: what evaluation, export,
+    # the trainer's evaluators and other consumers of a trained encoder take.
+    ("encoders",),
     # What is done with the blocks. export reads checkpoints and models, and needs neither training nor evaluation.
     ("train", "eval", "export"),
     ("cli",),

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from contrastive.eval.datasets import load_classification_dataset, read_templates
+from contrastive.eval.datasets import open_classification_dataset
+from contrastive.eval.prompts import read_templates
 from contrastive.eval.zeroshot import classification_metrics, result_record, write_result
 
 
@@ -34,7 +35,7 @@ def test_metrics_with_fewer_than_five_classes():
 
 
 def test_demo_dataset_in_clip_benchmark_layout(demo_root):
-    dataset = load_classification_dataset(demo_root, "test")
+    dataset = open_classification_dataset(demo_root, "test")
     assert len(dataset.classnames) == 10 and dataset.urls[0].endswith("/0.tar")
     assert all("{c}" in t for t in dataset.templates)
 
@@ -50,13 +51,13 @@ def test_templates_accept_openai_placeholder_and_reject_missing_one(tmp_path):
 
 def test_missing_files_give_clear_errors(tmp_path, demo_root):
     with pytest.raises(ValueError, match="dataset split directory .* does not exist"):
-        load_classification_dataset(tmp_path, "test")
+        open_classification_dataset(tmp_path, "test")
     (tmp_path / "test").mkdir()
     with pytest.raises(ValueError, match="names no shards"):
-        load_classification_dataset(tmp_path, "test")
+        open_classification_dataset(tmp_path, "test")
     (tmp_path / "test" / "0.tar").write_bytes((demo_root / "test" / "0.tar").read_bytes())
     with pytest.raises(ValueError, match="class name file .*classnames.txt does not exist"):
-        load_classification_dataset(tmp_path, "test")
+        open_classification_dataset(tmp_path, "test")
 
 
 def test_result_json_shape(tmp_path):

@@ -8,11 +8,13 @@
     contrastive-eval probe --checkpoint runs/demo --dataset-root data/demo/fashion-mnist --train-split train
     contrastive-eval caption --checkpoint runs/demo_cappa --dataset-root data/demo/fashion-mnist --count 100
 
-Models: --checkpoint takes checkpoint files or run directories (their newest checkpoint); --open-clip NAME WEIGHTS
-(repeatable) an open_clip config name and a local weights file. Datasets: clip_benchmark's wds layout
-(ROOT/SPLIT/*.tar; .cls labels, classnames.txt, zeroshot_classification_templates.txt; for retrieval, .txt with
-one caption per line) or, for classification, an image folder ROOT/SPLIT/CLASS/*.jpg. --classnames / --templates
-take a file or a built-in list (imagenet1k, cifar10, cifar100 / openai_imagenet, simple).
+Models: --checkpoint takes checkpoint files or run directories (their newest checkpoint), open_clip directories
+(open_clip_config.json + weights) or transformers directories (config.json + preprocessor_config.json; image-only
+ones are for `probe`); --open-clip NAME WEIGHTS (repeatable) an open_clip config name and a local weights file.
+Datasets: clip_benchmark's wds layout (ROOT/SPLIT/*.tar; .cls labels, classnames.txt,
+zeroshot_classification_templates.txt; for retrieval, .txt with one caption per line) or, for classification, an
+image folder ROOT/SPLIT/CLASS/*.jpg. --classnames / --templates take a file or a built-in list (imagenet1k, cifar10,
+cifar100 / openai_imagenet, simple).
 Every (model, dataset) pair gives one clip_benchmark-shaped JSON in --output-dir, plus summary.csv there;
 --output names the JSON file when there is one pair.
 """
@@ -28,33 +30,24 @@ from pathlib import Path
 
 import torch
 
+from contrastive.encoders import load_encoder
 from contrastive.eval.captioning import caption_dataset, named_class
-from contrastive.eval.labelled import open_classification_dataset
+from contrastive.eval.datasets import open_classification_dataset
 from contrastive.eval.linear_probe import LinearProbeEvaluation
-from contrastive.eval.open_clip_models import load_open_clip_model
 from contrastive.eval.retrieval import ZeroShotRetrieval
 from contrastive.eval.zeroshot import ZeroShotClassification, result_record, write_result
-from contrastive.models.loading import load_trained_model
 from contrastive.errors import ConfigError
 
 TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval", "probe": "linear_probe"}
 
 
-def _model_specs(args: argparse.Namespace) -> list[tuple[str, ...]]:
-    specs = [("checkpoint", path) for path in args.checkpoint or []]
-    specs += [("open_clip", name, weights) for name, weights in args.open_clip or []]
+def _model_specs(args: argparse.Namespace) -> list[tuple[str, str | None]]:
+    """(path, open_clip config name or None) per model, as load_encoder takes them."""
+    specs = [(path, None) for path in args.checkpoint or []]
+    specs += [(weights, name) for name, weights in args.open_clip or []]
     if not specs:
         raise ConfigError("give at least one model: --checkpoint PATH or --open-clip NAME WEIGHTS")
     return specs
-
-
-def _load(spec: tuple[str, ...]) -> tuple[torch.nn.Module, object, str, str]:
-    """(model, tokenizer, model name, weights path) as clip_benchmark's `model` / `pretrained` fields use them."""
-    if spec[0] == "checkpoint":
-        model, tokenizer, run = load_trained_model(spec[1])
-        return model, tokenizer, str(run.get("name", "model")), run["checkpoint"]
-    model, tokenizer, info = load_open_clip_model(spec[1], spec[2])
-    return model, tokenizer, info["name"], info["checkpoint"]
 
 
 def _evaluators(args: argparse.Namespace) -> list:
@@ -97,15 +90,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.output and len(specs) * len(evaluators) > 1:
         raise ConfigError("--output names one result file; with several models or datasets use --output-dir")
     records = []
-    for spec in specs:
-        model, tokenizer, model_name, weights = _load(spec)
-        model.to(device)
+    for path, open_clip_name in specs:
+        encoder = load_encoder(path, open_clip_name, device)
         for evaluator in evaluators:
-            metrics = evaluator.run(model, tokenizer, device)
-            records.append(result_record(evaluator.name, model_name, metrics, weights, task=TASKS[args.command]))
-            print(f"{TASKS[args.command]}: {evaluator.name} ({args.split}), {model_name} {weights}")
+            metrics = evaluator.run(encoder, device)
+            # clip_benchmark's `model` / `pretrained` fields: the model's name and the weights it was read from.
+            records.append(result_record(evaluator.name, encoder.name, metrics, encoder.source,
+                                         task=TASKS[args.command]))
+            print(f"{TASKS[args.command]}: {evaluator.name} ({args.split}), {encoder.name} {encoder.source}")
             print("  " + "  ".join(f"{name}={value:.4f}" for name, value in metrics.items()))
-        del model
+        del encoder
     if args.output:
         write_result(args.output, records[0])
         print(f"written to {args.output}")
@@ -123,18 +117,18 @@ def _caption(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, tokenizer, run = load_trained_model(args.checkpoint)
+    encoder = load_encoder(args.checkpoint, device=device)
     dataset = open_classification_dataset(args.dataset_root, args.split)
-    loader = dataset.loader(model.cfg, args.batch_size, args.workers)
-    records = caption_dataset(model.to(device), tokenizer, loader, device, args.count,
-                              args.max_length or model.context_length, args.beam_size)
+    loader = dataset.loader(encoder.preprocess, args.batch_size, args.workers)
+    records = caption_dataset(encoder.model, encoder.tokenizer, loader, device, args.count,
+                              args.max_length or encoder.model.context_length, args.beam_size)
     named = 0
     for record in records:
         record["named_class"] = named_class(record["caption"], dataset.classnames)
         named += record["named_class"] == record["label"]
         print(f"{record['key']}\t{dataset.classnames[record['label']]}\t{record['caption']}")
     print(f"captions naming the image's class: {named}/{len(records)} = {named / max(len(records), 1):.4f} "
-          f"({'greedy' if args.beam_size == 1 else f'beam search, {args.beam_size} beams'}; {run['checkpoint']})")
+          f"({'greedy' if args.beam_size == 1 else f'beam search, {args.beam_size} beams'}; {encoder.source})")
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text("".join(json.dumps(record) + "\n" for record in records))
@@ -161,7 +155,8 @@ def _add_caption_command(commands) -> None:
 
 def _add_evaluation_command(commands, name: str, help_text: str) -> argparse.ArgumentParser:
     parser = commands.add_parser(name, help=help_text)
-    parser.add_argument("--checkpoint", nargs="+", default=None, help="checkpoint files or run directories")
+    parser.add_argument("--checkpoint", nargs="+", default=None,
+                        help="checkpoint files, run directories, open_clip or transformers directories")
     parser.add_argument("--open-clip", nargs=2, action="append", metavar=("NAME", "WEIGHTS"),
                         help="an open_clip model config name and a local weights file (repeatable)")
     parser.add_argument("--dataset-root", nargs="+", required=True, help="dataset directories")

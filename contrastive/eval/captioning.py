@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from contrastive.eval.datasets import PLACEHOLDER
+from contrastive.eval.prompts import PLACEHOLDER
 from contrastive.errors import ConfigError, InputError
 
 PAD_ID = 0
@@ -177,6 +177,8 @@ def named_class(caption: str, classnames: list[str]) -> int | None:
 def caption_dataset(model: nn.Module, tokenizer, loader: Iterable, device: torch.device, count: int,
                     max_length: int, beam_size: int = 1) -> list[dict]:
     """Generate captions for the first `count` images of a loader: [{"key", "label", "caption"}]."""
+    if not hasattr(model, "decode"):
+        raise ConfigError(f"a {type(model).__name__} model has no caption decoder; CapPa and CoCa models caption")
     sot, eot = special_tokens(tokenizer)
     records: list[dict] = []
     for images, _, labels, keys in loader:

@@ -1,5 +1,5 @@
 """The evaluators of a training run, from its `eval` config (contrastive-train builds them and hands them to the
-trainer); each has `.name` and `run(model, tokenizer, device)`."""
+trainer); each has `.name` and `run(encoder, device)`."""
 
 from __future__ import annotations
 

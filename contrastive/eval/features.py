@@ -48,9 +48,10 @@ def encode_image_blocks(model: nn.Module, loader: Iterable, device: torch.device
 
     The class token is left out: these are the tokens a VLM connector consumes.
     """
-    visual = model.visual
+    visual = getattr(model, "visual", None)
     if not hasattr(visual, "forward_intermediates"):
-        raise ConfigError(f"vision tower {type(visual).__name__} does not expose per-block tokens (forward_intermediates)")
+        raise ConfigError(f"{type(model).__name__} has no image tower that exposes per-block tokens "
+                         f"(visual.forward_intermediates)")
     per_block: list[list[torch.Tensor]] = []
     labels = []
     for images, _, batch_labels, _ in tqdm(loader, desc=desc, disable=not progress):

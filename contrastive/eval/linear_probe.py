@@ -12,7 +12,7 @@ weak one the plain probe. Few-shot probes gain most from it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from contrastive.encoders import LoadedEncoder
+from contrastive.eval.datasets import open_classification_dataset
 from contrastive.eval.features import ImageFeatures, encode_images
-from contrastive.eval.labelled import open_classification_dataset
-from contrastive.eval.zeroshot import build_classifier, classification_metrics
+from contrastive.eval.zeroshot import build_classifier, classification_metrics, require_tokenizer
 from contrastive.errors import ConfigError
 
 WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -52,12 +53,13 @@ def extract_features(model: nn.Module, loader, device: torch.device, progress: b
     return encode_images(model, loader, device, normalize=True, progress=progress, desc="probe features")
 
 
-def zeroshot_prior(model: nn.Module, tokenizer: Callable, classnames: list[str], templates: list[str],
+def zeroshot_prior(encoder: LoadedEncoder, classnames: list[str], templates: list[str],
                    device: torch.device) -> torch.Tensor:
-    """(C, D): the zero-shot classifier scaled by the model's logit scale, i.e. zero-shot logits as a linear layer."""
-    classifier = build_classifier(model, tokenizer, classnames, templates, device).float().cpu()
-    scale = model.logit_scale() if callable(getattr(model, "logit_scale", None)) else 100.0
-    return classifier * float(scale.detach() if isinstance(scale, torch.Tensor) else scale)
+    """(C, D): the zero-shot classifier scaled by the encoder's logit scale (CLIP's 100 where the format keeps
+    none), i.e. zero-shot logits as a linear layer."""
+    require_tokenizer(encoder, "a zero-shot prior")
+    classifier = build_classifier(encoder.model, encoder.tokenizer, classnames, templates, device).float().cpu()
+    return classifier * (encoder.logit_scale if encoder.logit_scale is not None else 100.0)
 
 
 def fit_logistic_regression(features: torch.Tensor, labels: torch.Tensor, num_classes: int, weight_decay: float,
@@ -150,7 +152,8 @@ def full_probe(train: ImageFeatures | tuple[torch.Tensor, torch.Tensor], test: I
 
 
 class LinearProbeEvaluation:
-    """Evaluator: run(model, tokenizer, device) -> test metrics of a full-data probe fitted on `train_split`."""
+    """Evaluator: run(encoder, device) -> test metrics of a full-data probe fitted on `train_split` (image-only
+    encoders too)."""
 
     def __init__(self, name: str | None, root: str | Path, split: str = "test", train_split: str = "train",
                  batch_size: int = 512, num_workers: int = 0, progress: bool = False) -> None:
@@ -161,9 +164,9 @@ class LinearProbeEvaluation:
         self.num_workers = num_workers
         self.progress = progress
 
-    def run(self, model: nn.Module, tokenizer: Callable, device: torch.device) -> dict[str, float]:
-        train = extract_features(model, self.train_set.loader(model.cfg, self.batch_size, self.num_workers), device,
-                                 self.progress)
-        test = extract_features(model, self.test_set.loader(model.cfg, self.batch_size, self.num_workers), device,
-                                self.progress)
+    def run(self, encoder: LoadedEncoder, device: torch.device) -> dict[str, float]:
+        train = extract_features(encoder.model, self.train_set.loader(encoder.preprocess, self.batch_size,
+                                                                      self.num_workers), device, self.progress)
+        test = extract_features(encoder.model, self.test_set.loader(encoder.preprocess, self.batch_size,
+                                                                    self.num_workers), device, self.progress)
         return full_probe(train, test, len(self.test_set.classnames))

@@ -8,13 +8,33 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-
-from contrastive.eval.datasets import PLACEHOLDER, read_lines, read_templates
 from contrastive.errors import InputError
+
+PLACEHOLDER = "{c}"  # where the class name goes in a template (clip_benchmark's)
 
 BUILTIN_CLASSNAMES = {"imagenet1k": "imagenet1k_classnames.txt", "cifar10": "cifar10_classnames.txt",
                       "cifar100": "cifar100_classnames.txt"}
 BUILTIN_TEMPLATES = {"openai_imagenet": "openai_imagenet_templates.txt", "simple": "simple_templates.txt"}
+
+
+def read_lines(path: Path, what: str) -> list[str]:
+    """The non-blank lines of a text file, stripped; a missing or empty file is named as such."""
+    if not path.is_file():
+        raise InputError(f"{what} file {path} does not exist")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        raise InputError(f"{what} file {path} is empty")
+    return lines
+
+
+def read_templates(path: Path) -> list[str]:
+    """Templates hold clip_benchmark's `{c}` placeholder; the bare `{}` of OpenAI's lists is accepted too."""
+    templates = [line.replace("{}", PLACEHOLDER) for line in read_lines(path, "prompt template")]
+    for number, template in enumerate(templates, start=1):
+        if PLACEHOLDER not in template:
+            raise InputError(f"{path}:{number}: template {template!r} has no {{c}} (or {{}}) placeholder for the class name")
+    return templates
 
 
 def _resource(filename: str) -> Path:

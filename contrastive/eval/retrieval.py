@@ -17,9 +17,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from contrastive.encoders import LoadedEncoder
+from contrastive.eval.datasets import open_retrieval_dataset
 from contrastive.eval.features import encode_images
-from contrastive.eval.labelled import open_retrieval_dataset
-from contrastive.eval.zeroshot import require_text_tower
+from contrastive.eval.zeroshot import require_text_tower, require_tokenizer
 from contrastive.errors import InputError
 
 RECALL_KS = (1, 5, 10)
@@ -73,7 +74,7 @@ def encode_texts(model: nn.Module, tokenizer: Callable, texts: list[str], device
 
 
 class ZeroShotRetrieval:
-    """Evaluator: run(model, tokenizer, device) -> {image,text}_retrieval_recall@{1,5,10}."""
+    """Evaluator: run(encoder, device) -> {image,text}_retrieval_recall@{1,5,10}."""
 
     def __init__(self, name: str | None, root: str | Path, split: str = "test", batch_size: int = 512,
                  num_workers: int = 0, progress: bool = False) -> None:
@@ -84,10 +85,11 @@ class ZeroShotRetrieval:
         self.progress = progress
 
     @torch.no_grad()
-    def run(self, model: nn.Module, tokenizer: Callable, device: torch.device) -> dict[str, float]:
-        require_text_tower(model, "retrieval")
-        loader = self.dataset.loader(model.cfg, self.batch_size, self.num_workers)
-        images = encode_images(model, loader, device, progress=self.progress, desc=f"retrieval {self.name}")
+    def run(self, encoder: LoadedEncoder, device: torch.device) -> dict[str, float]:
+        require_tokenizer(encoder, "retrieval")
+        require_text_tower(encoder.model, "retrieval")
+        loader = self.dataset.loader(encoder.preprocess, self.batch_size, self.num_workers)
+        images = encode_images(encoder.model, loader, device, progress=self.progress, desc=f"retrieval {self.name}")
         texts, text_to_image = split_captions(images.captions, images.keys)
-        text_features = encode_texts(model, tokenizer, texts, device, self.batch_size, self.progress)
+        text_features = encode_texts(encoder.model, encoder.tokenizer, texts, device, self.batch_size, self.progress)
         return retrieval_metrics(images.features, text_features, text_to_image)

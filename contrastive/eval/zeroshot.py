@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from contrastive.encoders import LoadedEncoder
 from contrastive.eval.captioning import caption_classification_scores
+from contrastive.eval.datasets import open_classification_dataset
 from contrastive.eval.features import encode_images
-from contrastive.eval.labelled import open_classification_dataset
 from contrastive.eval.prompts import fill_template
 from contrastive.errors import ConfigError, InputError
 
@@ -24,6 +25,12 @@ from contrastive.errors import ConfigError, InputError
 def require_text_tower(model: nn.Module, task: str) -> None:
     if not hasattr(model, "encode_text"):
         raise ConfigError(f"{task} needs a text encoder; a {type(model).__name__} model has none")
+
+
+def require_tokenizer(encoder: LoadedEncoder, task: str) -> None:
+    if encoder.tokenizer is None:
+        raise ConfigError(f"{task} needs a text tower and its tokenizer; {encoder.name} ({encoder.kind}, "
+                         f"{encoder.source}) is image-only")
 
 
 @torch.no_grad()
@@ -54,10 +61,11 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[s
 
 
 class ZeroShotClassification:
-    """Evaluator: run(model, tokenizer, device) -> {"acc1", "acc5", "mean_per_class_recall"}.
+    """Evaluator: run(encoder, device) -> {"acc1", "acc5", "mean_per_class_recall"}.
 
-    `model` has encode_image / encode_text and a `cfg` (ModelConfig) that gives the preprocessing.
-    `classnames` / `templates` (a file or a built-in name) replace the dataset's own files.
+    Two-tower encoders score images against prompt-ensemble text embeddings; captioners (no encode_text) rank the
+    classes by caption log-likelihood. `classnames` / `templates` (a file or a built-in name) replace the dataset's
+    own files.
     """
 
     def __init__(self, name: str | None, root: str | Path, split: str = "test", batch_size: int = 512,
@@ -70,14 +78,15 @@ class ZeroShotClassification:
         self.progress = progress
 
     @torch.no_grad()
-    def run(self, model: nn.Module, tokenizer: Callable, device: torch.device) -> dict[str, float]:
+    def run(self, encoder: LoadedEncoder, device: torch.device) -> dict[str, float]:
+        require_tokenizer(encoder, "zero-shot classification")
+        model, tokenizer = encoder.model, encoder.tokenizer
+        loader = self.dataset.loader(encoder.preprocess, self.batch_size, self.num_workers)
         if not hasattr(model, "encode_text"):  # a captioner (CapPa): classes ranked by caption log-likelihood
-            loader = self.dataset.loader(model.cfg, self.batch_size, self.num_workers)
             return classification_metrics(*caption_classification_scores(
                 model, tokenizer, self.dataset.classnames, self.dataset.templates, loader, device, self.progress))
         classifier = build_classifier(model, tokenizer, self.dataset.classnames, self.dataset.templates, device,
                                       self.progress)
-        loader = self.dataset.loader(model.cfg, self.batch_size, self.num_workers)
         images = encode_images(model, loader, device, progress=self.progress, desc=f"zero-shot {self.name}")
         labels = images.labels
         if (labels < 0).any() or (labels >= len(self.dataset.classnames)).any():

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from contrastive.encoders import detect_kind, load_encoder
 from contrastive.export import open_clip_format, transformers_format  # noqa: F401  (register formats)
 from contrastive.export.base import EXPORT_FORMATS, Exported, prepare_output_dir, preprocess_of
 from contrastive.export.bundle import VisionEncoder, VisionEncoderOutput, load_vision_encoder
 from contrastive.export.model_card import model_card
-from contrastive.models.loading import load_trained_model
+from contrastive.errors import InputError
 
 
 def list_formats() -> list[str]:
@@ -24,7 +25,12 @@ def list_formats() -> list[str]:
 def export_checkpoint(checkpoint: str | Path, format: str, out: str | Path, overwrite: bool = False) -> Exported:
     """Checkpoint file or run directory -> `out` in the chosen format, with a model card."""
     exporter = EXPORT_FORMATS.get(format)
-    model, _, run = load_trained_model(checkpoint)
+    kind = detect_kind(Path(checkpoint))
+    if kind != "contrastive":
+        raise InputError(f"{checkpoint} holds a model in {kind} format; export takes checkpoints of ours (a .pt "
+                         f"file or a run directory)")
+    encoder = load_encoder(checkpoint)
+    model, run = encoder.model, encoder.run_config
     created = not Path(out).exists()
     out = prepare_output_dir(out, overwrite)
     try:

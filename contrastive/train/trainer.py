@@ -24,13 +24,12 @@ from contrastive import checkpoint_io
 from contrastive.config import TrainConfig, validate
 from contrastive.data.loader import build_train_loader, plan_run
 from contrastive.data.stream import SKIP_REASONS
-from contrastive.data.transforms import Preprocess
 from contrastive.dist import DistEnv, init_distributed
 from contrastive.dist.parallel import full_state, gather_model_state, is_sharded, load_full_state, parallelize
+from contrastive.encoders import encoder_from_model, preprocess_from_config
 from contrastive.losses import build_loss, list_losses
 from contrastive.models import build_model, build_tokenizer, list_models
 from contrastive.models.locking import apply_locks
-from contrastive.models.registry import model_image_size
 from contrastive.train import checkpoint as ckpt
 from contrastive.train.accumulation import build_forward_backward
 from contrastive.train.flops import flops_per_sample, throughput_metrics
@@ -125,8 +124,7 @@ class Trainer:
         self.data_positions: dict[int, dict] = {}
         if resume_from is not None:
             self._restore(*resume_from)
-        preprocess = Preprocess(model_image_size(cfg.model), list(cfg.model.image_mean), list(cfg.model.image_std),
-                                cfg.model.interpolation)
+        preprocess = preprocess_from_config(cfg.model)
         self.loader = build_train_loader(
             cfg.data, preprocess, self.tokenizer, rank=self.env.rank, world_size=self.env.world_size,
             seed=cfg.seed, start_step=self.step, positions=self.data_positions,
@@ -260,8 +258,9 @@ class Trainer:
         model = self._evaluation_model() if self.evaluators else None
         if self.env.is_main and self.evaluators:
             model.eval()
+            encoder = encoder_from_model(model, self.cfg.name)
             for evaluator in self.evaluators:
-                result = evaluator.run(model, self.tokenizer, self.env.device)
+                result = evaluator.run(encoder, self.env.device)
                 metrics.update({f"eval/{evaluator.name}/{k}": v for k, v in result.items()})
             self.model.train()
             self.logger.log(self.step, metrics)

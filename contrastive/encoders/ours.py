@@ -1,0 +1,51 @@
+"""Our models as LoadedEncoders: from a checkpoint file or run directory, or from a model already in memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from contrastive.checkpoint_io import apply_model_state, load_checkpoint, resolve_checkpoint
+from contrastive.config import ModelConfig
+from contrastive.data.transforms import Preprocess
+from contrastive.encoders.encoder import LoadedEncoder, parameter_value
+from contrastive.models import build_model, build_tokenizer
+from contrastive.models.registry import model_image_size
+
+
+def preprocess_from_config(cfg: ModelConfig) -> Preprocess:
+    """The eval-time preprocessing of a model built from `cfg` (training crops at random instead)."""
+    return Preprocess(model_image_size(cfg), list(cfg.image_mean), list(cfg.image_std), cfg.interpolation)
+
+
+def encoder_from_model(model: nn.Module, name: str = "model", source: str = "",
+                       run_config: dict | None = None) -> LoadedEncoder:
+    """An in-memory model of ours (it has `.cfg`), as the trainer hands it to its evaluators. The logit scale is
+    read now: a model still training changes it later."""
+    scale = model.logit_scale() if callable(getattr(model, "logit_scale", None)) else None
+    return LoadedEncoder(
+        model=model,
+        preprocess=preprocess_from_config(model.cfg),
+        tokenizer=build_tokenizer(model.cfg),
+        kind="contrastive",
+        name=name,
+        source=source,
+        logit_scale=None if scale is None else float(scale.detach()),
+        logit_bias=parameter_value(model, "logit_bias"),
+        run_config=run_config or {},
+    )
+
+
+def load_checkpoint_encoder(path: str | Path, device: torch.device) -> LoadedEncoder:
+    """A checkpoint file, or a run directory (its newest checkpoint)."""
+    path = resolve_checkpoint(path)
+    state = load_checkpoint(path)
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), state["config"]["model"]))
+    cfg.pretrained = None  # the checkpoint holds every weight; the run's starting point may not exist here
+    model = build_model(cfg)
+    apply_model_state(model, state["model"], path)
+    run_config = {**state["config"], "step": state["step"], "checkpoint": str(path)}
+    return encoder_from_model(model.to(device).eval(), str(run_config.get("name", "model")), str(path), run_config)
