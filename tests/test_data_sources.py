@@ -61,9 +61,9 @@ def test_capped_and_upsampled_sources_give_exactly_their_share(tmp_path, tokeniz
     keys = Counter(key for batch in straight for key in batch.keys)
     assert sum(1 for key in keys if key.startswith("capped")) == 30 and set(keys.values()) == {1, 2}
     assert all(count == 2 for key, count in keys.items() if key.startswith("up"))
-    assert straight[-1].stream_state["past_plan_samples"] == 0
+    assert straight[-1].stream_position.past_plan_samples == 0
     for k in (3, 7):  # resume before and after a source meets its cap
-        positions = {0: straight[k - 1].stream_state}
+        positions = {0: straight[k - 1].stream_position}
         resumed = _batches(_stream(sources, tokenizer, batch=5, start_step=k, positions=positions), plan.steps - k)
         assert [b.keys for b in resumed] == [b.keys for b in straight[k:]]
 
@@ -80,7 +80,7 @@ def test_finite_epoch_run_with_uneven_shards_stops_every_rank_at_the_same_step(t
     seen: Counter = Counter()
     for rank in range(2):
         batches = _batches(_stream(sources, tokenizer, rank=rank, world_size=2, num_workers=2), plan.steps, 2)
-        assert all(batch.stream_state["past_plan_samples"] == 0 for batch in batches)
+        assert all(batch.stream_position.past_plan_samples == 0 for batch in batches)
         seen.update(key for batch in batches for key in batch.keys)
     assert set(seen.values()) == {1}
     assert sum(sizes) - len(seen) == plan.leftover_samples == sum(sizes) - plan.steps * 4 * 2
@@ -101,8 +101,8 @@ def test_every_kind_of_bad_sample_is_skipped_and_counted(tmp_path, tokenizer):
     stream = _stream([Source("web", shards, 1.0, epochs=1)], tokenizer, batch=good, shuffle_buffer=0)
     batch = _batches(stream, 1)[0]
     assert len(set(batch.keys)) == good
-    assert batch.stream_state["skipped"] == expected
-    assert batch.stream_state["past_plan_samples"] == 0
+    assert batch.stream_position.skipped == expected
+    assert batch.stream_position.past_plan_samples == 0
 
 
 @pytest.mark.distributed

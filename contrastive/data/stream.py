@@ -26,7 +26,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from contrastive.data.reader import RawSample, iter_shard
 from contrastive.data.shards import shards_for_slot, slot_seed
 from contrastive.data.transforms import IMAGE_EXTENSIONS, BadSample, decode_image
-from contrastive.types import Batch
+from contrastive.types import Batch, StreamPosition
 
 log = logging.getLogger(__name__)
 MIN_SAMPLES_FOR_SKIP_CHECK = 200
@@ -135,7 +135,7 @@ class ImageTextStream(IterableDataset):
         decode_size: int | None = None,
         min_image_size: int = 1,
         start_step: int = 0,
-        positions: dict[int, dict] | None = None,
+        positions: dict[int, StreamPosition] | None = None,
     ) -> None:
         super().__init__()
         self.sources = sources
@@ -183,17 +183,18 @@ class ImageTextStream(IterableDataset):
         info = get_worker_info()
         loader_worker = info.id if info is not None else 0
         worker = (self.start_step + loader_worker) % self.layout.num_workers
-        position = self.positions.get(worker, {})
-        skipped: Counter = Counter(position.get("skipped", {}))
-        seen = position.get("samples_seen", 0)
-        saved = position.get("sources", {})
-        source_positions = {s.name: (*saved.get(s.name, ()), 0, 0, 0)[:3] for s in self.sources}
         # A run whose every source is capped is finite; once all caps are met (bad samples made the shard
         # counts overstate the data, or prefetching reads past the planned last step) the sources go on uncapped.
         finite = all(s.capped for s in self.sources)
-        past_plan = position.get("past_plan", not finite)
-        past_plan_samples = position.get("past_plan_samples", 0)
-        exhausted = set(position.get("exhausted", []))
+        position = self.positions.get(worker) or StreamPosition(
+            worker=worker, sources={}, exhausted=(), past_plan=not finite, past_plan_samples=0, mixer_draws=0,
+            skipped={}, samples_seen=0)
+        skipped: Counter = Counter(position.skipped)
+        seen = position.samples_seen
+        source_positions = {s.name: position.sources.get(s.name, (0, 0, 0)) for s in self.sources}
+        past_plan = position.past_plan
+        past_plan_samples = position.past_plan_samples
+        exhausted = set(position.exhausted)
 
         def open_streams() -> dict:
             return {s.name: self._source_samples(s, worker, source_positions[s.name], skipped, not past_plan)
@@ -201,7 +202,7 @@ class ImageTextStream(IterableDataset):
 
         streams = open_streams()
         mixer = random.Random(slot_seed(self.layout.seed, "mix", self.layout.rank, worker))
-        mixer_draws = position.get("mixer_draws", 0)
+        mixer_draws = position.mixer_draws
         weights = {s.name: s.weight for s in self.sources}
         for _ in range(mixer_draws):  # one random() per draw whatever the weights, so replay needs only the count
             mixer.random()
@@ -249,16 +250,11 @@ class ImageTextStream(IterableDataset):
                 tokens=self.tokenizer(captions),
                 keys=keys,
                 labels=torch.tensor(labels),
-                stream_state={
-                    "worker": worker,
-                    "sources": {n: list(p) for n, p in source_positions.items()},
-                    "exhausted": sorted(exhausted),
-                    "past_plan": past_plan,
-                    "past_plan_samples": past_plan_samples,
-                    "mixer_draws": mixer_draws,
-                    "skipped": dict(skipped),
-                    "samples_seen": seen,
-                },
+                stream_position=StreamPosition(
+                    worker=worker, sources=dict(source_positions), exhausted=tuple(sorted(exhausted)),
+                    past_plan=past_plan, past_plan_samples=past_plan_samples, mixer_draws=mixer_draws,
+                    skipped=dict(skipped), samples_seen=seen,
+                ),
             )
             captions, labels, keys = [], [], []
 

@@ -38,7 +38,7 @@ from contrastive.train.host_memory import reuse_freed_host_memory
 from contrastive.train.metrics import MetricsLogger
 from contrastive.train.optim import (NonfiniteReport, NonfiniteSteps, build_optimizer, build_scheduler,
                                      optimizer_step)
-from contrastive.types import Evaluator
+from contrastive.types import Evaluator, StreamPosition
 
 log = logging.getLogger(__name__)
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SIGUSR1: SLURM's --signal warning before the time limit
@@ -121,7 +121,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
 
         self.step = self.saved_step = 0
-        self.data_positions: dict[int, dict] = {}
+        self.data_positions: dict[int, StreamPosition] = {}  # logical data worker -> its latest position
         if resume_from is not None:
             self._restore(*resume_from)
         preprocess = Preprocess(model_image_size(cfg.model), list(cfg.model.image_mean), list(cfg.model.image_std),
@@ -171,7 +171,7 @@ class Trainer:
         try:
             while self.step < cfg.trainer.max_steps and not preempted:
                 batch = next(batches).to(env.device)
-                self.data_positions[batch.stream_state["worker"]] = batch.stream_state
+                self.data_positions[batch.stream_position.worker] = batch.stream_position
                 result = self.forward_backward(batch)
                 grad_norm, stepped = optimizer_step(self.model.parameters(), self.optimizer, cfg.optim.grad_clip_norm)
                 self.nonfinite.record(stepped)
@@ -221,7 +221,7 @@ class Trainer:
         """
         names = ["loss", *result.metrics]
         terms = torch.stack([result.loss.detach().float(), *(v.detach().float() for v in result.metrics.values())])
-        skipped = [float(sum(p["skipped"].get(reason, 0) for p in self.data_positions.values()))
+        skipped = [float(sum(p.skipped.get(reason, 0) for p in self.data_positions.values()))
                    for reason in SKIP_REASONS]
         counts = torch.tensor([*skipped, float(self.preemption_requested)], device=self.env.device)
         summed = self.env.collectives.all_reduce_sum(torch.cat([terms, counts]))
@@ -282,7 +282,8 @@ class Trainer:
             return
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
             raise FloatingPointError(f"model weights are not finite at step {self.step}; not checkpointing them")
-        positions = self.env.collectives.all_gather_object(self.data_positions)
+        positions = self.env.collectives.all_gather_object(
+            {worker: position.to_dict() for worker, position in self.data_positions.items()})
         rng = self.env.collectives.all_gather_object(_rng_state())
         # Full, name-keyed states, so the checkpoint loads under either strategy and any world size.
         model_state, optimizer_state = full_state(self.model, self.optimizer)
@@ -310,7 +311,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = self.saved_step = state["step"]
         if state["world_size"] == self.env.world_size:
-            self.data_positions = state["data_positions"][self.env.rank]
+            self.data_positions = {worker: StreamPosition.from_dict(saved)
+                                   for worker, saved in state["data_positions"][self.env.rank].items()}
             _restore_rng(state["rng"][self.env.rank])
         else:
             log.warning("checkpoint was written by %d ranks, this run has %d: the data stream restarts with a "
