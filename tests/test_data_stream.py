@@ -74,6 +74,19 @@ def test_stream_position_is_saved_as_plain_data_and_resumes_from_it(demo_root, t
     resumed = _batches(_stream(shards, tokenizer, start_step=3, positions={0: position}), 2, 0)
     assert [b.keys for b in resumed] == [b.keys for b in straight[3:]]
 
+
+def test_decoding_in_the_main_process_leaves_the_global_rng_alone(demo_root, tiny_model_cfg):
+    """With num_workers=0 the stream augments in the training process: drawing from (or reseeding) torch's global
+    generator there would make model randomness follow the last decoded sample."""
+    shards = expand_shards(str(demo_root / "train"))
+    tokenizer = build_tokenizer(tiny_model_cfg)
+    torch.manual_seed(11)
+    expected = torch.rand(8)
+    torch.manual_seed(11)
+    batches = iter(_stream(shards, tokenizer))  # not through a DataLoader, which draws its own base seed
+    next(batches), next(batches)
+    assert torch.equal(torch.rand(8), expected)
+
 def test_resampled_stream_is_deterministic_for_a_seed(demo_root, tiny_model_cfg):
     shards = expand_shards(str(demo_root / "train"))
     tokenizer = build_tokenizer(tiny_model_cfg)

@@ -19,6 +19,7 @@ import random
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -140,7 +141,7 @@ class ImageTextStream(IterableDataset):
         super().__init__()
         self.sources = sources
         self.layout = layout
-        self.transform = transform  # PIL image -> uint8 (3, H, W)
+        self.transform = transform  # (PIL image, generator it draws from) -> uint8 (3, H, W)
         self.normalize = normalize  # uint8 (B, 3, H, W) -> float32
         self.decode_size = decode_size or image_size
         self.tokenizer = tokenizer
@@ -207,6 +208,7 @@ class ImageTextStream(IterableDataset):
         for _ in range(mixer_draws):  # one random() per draw whatever the weights, so replay needs only the count
             mixer.random()
 
+        augment = torch.Generator()
         size = self.image_size
         images = torch.empty((self.local_batch_size, 3, size, size), dtype=torch.uint8)
         captions, labels, keys = [], [], []
@@ -228,12 +230,13 @@ class ImageTextStream(IterableDataset):
             if past_plan and finite:
                 past_plan_samples += 1
             try:
-                # Only the CPU generator drives the augmentations; torch.manual_seed would also queue lazy CUDA
-                # seeding with a captured stack trace, which cost more than decoding the image.
-                torch.default_generator.manual_seed(
-                    slot_seed(self.layout.seed, "augment", name, self.layout.rank, worker, epoch, consumed))
-                image, caption, label = decode_sample(raw, self.transform, self.image_size, decode_size=self.decode_size,
-                                                      min_image_size=self.min_image_size)
+                # A generator of the stream's own, seeded by the sample's place in its source: the same sample gets
+                # the same crop on a resume, and torch's global generator (which the model may draw from when
+                # decoding runs in the training process) is never touched.
+                augment.manual_seed(slot_seed(self.layout.seed, "augment", name, self.layout.rank, worker, epoch,
+                                              consumed))
+                image, caption, label = decode_sample(raw, partial(self.transform, generator=augment), self.image_size,
+                                                      decode_size=self.decode_size, min_image_size=self.min_image_size)
             except BadSample as bad:
                 skipped[bad.reason] += 1
                 self._check_skip_rate(skipped, seen, raw, bad)
