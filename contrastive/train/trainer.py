@@ -30,6 +30,7 @@ from contrastive.dist.parallel import full_state, gather_model_state, is_sharded
 from contrastive.losses import build_loss, list_losses
 from contrastive.models import build_model, build_tokenizer, list_models
 from contrastive.models.locking import apply_locks
+from contrastive.models.randomness import random_state, restore_random_state
 from contrastive.models.registry import model_image_size
 from contrastive.train import checkpoint as ckpt
 from contrastive.train.accumulation import build_forward_backward
@@ -61,20 +62,6 @@ def _set_threads(cfg: TrainConfig) -> None:
     torch.set_num_threads(threads)
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _restore_rng(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 class Trainer:
     """`evaluators` (the entry point builds them from `cfg.eval`) run when `cfg.eval` says; with none, nothing is
     evaluated."""
@@ -103,6 +90,7 @@ class Trainer:
         resume_from = ckpt.load_resume_state(resume, self.run_dir)
 
         self.model = build_model(cfg.model).to(self.env.device)
+        self.model.randomness.place(self.env.device, cfg.seed + self.env.rank)  # patch dropout, CapPa's draw
         apply_locks(self.model, cfg.lock)  # before the wrap and the optimiser, which keep only trainable parameters
         self.tokenizer = build_tokenizer(cfg.model)
         self.bf16 = cfg.trainer.precision == "bf16" or (cfg.trainer.precision == "auto"
@@ -112,7 +100,7 @@ class Trainer:
         self.objective = build_loss(cfg.loss)
         self.forward_backward = build_forward_backward(self.parallel_model, self.objective, cfg.loss.name,
                                                        self.env.collectives, cfg.trainer.accumulation_steps,
-                                                       self._autocast)
+                                                       self._autocast, randomness=self.model.randomness)
         self.flops_per_sample: float | None = None
         plan = plan_run(cfg.data, world_size=self.env.world_size, seed=cfg.seed)  # None for an endless stream
         if plan is not None:  # every rank computes the same last step, so none waits in a collective
@@ -284,7 +272,7 @@ class Trainer:
             raise FloatingPointError(f"model weights are not finite at step {self.step}; not checkpointing them")
         positions = self.env.collectives.all_gather_object(
             {worker: position.to_dict() for worker, position in self.data_positions.items()})
-        rng = self.env.collectives.all_gather_object(_rng_state())
+        rng = self.env.collectives.all_gather_object(random_state(self.model.randomness))
         # Full, name-keyed states, so the checkpoint loads under either strategy and any world size.
         model_state, optimizer_state = full_state(self.model, self.optimizer)
         self.saved_step = self.step
@@ -313,7 +301,7 @@ class Trainer:
         if state["world_size"] == self.env.world_size:
             self.data_positions = {worker: StreamPosition.from_dict(saved)
                                    for worker, saved in state["data_positions"][self.env.rank].items()}
-            _restore_rng(state["rng"][self.env.rank])
+            restore_random_state(self.model.randomness, state["rng"][self.env.rank])
         else:
             log.warning("checkpoint was written by %d ranks, this run has %d: the data stream restarts with a "
                         "fresh seed instead of resuming its exact position", state["world_size"], self.env.world_size)
