@@ -62,6 +62,7 @@ def ours(model_cfg: ModelConfig, batch: Batch, precision: str, variant: str | No
          device: torch.device) -> Contender:
     torch.manual_seed(0)
     model = build_model(model_cfg).to(device)
+    model.randomness.place(device, 0)  # as Trainer does: random parts draw on the model's device
     optim_cfg = OptimConfig()  # conf/optim/adamw.yaml's values are the schema defaults
     if variant in ("foreach", "for_loop"):
         optim_cfg.implementation = variant
@@ -73,7 +74,8 @@ def ours(model_cfg: ModelConfig, batch: Batch, precision: str, variant: str | No
     forward_model = torch.compile(model) if variant == "compile" else model
     objective = build_loss(LossConfig(name="clip"))
     amp = autocast(device, precision)
-    forward_backward = build_forward_backward(forward_model, objective, "clip", LocalCollectives(device), 1, amp)
+    forward_backward = build_forward_backward(forward_model, objective, "clip", LocalCollectives(device), 1, amp,
+                                              randomness=model.randomness)
 
     def step() -> None:
         forward_backward(batch)

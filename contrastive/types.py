@@ -1,5 +1,6 @@
-"""The types that cross module lines: what the data pipeline yields, what models return, what losses return,
-the collectives losses talk to other ranks through, and the evaluators a training run is handed."""
+"""The types that cross module lines: what the data pipeline yields (and where its stream stands), what models
+return, what losses return, the collectives losses talk to other ranks through, and the evaluators a training run
+is handed."""
 
 from __future__ import annotations
 
@@ -9,11 +10,56 @@ from typing import Any, Protocol
 import torch
 
 
+@dataclass(frozen=True)
+class StreamPosition:
+    """Where one logical data worker's stream stands after a batch: what restarts it exactly there.
+
+    The data pipeline writes it into every batch and resumes from it; the trainer checkpoints it as plain data
+    (`to_dict`, `from_dict`), so checkpoint files stay loadable with torch.load(weights_only=True).
+    """
+
+    worker: int  # the logical worker (contrastive.data.stream), not the DataLoader worker that ran it
+    sources: dict[str, tuple[int, int, int]]  # source name -> (epoch, raw samples consumed in it, taken in the run)
+    exhausted: tuple[str, ...]  # sources that met their cap, sorted
+    past_plan: bool  # reading on beyond a finite run's caps (always so for an endless stream)
+    past_plan_samples: int  # raw samples read past the plan
+    mixer_draws: int  # draws of the source mixer's RNG so far
+    skipped: dict[str, int]  # bad samples and shards by reason
+    samples_seen: int  # good samples decoded
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "worker": self.worker,
+            "sources": {name: list(position) for name, position in self.sources.items()},
+            "exhausted": list(self.exhausted),
+            "past_plan": self.past_plan,
+            "past_plan_samples": self.past_plan_samples,
+            "mixer_draws": self.mixer_draws,
+            "skipped": dict(self.skipped),
+            "samples_seen": self.samples_seen,
+        }
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> StreamPosition:
+        # Checkpoints from before source caps lack exhausted/past_plan(_samples) and keep (epoch, consumed) per
+        # source: their streams were endless, which is past any plan, and had taken nothing against a cap.
+        return cls(
+            worker=saved["worker"],
+            sources={name: (*position, 0, 0, 0)[:3] for name, position in saved["sources"].items()},
+            exhausted=tuple(saved.get("exhausted", ())),
+            past_plan=saved.get("past_plan", True),
+            past_plan_samples=saved.get("past_plan_samples", 0),
+            mixer_draws=saved["mixer_draws"],
+            skipped=dict(saved["skipped"]),
+            samples_seen=saved["samples_seen"],
+        )
+
+
 @dataclass
 class Batch:
     """One local batch as the data pipeline yields it.
 
-    ``stream_state`` records where in its stream the worker that produced this batch stands after it,
+    ``stream_position`` records where in its stream the worker that produced this batch stands after it,
     so the trainer can checkpoint an exact data position.
     """
 
@@ -21,7 +67,7 @@ class Batch:
     tokens: torch.Tensor  # (B, L) int64, 0 = padding
     keys: list[str] = field(default_factory=list)
     labels: torch.Tensor | None = None  # (B,) int64, present on labelled data
-    stream_state: dict | None = None
+    stream_position: StreamPosition | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]

@@ -18,6 +18,7 @@ from contrastive.config import LossConfig, ModelConfig
 from contrastive.dist.collectives import LocalCollectives
 from contrastive.losses import build_loss
 from contrastive.models import build_model
+from contrastive.models.randomness import ModelRandomness
 from contrastive.train.accumulation import FeatureCache, SummedMicroBatches, batch_rows, build_forward_backward
 from contrastive.types import Batch
 
@@ -67,7 +68,8 @@ def test_feature_cache_matches_full_batch(loss):
     model, batch = tiny_model(loss), random_batch(8)
     expected = full_batch_gradients(model, loss, batch)
     model.zero_grad(set_to_none=True)
-    step = build_forward_backward(model, build_loss(LossConfig(name=loss)), loss, LocalCollectives(), steps=4)
+    step = build_forward_backward(model, build_loss(LossConfig(name=loss)), loss, LocalCollectives(), steps=4,
+                                  randomness=model.randomness)
     assert isinstance(step, FeatureCache)
     result = step(batch)
     assert_same_gradients(gradients(model), expected)
@@ -80,20 +82,23 @@ def test_feature_cache_replays_patch_dropout_randomness():
     """Pass 2 draws the same patch-dropout masks as pass 1: the gradients equal keeping every micro-batch's graph."""
     model, batch = tiny_model("clip", patch_dropout=0.5), random_batch(8)
     objective = build_loss(LossConfig(name="clip"))
-    torch.manual_seed(3)
+    cpu = torch.device("cpu")
+    model.randomness.place(cpu, 3)
     outputs = [model(batch.images[rows], batch.tokens[rows]) for rows in (slice(0, 4), slice(4, 8))]
+    after_both = model.randomness.generator.get_state()
     joined = copy.copy(outputs[0])
     joined.image_features = torch.cat([o.image_features for o in outputs])
     joined.text_features = torch.cat([o.text_features for o in outputs])
     objective(joined, batch, LocalCollectives()).loss.backward()
     expected = gradients(model)
     model.zero_grad(set_to_none=True)
-    torch.manual_seed(3)
-    FeatureCache(model, objective, LocalCollectives(), steps=2)(batch)
+    model.randomness.place(cpu, 3)
+    FeatureCache(model, objective, LocalCollectives(), steps=2, randomness=model.randomness)(batch)
     assert_same_gradients(gradients(model), expected)
+    assert torch.equal(model.randomness.generator.get_state(), after_both), "the next step draws what it would"
     model.zero_grad(set_to_none=True)
-    torch.manual_seed(4)  # other masks, other gradients: the comparison above is not blind to randomness
-    FeatureCache(model, objective, LocalCollectives(), steps=2)(batch)
+    model.randomness.place(cpu, 4)  # other masks, other gradients: the comparison above is not blind to randomness
+    FeatureCache(model, objective, LocalCollectives(), steps=2, randomness=model.randomness)(batch)
     assert not torch.allclose(gradients(model)["clip.visual.conv1.weight"], expected["clip.visual.conv1.weight"])
 
 
@@ -105,7 +110,8 @@ def test_summed_micro_batches_match_full_batch_for_cappa():
     batch = random_batch(8)
     expected = full_batch_gradients(model, "cappa", batch)
     model.zero_grad(set_to_none=True)
-    step = build_forward_backward(model, build_loss(LossConfig(name="cappa")), "cappa", LocalCollectives(), steps=4)
+    step = build_forward_backward(model, build_loss(LossConfig(name="cappa")), "cappa", LocalCollectives(), steps=4,
+                                  randomness=model.randomness)
     assert isinstance(step, SummedMicroBatches)
     step(batch)
     assert_same_gradients(gradients(model), expected)
@@ -114,13 +120,14 @@ def test_summed_micro_batches_match_full_batch_for_cappa():
 def test_unsupported_objective_is_refused():
     with pytest.raises(ValueError, match="accumulation_steps=2 is not supported with loss=coca"):
         build_forward_backward(torch.nn.Linear(1, 1), build_loss(LossConfig(name="coca")), "coca",
-                               LocalCollectives(), steps=2)
+                               LocalCollectives(), steps=2, randomness=ModelRandomness())
 
 
 def test_micro_batches_must_divide_the_local_batch():
     model = tiny_model("clip")
     with pytest.raises(ValueError, match="not divisible by trainer.accumulation_steps=3"):
-        FeatureCache(model, build_loss(LossConfig(name="clip")), LocalCollectives(), steps=3)(random_batch(8))
+        FeatureCache(model, build_loss(LossConfig(name="clip")), LocalCollectives(), steps=3,
+                     randomness=model.randomness)(random_batch(8))
 
 
 @pytest.mark.slow
@@ -170,7 +177,7 @@ def _distributed_check() -> None:
             reference = tiny_model(loss, seed=0)
             expected = full_batch_gradients(reference, loss, global_batch)
             step = build_forward_backward(parallelize(model, env), build_loss(LossConfig(name=loss)), loss,
-                                          env.collectives, steps=steps)
+                                          env.collectives, steps=steps, randomness=model.randomness)
             step(local)
             # DDP averages over ranks and each rank's loss is its rows' share, so the global loss is the rank mean.
             assert_same_gradients(gradients(model), expected)

@@ -31,7 +31,7 @@ def _read_one_pass(shard: str, tokenizer) -> tuple[dict, dict]:
     for batch in stream:
         key = batch.keys[0]
         if key in used:  # the next pass began
-            return used, batch.stream_state["skipped"]
+            return used, batch.stream_position.skipped
         used[key] = batch.images[0]
     raise AssertionError("unreachable: the stream is endless")
 

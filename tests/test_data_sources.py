@@ -62,9 +62,9 @@ def test_capped_and_upsampled_sources_give_exactly_their_share(tmp_path, tokeniz
     keys = Counter(key for batch in straight for key in batch.keys)
     assert sum(1 for key in keys if key.startswith("capped")) == 30 and set(keys.values()) == {1, 2}
     assert all(count == 2 for key, count in keys.items() if key.startswith("up"))
-    assert straight[-1].stream_state["past_plan_samples"] == 0
+    assert straight[-1].stream_position.past_plan_samples == 0
     for k in (3, 7):  # resume before and after a source meets its cap
-        positions = {0: straight[k - 1].stream_state}
+        positions = {0: straight[k - 1].stream_position}
         resumed = _batches(_stream(sources, tokenizer, batch=5, start_step=k, positions=positions), plan.steps - k)
         assert [b.keys for b in resumed] == [b.keys for b in straight[k:]]
 
@@ -81,7 +81,7 @@ def test_finite_epoch_run_with_uneven_shards_stops_every_rank_at_the_same_step(t
     seen: Counter = Counter()
     for rank in range(2):
         batches = _batches(_stream(sources, tokenizer, rank=rank, world_size=2, num_workers=2), plan.steps, 2)
-        assert all(batch.stream_state["past_plan_samples"] == 0 for batch in batches)
+        assert all(batch.stream_position.past_plan_samples == 0 for batch in batches)
         seen.update(key for batch in batches for key in batch.keys)
     assert set(seen.values()) == {1}
     assert sum(sizes) - len(seen) == plan.leftover_samples == sum(sizes) - plan.steps * 4 * 2
@@ -102,8 +102,8 @@ def test_every_kind_of_bad_sample_is_skipped_and_counted(tmp_path, tokenizer):
     stream = _stream([Source("web", shards, 1.0, epochs=1)], tokenizer, batch=good, shuffle_buffer=0)
     batch = _batches(stream, 1)[0]
     assert len(set(batch.keys)) == good
-    assert batch.stream_state["skipped"] == expected
-    assert batch.stream_state["past_plan_samples"] == 0
+    assert batch.stream_position.skipped == expected
+    assert batch.stream_position.past_plan_samples == 0
 
 
 @pytest.mark.distributed
@@ -122,7 +122,7 @@ def _positions_before(batches: list, k: int) -> dict:
     """The per-worker positions a checkpoint after step k holds: each worker's latest batch state."""
     positions = {}
     for batch in batches[:k]:
-        positions[batch.stream_state["worker"]] = batch.stream_state
+        positions[batch.stream_position.worker] = batch.stream_position
     return positions
 
 
@@ -136,7 +136,7 @@ def test_resume_after_the_epoch_wraps_reproduces_a_finite_multi_epoch_run(tmp_pa
     straight = _batches(stream(), steps, num_workers)
     keys = Counter(key for batch in straight for key in batch.keys)
     assert len(keys) == 32 and set(keys.values()) <= {2, 3}  # 3 passes, less what the slots' last batches leave
-    epochs = [batch.stream_state["sources"]["web"][0] for batch in straight]
+    epochs = [batch.stream_position.sources["web"][0] for batch in straight]
     first_wrap = epochs.index(1)
     for k in (first_wrap + 1, first_wrap + 5):  # resumed just after, and well after, the first epoch boundary
         resumed = _batches(stream(start_step=k, positions=_positions_before(straight, k)), steps - k, num_workers)
@@ -147,7 +147,7 @@ def test_resume_after_the_epoch_wraps_reproduces_a_finite_multi_epoch_run(tmp_pa
 def test_resume_with_weighted_sources_continues_the_same_key_sequence(tmp_path, tokenizer):
     sources = [Source("big", _shards(tmp_path, "big", [30, 30]), 0.7), Source("small", _shards(tmp_path, "sm", [12]), 0.3)]
     straight = _batches(_stream(sources, tokenizer, batch=5), 16)
-    small_epochs = [batch.stream_state["sources"]["small"][0] for batch in straight]
+    small_epochs = [batch.stream_position.sources["small"][0] for batch in straight]
     assert max(small_epochs) >= 1, "the small source must wrap inside the run"
     for k in (3, small_epochs.index(1) + 1):
         resumed = _batches(_stream(sources, tokenizer, batch=5, start_step=k, positions=_positions_before(straight, k)),

@@ -15,6 +15,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from PIL import Image
 from torchvision.transforms import v2
 
@@ -22,7 +23,8 @@ from contrastive.cli.eval import main as eval_main
 from contrastive.encoders import load_encoder
 from contrastive.eval.evaluators import build_evaluators
 from contrastive.eval.zeroshot import ZeroShotClassification
-from contrastive.config import EvalConfig, RetrievalDatasetConfig, ZeroShotDatasetConfig
+from contrastive.config import EvalConfig, ModelConfig, RetrievalDatasetConfig, ZeroShotDatasetConfig
+from contrastive.models import build_model, build_tokenizer
 from tests.conftest import run, tiny_run_overrides
 
 
@@ -33,6 +35,18 @@ def checkpoint_run(demo_root, tmp_path_factory) -> Path:
                   "trainer.max_steps=6", "trainer.checkpoint_every=3"], timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
+
+
+def _model_and_tokenizer(checkpoint: Path):
+    """The trained model and its tokenizer straight from the checkpoint file (torch.load, the run's own config),
+    not through the loading API the CLI uses."""
+    if checkpoint.is_dir():
+        checkpoint = sorted((checkpoint / "checkpoints").glob("step_*.pt"))[-1]
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), state["config"]["model"]))
+    model = build_model(model_cfg)
+    model.load_state_dict(state["model"])
+    return model.eval(), build_tokenizer(model_cfg)
 
 
 def _straightforward_acc1(model, tokenizer, root: Path) -> float:
@@ -90,7 +104,7 @@ def test_cli_writes_one_result_per_pair_and_a_summary(checkpoint_run, demo_root,
     assert [r["pretrained"] for r in rows] == [str(s) for s in steps]
     # Each checkpoint's accuracy, in its JSON and in the table, is the one plain loops compute from its weights.
     for step, path, row in zip(steps, results, rows):
-        model, tokenizer, _ = load_trained_model(step)
+        model, tokenizer = _model_and_tokenizer(step)
         expected = _straightforward_acc1(model, tokenizer, demo_root)
         assert json.loads(path.read_text())["metrics"]["acc1"] == pytest.approx(expected, abs=1e-6)
         assert float(row["acc1"]) == pytest.approx(expected, abs=1e-6)
@@ -171,7 +185,7 @@ def test_zeroshot_cli_on_an_image_folder_matches_plain_loops_over_the_same_image
                       "--classnames", str(demo_root / "classnames.txt"),
                       "--templates", str(demo_root / "zeroshot_classification_templates.txt"),
                       "--output", str(out), "--workers", "0", "--no-progress"]) == 0
-    model, tokenizer, _ = load_trained_model(checkpoint_run)
+    model, tokenizer = _model_and_tokenizer(checkpoint_run)
     expected = _straightforward_acc1(model, tokenizer, demo_root)  # the same PNG bytes, from the shards
     assert json.loads(out.read_text())["metrics"]["acc1"] == pytest.approx(expected, abs=1e-6)
 
@@ -196,7 +210,7 @@ def test_probe_cli_beats_a_hand_computed_nearest_class_mean_baseline(checkpoint_
     assert eval_main(["probe", "--checkpoint", str(checkpoint_run), "--dataset-root", str(demo_root),
                       "--output", str(out), "--workers", "0", "--no-progress"]) == 0
     metrics = json.loads(out.read_text())["metrics"]
-    model, _, _ = load_trained_model(checkpoint_run)
+    model, _ = _model_and_tokenizer(checkpoint_run)
     train_x, train_y = _plain_features(model, demo_root, "train")
     test_x, test_y = _plain_features(model, demo_root, "test")
     centroids = F.normalize(torch.stack([train_x[train_y == c].mean(0) for c in range(10)]), dim=-1)
@@ -233,5 +247,5 @@ def test_evaluation_during_training_logs_the_checkpoints_accuracy_at_every_eval_
     assert sorted(logged) == [2, 4, 5]  # every 2 steps, and at the end
     checkpoints = {int(p.stem.split("_")[-1]): p for p in (run_dir / "checkpoints").glob("*.pt")}
     for step, acc1 in logged.items():
-        model, tokenizer, _ = load_trained_model(checkpoints[step])
+        model, tokenizer = _model_and_tokenizer(checkpoints[step])
         assert acc1 == pytest.approx(_straightforward_acc1(model, tokenizer, eval_root), abs=1e-6), step

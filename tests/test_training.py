@@ -75,16 +75,25 @@ def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(list_checkpoints(run_dir)[-1][1])["model"]
 
 
+# CapPa with patch dropout: both of the model's random draws (kept patches, parallel-prediction rows) must resume.
+RANDOM_CAPPA = ["model=tiny_cappa", "loss=cappa", "+model.vision.patch_dropout=0.5"]
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_kill_and_resume_matches_uninterrupted_run(demo_root, tmp_path, num_workers):
+@pytest.mark.parametrize(("num_workers", "model"), [(0, []), (2, []), (0, RANDOM_CAPPA)],
+                         ids=["workers0", "workers2", "workers0-cappa-patch-dropout"])
+def test_kill_and_resume_matches_uninterrupted_run(demo_root, tmp_path, num_workers, model):
     """SIGKILL a 2-process run after its step-3 checkpoint, resume=latest; weights equal an uninterrupted run."""
     common = ["trainer.max_steps=8", "trainer.checkpoint_every=3", "trainer.keep_last_checkpoints=10",
-              f"data.num_workers={num_workers}", "trainer.deterministic=true"]
-    straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
-    torchrun([*TRAIN, *tiny_run_overrides(demo_root, straight_dir), *common], nproc=2)
+              f"data.num_workers={num_workers}", "trainer.deterministic=true", *model]
 
-    overrides = [*TRAIN, *tiny_run_overrides(demo_root, resumed_dir), *common]
+    def run_overrides(run_dir: Path) -> list[str]:
+        return [o for o in tiny_run_overrides(demo_root, run_dir) if not (model and o.startswith("model="))]
+
+    straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
+    torchrun([*TRAIN, *run_overrides(straight_dir), *common], nproc=2)
+
+    overrides = [*TRAIN, *run_overrides(resumed_dir), *common]
     with running(torchrun_command(overrides), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as process:
         deadline = time.time() + 600
         while not any(step == 3 for step, _ in list_checkpoints(resumed_dir)) and time.time() < deadline:

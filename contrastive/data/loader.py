@@ -15,6 +15,7 @@ from contrastive.data.reader import iter_shard
 from contrastive.data.shards import check_epoch_mode_slots, check_local_shards_exist, expand_shards
 from contrastive.data.stream import ImageTextStream, Source, StreamLayout, decode_sample
 from contrastive.data.transforms import BadSample, BatchNormalize, Preprocess, build_train_transform, train_decode_size
+from contrastive.types import StreamPosition
 from contrastive.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def build_train_loader(
     world_size: int,
     seed: int,
     start_step: int = 0,
-    positions: dict[int, dict] | None = None,
+    positions: dict[int, StreamPosition] | None = None,
     pin_memory: bool = False,
 ) -> DataLoader:
     sources = build_sources(data)

@@ -19,6 +19,7 @@ import random
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -26,8 +27,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from contrastive.data.reader import RawSample, iter_shard
 from contrastive.data.shards import shards_for_slot, slot_seed
 from contrastive.data.transforms import IMAGE_EXTENSIONS, BadSample, decode_image
-from contrastive.types import Batch
 from contrastive.errors import InputError
+from contrastive.types import Batch, StreamPosition
 
 log = logging.getLogger(__name__)
 MIN_SAMPLES_FOR_SKIP_CHECK = 200
@@ -136,12 +137,12 @@ class ImageTextStream(IterableDataset):
         decode_size: int | None = None,
         min_image_size: int = 1,
         start_step: int = 0,
-        positions: dict[int, dict] | None = None,
+        positions: dict[int, StreamPosition] | None = None,
     ) -> None:
         super().__init__()
         self.sources = sources
         self.layout = layout
-        self.transform = transform  # PIL image -> uint8 (3, H, W)
+        self.transform = transform  # (PIL image, generator it draws from) -> uint8 (3, H, W)
         self.normalize = normalize  # uint8 (B, 3, H, W) -> float32
         self.decode_size = decode_size or image_size
         self.tokenizer = tokenizer
@@ -166,17 +167,25 @@ class ImageTextStream(IterableDataset):
                 source.urls, epoch=current_epoch, rank=layout.rank, world_size=layout.world_size,
                 worker=worker, num_workers=layout.num_workers, seed=layout.seed, resampled=layout.resampled,
             )
-            raw = itertools.chain.from_iterable(iter_shard(url, skipped) for url in urls)
+            # Broken shards are counted into `skipped` as the reader meets them, except while replaying a resumed
+            # epoch up to its saved position: the saved counts hold what the reader met by then.
+            shard_skips: Counter = Counter()
+            counted: Counter = Counter()
+            raw = itertools.chain.from_iterable(iter_shard(url, shard_skips) for url in urls)
             rng = random.Random(slot_seed(layout.seed, "shuffle", source.name, layout.rank, worker, current_epoch))
             yielded = False
             for index, sample in enumerate(shuffled(raw, layout.shuffle_buffer, rng)):
                 yielded = True
                 if current_epoch == epoch and index < consumed:
+                    counted = Counter(shard_skips)
                     continue
+                skipped.update(shard_skips - counted)
+                counted = Counter(shard_skips)
                 if capped and share is not None and taken >= share:
                     return
                 taken += 1
                 yield current_epoch, index + 1, taken, sample
+            skipped.update(shard_skips - counted)
             if not yielded:
                 raise InputError(f"data source {source.name!r} yielded no samples in a full pass over {urls[:3]}...")
 
@@ -184,17 +193,18 @@ class ImageTextStream(IterableDataset):
         info = get_worker_info()
         loader_worker = info.id if info is not None else 0
         worker = (self.start_step + loader_worker) % self.layout.num_workers
-        position = self.positions.get(worker, {})
-        skipped: Counter = Counter(position.get("skipped", {}))
-        seen = position.get("samples_seen", 0)
-        saved = position.get("sources", {})
-        source_positions = {s.name: (*saved.get(s.name, ()), 0, 0, 0)[:3] for s in self.sources}
         # A run whose every source is capped is finite; once all caps are met (bad samples made the shard
         # counts overstate the data, or prefetching reads past the planned last step) the sources go on uncapped.
         finite = all(s.capped for s in self.sources)
-        past_plan = position.get("past_plan", not finite)
-        past_plan_samples = position.get("past_plan_samples", 0)
-        exhausted = set(position.get("exhausted", []))
+        position = self.positions.get(worker) or StreamPosition(
+            worker=worker, sources={}, exhausted=(), past_plan=not finite, past_plan_samples=0, mixer_draws=0,
+            skipped={}, samples_seen=0)
+        skipped: Counter = Counter(position.skipped)
+        seen = position.samples_seen
+        source_positions = {s.name: position.sources.get(s.name, (0, 0, 0)) for s in self.sources}
+        past_plan = position.past_plan
+        past_plan_samples = position.past_plan_samples
+        exhausted = set(position.exhausted)
 
         def open_streams() -> dict:
             return {s.name: self._source_samples(s, worker, source_positions[s.name], skipped, not past_plan)
@@ -202,11 +212,12 @@ class ImageTextStream(IterableDataset):
 
         streams = open_streams()
         mixer = random.Random(slot_seed(self.layout.seed, "mix", self.layout.rank, worker))
-        mixer_draws = position.get("mixer_draws", 0)
+        mixer_draws = position.mixer_draws
         weights = {s.name: s.weight for s in self.sources}
         for _ in range(mixer_draws):  # one random() per draw whatever the weights, so replay needs only the count
             mixer.random()
 
+        augment = torch.Generator()
         size = self.image_size
         images = torch.empty((self.local_batch_size, 3, size, size), dtype=torch.uint8)
         captions, labels, keys = [], [], []
@@ -228,12 +239,13 @@ class ImageTextStream(IterableDataset):
             if past_plan and finite:
                 past_plan_samples += 1
             try:
-                # Only the CPU generator drives the augmentations; torch.manual_seed would also queue lazy CUDA
-                # seeding with a captured stack trace, which cost more than decoding the image.
-                torch.default_generator.manual_seed(
-                    slot_seed(self.layout.seed, "augment", name, self.layout.rank, worker, epoch, consumed))
-                image, caption, label = decode_sample(raw, self.transform, self.image_size, decode_size=self.decode_size,
-                                                      min_image_size=self.min_image_size)
+                # A generator of the stream's own, seeded by the sample's place in its source: the same sample gets
+                # the same crop on a resume, and torch's global generator (which the model may draw from when
+                # decoding runs in the training process) is never touched.
+                augment.manual_seed(slot_seed(self.layout.seed, "augment", name, self.layout.rank, worker, epoch,
+                                              consumed))
+                image, caption, label = decode_sample(raw, partial(self.transform, generator=augment), self.image_size,
+                                                      decode_size=self.decode_size, min_image_size=self.min_image_size)
             except BadSample as bad:
                 skipped[bad.reason] += 1
                 self._check_skip_rate(skipped, seen, raw, bad)
@@ -250,16 +262,11 @@ class ImageTextStream(IterableDataset):
                 tokens=self.tokenizer(captions),
                 keys=keys,
                 labels=torch.tensor(labels),
-                stream_state={
-                    "worker": worker,
-                    "sources": {n: list(p) for n, p in source_positions.items()},
-                    "exhausted": sorted(exhausted),
-                    "past_plan": past_plan,
-                    "past_plan_samples": past_plan_samples,
-                    "mixer_draws": mixer_draws,
-                    "skipped": dict(skipped),
-                    "samples_seen": seen,
-                },
+                stream_position=StreamPosition(
+                    worker=worker, sources=dict(source_positions), exhausted=tuple(sorted(exhausted)),
+                    past_plan=past_plan, past_plan_samples=past_plan_samples, mixer_draws=mixer_draws,
+                    skipped=dict(skipped), samples_seen=seen,
+                ),
             )
             captions, labels, keys = [], [], []
 

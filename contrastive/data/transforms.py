@@ -11,9 +11,11 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional
 from contrastive.errors import ConfigError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+CROP_RATIO = (3 / 4, 4 / 3)  # the aspect ratios (width / height) a random crop may have: torchvision's default
 
 _INTERPOLATION = {
     "bicubic": v2.InterpolationMode.BICUBIC,
@@ -86,18 +88,63 @@ def _interpolation(name: str) -> v2.InterpolationMode:
     return _INTERPOLATION[name]
 
 
+class RandomCropFlip:
+    """PIL image -> uint8 (3, size, size): a random resized crop and an optional horizontal flip whose parameters come
+    from the generator handed in with each image, never from torch's global generator.
+
+    The draws are torchvision's v2 RandomResizedCrop then RandomHorizontalFlip, in the same order: a generator seeded
+    like torch's global one gives the crops and flips torchvision would. The crop is resized on the uint8 tensor
+    (torch's vectorised antialiased kernels, faster than PIL's).
+    """
+
+    def __init__(self, size: int, interpolation: str, crop_scale: tuple[float, float], horizontal_flip: bool) -> None:
+        self.size = size
+        self.interpolation = _interpolation(interpolation)
+        self.scale = tuple(crop_scale)
+        self.log_ratio = torch.log(torch.tensor(CROP_RATIO)).tolist()  # float32 logs, as torchvision computes them
+        self.horizontal_flip = horizontal_flip
+
+    def crop_box(self, height: int, width: int, generator: torch.Generator) -> tuple[int, int, int, int]:
+        """(top, left, crop height, crop width): up to 10 draws of an area share in `scale` and a log aspect ratio,
+        the first box that fits the image wins; else the central crop closest to the allowed ratios."""
+        area = height * width
+        for _ in range(10):
+            target_area = area * torch.empty(1).uniform_(*self.scale, generator=generator).item()
+            aspect_ratio = torch.exp(torch.empty(1).uniform_(*self.log_ratio, generator=generator)).item()
+            crop_width = int(round(math.sqrt(target_area * aspect_ratio)))
+            crop_height = int(round(math.sqrt(target_area / aspect_ratio)))
+            if 0 < crop_width <= width and 0 < crop_height <= height:
+                top = torch.randint(0, height - crop_height + 1, size=(1,), generator=generator).item()
+                left = torch.randint(0, width - crop_width + 1, size=(1,), generator=generator).item()
+                return top, left, crop_height, crop_width
+        in_ratio = width / height
+        if in_ratio < CROP_RATIO[0]:
+            crop_width, crop_height = width, int(round(width / CROP_RATIO[0]))
+        elif in_ratio > CROP_RATIO[1]:
+            crop_width, crop_height = int(round(height * CROP_RATIO[1])), height
+        else:
+            crop_width, crop_height = width, height
+        return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
+
+    def __call__(self, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
+        pixels = functional.pil_to_tensor(image)  # uint8 (3, H, W)
+        top, left, height, width = self.crop_box(*pixels.shape[-2:], generator)
+        crop = functional.resized_crop(pixels, top, left, height, width, [self.size, self.size],
+                                       interpolation=self.interpolation, antialias=True)
+        if self.horizontal_flip and torch.rand(1, generator=generator).item() < 0.5:
+            crop = functional.horizontal_flip(crop)
+        return crop
+
+
 def build_train_transform(
     image_size: int,
     interpolation: str = "bicubic",
     crop_scale: tuple[float, float] = (0.9, 1.0),
     horizontal_flip: bool = False,
-) -> v2.Compose:
-    """PIL image -> uint8 (3, image_size, image_size); the stream normalises whole batches (BatchNormalize).
-    The crop is resized on the uint8 tensor (torch's vectorised antialiased kernels, faster than PIL's)."""
-    steps = [v2.PILToTensor(), v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=_interpolation(interpolation), antialias=True)]
-    if horizontal_flip:
-        steps.append(v2.RandomHorizontalFlip())
-    return v2.Compose(steps)
+) -> RandomCropFlip:
+    """(PIL image, generator) -> uint8 (3, image_size, image_size); the stream normalises whole batches
+    (BatchNormalize)."""
+    return RandomCropFlip(image_size, interpolation, crop_scale, horizontal_flip)
 
 
 def build_eval_transform(image_size: int, mean: list[float], std: list[float], interpolation: str = "bicubic") -> v2.Compose:

@@ -9,8 +9,8 @@ decoder inputs are built, in this model's forward. So the model reads it from it
 `model.decoder.parallel_prob`, and the model configs interpolate that from `${loss.parallel_prob}`: the loss
 config stays the one place to set it, the trainer needs no special case, and a checkpoint's resolved model config
 records the value that was used. In training mode each example independently draws parallel prediction from
-torch's global RNG (seeded per rank by the trainer), so runs are reproducible; in eval mode every example uses
-teacher forcing.
+the model's generator (contrastive.models.randomness: seeded per rank by the trainer and checkpointed), so runs
+and resumed runs are reproducible; in eval mode every example uses teacher forcing.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from open_clip.model import CLIPVisionCfg, _build_vision_tower
 from torch import nn
 
 from contrastive.config import ModelConfig
+from contrastive.models.randomness import ModelRandomness, draw_patch_dropout_from
 from contrastive.models.registry import MODELS, tower_configs
 from contrastive.types import ModelOutput
 from contrastive.errors import ConfigError
@@ -147,6 +148,8 @@ class CapPaModel(nn.Module):
                              f"CapPa: its image embedding is the pooled encoder output, with no projection")
         self.visual = _build_vision_tower(embed_dim, CLIPVisionCfg(**vision), quick_gelu=cfg.quick_gelu)
         self.visual.proj = None  # no contrastive head; a parameter without gradient would also stall DDP
+        self.randomness = ModelRandomness()
+        draw_patch_dropout_from(self.visual, self.randomness)
         decoder = decoder_config(cfg.decoder)
         self.parallel_prob = decoder.parallel_prob
         self.context_length = text.get("context_length", 77)
@@ -171,6 +174,7 @@ class CapPaModel(nn.Module):
         inputs, targets = shift_captions(tokens)
         parallel = torch.zeros(len(tokens), dtype=torch.bool, device=tokens.device)
         if self.training and self.parallel_prob > 0:
-            parallel = torch.rand(len(tokens), device=tokens.device) < self.parallel_prob
+            draws = torch.rand(len(tokens), device=tokens.device, generator=self.randomness.generator)
+            parallel = draws < self.parallel_prob
         logits = self.decode(self.encode_image_tokens(images), inputs, parallel)
         return ModelOutput(caption_logits=logits, caption_targets=targets)

@@ -19,6 +19,7 @@ from torch import nn
 
 from contrastive.config import ModelConfig
 from contrastive.models.cappa import shift_captions
+from contrastive.models.randomness import ModelRandomness, draw_patch_dropout_from
 from contrastive.models.registry import MODELS, tower_configs
 from contrastive.types import ModelOutput
 from contrastive.errors import ConfigError
@@ -65,6 +66,8 @@ class CoCaModel(nn.Module):
         # open_clip leaves the decoder's output projection as torch.empty (its init routine is never called).
         decoder_width = self.coca.text_decoder.width
         nn.init.normal_(self.coca.text_decoder.text_projection, std=decoder_width**-0.5)
+        self.randomness = ModelRandomness()
+        draw_patch_dropout_from(self.coca.visual, self.randomness)
         self.max_log_logit_scale = math.log(cfg.max_logit_scale)
         self.embed_dim = embed_dim
         self.context_length = text.get("context_length", 77)

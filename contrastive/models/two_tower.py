@@ -11,6 +11,7 @@ from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from torch import nn
 
 from contrastive.config import ModelConfig
+from contrastive.models.randomness import ModelRandomness, draw_patch_dropout_from
 from contrastive.models.registry import MODELS, tower_configs
 from contrastive.types import ModelOutput
 
@@ -33,6 +34,8 @@ class TwoTowerModel(nn.Module):
             init_logit_scale=cfg.init_logit_scale,
             init_logit_bias=cfg.init_logit_bias,
         )
+        self.randomness = ModelRandomness()
+        draw_patch_dropout_from(self.clip.visual, self.randomness)
         self.max_log_logit_scale = math.log(cfg.max_logit_scale)
         self.embed_dim = embed_dim
         self.context_length = text.get("context_length", 77)

@@ -10,8 +10,9 @@ finite-run plans stay in units of steps; splitting into micro-batches happens he
   features without a graph; the loss runs once on the cached features of the whole local batch (so every
   negative of the global batch is scored, across ranks too) and keeps its gradients with respect to them; pass 2
   re-runs each micro-batch with a graph and backpropagates those gradients. The gradients equal one step on the
-  whole batch; memory is one micro-batch's activations plus the (B, D) features. Pass 2 replays pass 1's RNG
-  state per micro-batch, so random model parts (patch dropout) draw the same values in both passes.
+  whole batch; memory is one micro-batch's activations plus the (B, D) features. Pass 2 replays pass 1's random
+  states per micro-batch (the model's generator, and torch's global ones for parts we do not own), so random
+  model parts (patch dropout, timm's drop-path) draw the same values in both passes.
 
 Precision: the towers run under `autocast` (bf16 when trainer.precision asks for it); the objective always runs
 outside it, on fp32 outputs, so logits, the temperature, the bias and the loss itself are fp32.
@@ -21,13 +22,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, fields, replace
+from dataclasses import KW_ONLY, dataclass, fields, replace
 from typing import Iterator
 
 import torch
 from torch import nn
 
 from contrastive.losses.registry import Objective
+from contrastive.models.randomness import ModelRandomness, random_state, restore_random_state
 from contrastive.types import Batch, Collectives, LossOutput, ModelOutput
 from contrastive.errors import ConfigError
 
@@ -106,30 +108,21 @@ class SummedMicroBatches(_Step):
         )
 
 
-def _rng_states(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-
-def _set_rng_states(states: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
-    torch.set_rng_state(states[0])
-    if states[1] is not None:
-        torch.cuda.set_rng_state(states[1], device)
-
-
 @dataclass
 class FeatureCache(_Step):
     steps: int = 2
+    _: KW_ONLY
+    randomness: ModelRandomness  # the model's generator, whose draws pass 2 replays
 
     def __call__(self, batch: Batch) -> LossOutput:
         parts = micro_batches(batch, self.steps)
-        device = batch.images.device
         # Pass 1: features of every micro-batch, no graph.
         rng_before, outputs = [], []
         with torch.no_grad(), self.autocast():
             for part in parts:
-                rng_before.append(_rng_states(device))
+                rng_before.append(random_state(self.randomness))
                 outputs.append(self.model(part.images, part.tokens))
-        rng_after = _rng_states(device)
+        rng_after = random_state(self.randomness)
         cached = self._concatenate(outputs)
         leaves = {name: getattr(cached, name) for name in (*PER_EXAMPLE_FIELDS, *SHARED_FIELDS)
                   if getattr(cached, name) is not None}
@@ -142,7 +135,7 @@ class FeatureCache(_Step):
         # shared scale and bias get 1/K of theirs each time, so every parameter takes part in every backward.
         size = len(batch) // self.steps
         for index, part in enumerate(parts):
-            _set_rng_states(rng_before[index], device)
+            restore_random_state(self.randomness, rng_before[index])
             rows = slice(index * size, (index + 1) * size)
             with gradient_sync(self.model, enabled=index == len(parts) - 1):
                 with self.autocast():
@@ -153,7 +146,7 @@ class FeatureCache(_Step):
                     grad = leaf.grad[rows] if name in PER_EXAMPLE_FIELDS else leaf.grad / self.steps
                     grads.append(grad.to(tensors[-1].dtype))
                 torch.autograd.backward(tensors, grads)
-        _set_rng_states(rng_after, device)
+        restore_random_state(self.randomness, rng_after)
         return LossOutput(loss=result.loss.detach(), metrics=result.metrics)
 
     @staticmethod
@@ -174,12 +167,14 @@ class FeatureCache(_Step):
 
 
 def build_forward_backward(model: nn.Module, objective: Objective, loss_name: str, collectives: Collectives,
-                           steps: int, autocast: Callable[[], AbstractContextManager] = nullcontext) -> _Step:
-    """The step's forward-and-backward for `trainer.accumulation_steps=steps` and this objective."""
+                           steps: int, autocast: Callable[[], AbstractContextManager] = nullcontext, *,
+                           randomness: ModelRandomness) -> _Step:
+    """The step's forward-and-backward for `trainer.accumulation_steps=steps` and this objective; `randomness` is
+    the (unwrapped) model's."""
     if steps == 1:
         return SingleBatch(model, objective, collectives, autocast)
     if loss_name in FEATURE_CACHE_LOSSES:
-        return FeatureCache(model, objective, collectives, autocast, steps)
+        return FeatureCache(model, objective, collectives, autocast, steps, randomness=randomness)
     if loss_name in PER_EXAMPLE_LOSSES:
         return SummedMicroBatches(model, objective, collectives, autocast, steps)
     raise ConfigError(

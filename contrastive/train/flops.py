@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from contrastive.dist.collectives import LocalCollectives
 from contrastive.losses.registry import Objective
+from contrastive.models.randomness import random_state, restore_random_state
 from contrastive.train.accumulation import batch_rows
 from contrastive.types import Batch
 
@@ -26,12 +27,13 @@ def flops_per_sample(model: nn.Module, objective: Objective, batch: Batch, sampl
     """Forward + backward FLOPs of `model` (unwrapped) and `objective` per sample; leaves RNG and gradients as found."""
     part = batch_rows(batch, slice(0, samples))
     saved_grads = {p: p.grad for p in model.parameters()}
-    with torch.random.fork_rng(devices=[batch.images.device] if batch.images.device.type == "cuda" else []):
-        with FlopCounterMode(display=False) as counter:
-            with autocast():
-                output = model(part.images, part.tokens)
-            result = objective(output.to_float32(), part, LocalCollectives(batch.images.device))
-            result.loss.backward()
+    rng = random_state(model.randomness)
+    with FlopCounterMode(display=False) as counter:
+        with autocast():
+            output = model(part.images, part.tokens)
+        result = objective(output.to_float32(), part, LocalCollectives(batch.images.device))
+        result.loss.backward()
+    restore_random_state(model.randomness, rng)
     for parameter, grad in saved_grads.items():
         parameter.grad = grad
     return counter.get_total_flops() / len(part)

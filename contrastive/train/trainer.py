@@ -30,6 +30,7 @@ from contrastive.encoders import encoder_from_model, preprocess_from_config
 from contrastive.losses import build_loss, list_losses
 from contrastive.models import build_model, build_tokenizer, list_models
 from contrastive.models.locking import apply_locks
+from contrastive.models.randomness import random_state, restore_random_state
 from contrastive.train import checkpoint as ckpt
 from contrastive.train.accumulation import build_forward_backward
 from contrastive.train.flops import flops_per_sample, throughput_metrics
@@ -37,8 +38,8 @@ from contrastive.train.host_memory import reuse_freed_host_memory
 from contrastive.train.metrics import MetricsLogger
 from contrastive.train.optim import (NonfiniteReport, NonfiniteSteps, build_optimizer, build_scheduler,
                                      optimizer_step)
-from contrastive.types import Evaluator
 from contrastive.errors import ConfigError, TrainingDiverged
+from contrastive.types import Evaluator, StreamPosition
 
 log = logging.getLogger(__name__)
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SIGUSR1: SLURM's --signal warning before the time limit
@@ -59,20 +60,6 @@ def _set_threads(cfg: TrainConfig) -> None:
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         threads = max(1, (os.cpu_count() or 1) // local_ranks)
     torch.set_num_threads(threads)
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _restore_rng(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 class Trainer:
@@ -103,6 +90,7 @@ class Trainer:
         resume_from = ckpt.load_resume_state(resume, self.run_dir)
 
         self.model = build_model(cfg.model).to(self.env.device)
+        self.model.randomness.place(self.env.device, cfg.seed + self.env.rank)  # patch dropout, CapPa's draw
         apply_locks(self.model, cfg.lock)  # before the wrap and the optimiser, which keep only trainable parameters
         self.tokenizer = build_tokenizer(cfg.model)
         self.bf16 = cfg.trainer.precision == "bf16" or (cfg.trainer.precision == "auto"
@@ -112,7 +100,7 @@ class Trainer:
         self.objective = build_loss(cfg.loss)
         self.forward_backward = build_forward_backward(self.parallel_model, self.objective, cfg.loss.name,
                                                        self.env.collectives, cfg.trainer.accumulation_steps,
-                                                       self._autocast)
+                                                       self._autocast, randomness=self.model.randomness)
         self.flops_per_sample: float | None = None
         plan = plan_run(cfg.data, world_size=self.env.world_size, seed=cfg.seed)  # None for an endless stream
         if plan is not None:  # every rank computes the same last step, so none waits in a collective
@@ -121,7 +109,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
 
         self.step = self.saved_step = 0
-        self.data_positions: dict[int, dict] = {}
+        self.data_positions: dict[int, StreamPosition] = {}  # logical data worker -> its latest position
         if resume_from is not None:
             self._restore(*resume_from)
         preprocess = preprocess_from_config(cfg.model)
@@ -170,7 +158,7 @@ class Trainer:
         try:
             while self.step < cfg.trainer.max_steps and not preempted:
                 batch = next(batches).to(env.device)
-                self.data_positions[batch.stream_state["worker"]] = batch.stream_state
+                self.data_positions[batch.stream_position.worker] = batch.stream_position
                 result = self.forward_backward(batch)
                 grad_norm, stepped = optimizer_step(self.model.parameters(), self.optimizer, cfg.optim.grad_clip_norm)
                 self.nonfinite.record(stepped)
@@ -220,7 +208,7 @@ class Trainer:
         """
         names = ["loss", *result.metrics]
         terms = torch.stack([result.loss.detach().float(), *(v.detach().float() for v in result.metrics.values())])
-        skipped = [float(sum(p["skipped"].get(reason, 0) for p in self.data_positions.values()))
+        skipped = [float(sum(p.skipped.get(reason, 0) for p in self.data_positions.values()))
                    for reason in SKIP_REASONS]
         counts = torch.tensor([*skipped, float(self.preemption_requested)], device=self.env.device)
         summed = self.env.collectives.all_reduce_sum(torch.cat([terms, counts]))
@@ -282,8 +270,9 @@ class Trainer:
             return
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
             raise TrainingDiverged(f"model weights are not finite at step {self.step}; not checkpointing them")
-        positions = self.env.collectives.all_gather_object(self.data_positions)
-        rng = self.env.collectives.all_gather_object(_rng_state())
+        positions = self.env.collectives.all_gather_object(
+            {worker: position.to_dict() for worker, position in self.data_positions.items()})
+        rng = self.env.collectives.all_gather_object(random_state(self.model.randomness))
         # Full, name-keyed states, so the checkpoint loads under either strategy and any world size.
         model_state, optimizer_state = full_state(self.model, self.optimizer)
         self.saved_step = self.step
@@ -310,8 +299,9 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = self.saved_step = state["step"]
         if state["world_size"] == self.env.world_size:
-            self.data_positions = state["data_positions"][self.env.rank]
-            _restore_rng(state["rng"][self.env.rank])
+            self.data_positions = {worker: StreamPosition.from_dict(saved)
+                                   for worker, saved in state["data_positions"][self.env.rank].items()}
+            restore_random_state(self.model.randomness, state["rng"][self.env.rank])
         else:
             log.warning("checkpoint was written by %d ranks, this run has %d: the data stream restarts with a "
                         "fresh seed instead of resuming its exact position", state["world_size"], self.env.world_size)

@@ -39,7 +39,7 @@ def main(shards: str, total: int, out: str) -> None:
     for _ in range(plan.steps):
         batch = next(batches)
         keys += batch.keys
-        past_plan += batch.stream_state["past_plan_samples"]
+        past_plan += batch.stream_position.past_plan_samples
     gathered = env.collectives.all_gather_object({"steps": plan.steps, "keys": keys, "past_plan": past_plan})
     if env.rank == 0:
         seen = Counter(key for part in gathered for key in part["keys"])
