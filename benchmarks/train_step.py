@@ -4,7 +4,7 @@
     python benchmarks/train_step.py --models tiny --repeats 20   # quick
     python benchmarks/train_step.py --device cuda --precision bf16 --models vit_b_16 --variants ''   # one GPU
 
-Ours: `contrastive.train.accumulation` forward/backward (model -> ModelOutput -> loss=clip), then
+Ours: `contrastive.train.step` forward/backward (model -> ModelOutput -> loss=clip), then
 `contrastive.train.optim.optimizer_step` (gradient-norm clipping at optim.grad_clip_norm, the non-finite check,
 AdamW over our parameter groups, zero_grad) and the schedule: the body of `Trainer.train`'s loop. Theirs: the
 body of open_clip_train.train.train_one_epoch with accum_freq=1 and its defaults (no gradient clipping): zero_grad, model(images, texts) -> ClipLoss -> backward, AdamW (its

@@ -28,7 +28,7 @@ from contrastive.dist.collectives import LocalCollectives
 from contrastive.losses import build_loss
 from contrastive.models import build_model
 from contrastive.models.registry import tower_configs
-from contrastive.train.accumulation import build_forward_backward
+from contrastive.train.step import build_forward_backward
 from contrastive.train.flops import flops_per_sample
 from contrastive.train.host_memory import reuse_freed_host_memory
 from contrastive.train.optim import build_optimizer, build_scheduler, optimizer_step
@@ -74,7 +74,7 @@ def ours(model_cfg: ModelConfig, batch: Batch, precision: str, variant: str | No
     forward_model = torch.compile(model) if variant == "compile" else model
     objective = build_loss(LossConfig(name="clip"))
     amp = autocast(device, precision)
-    forward_backward = build_forward_backward(forward_model, objective, "clip", LocalCollectives(device), 1, amp,
+    forward_backward = build_forward_backward(forward_model, objective, LocalCollectives(device), 1, amp,
                                               randomness=model.randomness)
 
     def step() -> None:

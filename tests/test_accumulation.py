@@ -16,10 +16,11 @@ import torch
 
 from contrastive.config import LossConfig, ModelConfig
 from contrastive.dist.collectives import LocalCollectives
-from contrastive.losses import build_loss
+from contrastive.losses import LOSSES, build_loss, list_losses
+from contrastive.losses.registry import FEATURE_CACHE, PER_EXAMPLE_MEAN, WHOLE_BATCH
 from contrastive.models import build_model
 from contrastive.models.randomness import ModelRandomness
-from contrastive.train.accumulation import FeatureCache, SummedMicroBatches, batch_rows, build_forward_backward
+from contrastive.train.step import FeatureCache, SummedMicroBatches, batch_rows, build_forward_backward
 from contrastive.types import Batch
 
 VISION = dict(image_size=28, patch_size=7, width=32, layers=2, head_width=16, mlp_ratio=2.0)
@@ -68,7 +69,7 @@ def test_feature_cache_matches_full_batch(loss):
     model, batch = tiny_model(loss), random_batch(8)
     expected = full_batch_gradients(model, loss, batch)
     model.zero_grad(set_to_none=True)
-    step = build_forward_backward(model, build_loss(LossConfig(name=loss)), loss, LocalCollectives(), steps=4,
+    step = build_forward_backward(model, build_loss(LossConfig(name=loss)), LocalCollectives(), steps=4,
                                   randomness=model.randomness)
     assert isinstance(step, FeatureCache)
     result = step(batch)
@@ -110,7 +111,7 @@ def test_summed_micro_batches_match_full_batch_for_cappa():
     batch = random_batch(8)
     expected = full_batch_gradients(model, "cappa", batch)
     model.zero_grad(set_to_none=True)
-    step = build_forward_backward(model, build_loss(LossConfig(name="cappa")), "cappa", LocalCollectives(), steps=4,
+    step = build_forward_backward(model, build_loss(LossConfig(name="cappa")), LocalCollectives(), steps=4,
                                   randomness=model.randomness)
     assert isinstance(step, SummedMicroBatches)
     step(batch)
@@ -118,9 +119,30 @@ def test_summed_micro_batches_match_full_batch_for_cappa():
 
 
 def test_unsupported_objective_is_refused():
-    with pytest.raises(ValueError, match="accumulation_steps=2 is not supported with loss=coca"):
-        build_forward_backward(torch.nn.Linear(1, 1), build_loss(LossConfig(name="coca")), "coca",
-                               LocalCollectives(), steps=2, randomness=ModelRandomness())
+    with pytest.raises(ValueError, match="accumulation_steps=2 is not supported with CoCaLoss .accumulation='whole_batch'.: "
+                       "a feature cache fits loss=clip.siglip and summed micro-batches fit loss=cappa"):
+        build_forward_backward(torch.nn.Linear(1, 1), build_loss(LossConfig(name="coca")), LocalCollectives(), steps=2,
+                               randomness=ModelRandomness())
+
+
+def test_the_objectives_declared_accumulation_picks_the_step():
+    """A loss registered under any name is micro-batched as it declares: a new objective needs no edit here."""
+    clip = build_loss(LossConfig(name="clip"))
+
+    class ScaledClip:
+        accumulation = PER_EXAMPLE_MEAN  # declared, whatever the maths: the declaration alone decides
+
+        def __call__(self, output, batch, collectives):
+            return clip(output, batch, collectives)
+
+    model = tiny_model("clip")
+    step = build_forward_backward(model, ScaledClip(), LocalCollectives(), steps=2, randomness=model.randomness)
+    assert isinstance(step, SummedMicroBatches)
+    ScaledClip.accumulation = FEATURE_CACHE
+    step = build_forward_backward(model, ScaledClip(), LocalCollectives(), steps=2, randomness=model.randomness)
+    assert isinstance(step, FeatureCache)
+    assert {name: LOSSES.get(name).accumulation for name in list_losses()} == {
+        "clip": FEATURE_CACHE, "siglip": FEATURE_CACHE, "cappa": PER_EXAMPLE_MEAN, "coca": WHOLE_BATCH}
 
 
 def test_micro_batches_must_divide_the_local_batch():
@@ -176,7 +198,7 @@ def _distributed_check() -> None:
             model = tiny_model(loss, seed=env.rank)  # DDP starts every rank from rank 0's weights
             reference = tiny_model(loss, seed=0)
             expected = full_batch_gradients(reference, loss, global_batch)
-            step = build_forward_backward(parallelize(model, env), build_loss(LossConfig(name=loss)), loss,
+            step = build_forward_backward(parallelize(model, env), build_loss(LossConfig(name=loss)),
                                           env.collectives, steps=steps, randomness=model.randomness)
             step(local)
             # DDP averages over ranks and each rank's loss is its rows' share, so the global loss is the rank mean.

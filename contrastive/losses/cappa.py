@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from contrastive.config import LossConfig
-from contrastive.losses.registry import LOSSES
+from contrastive.losses.registry import LOSSES, PER_EXAMPLE_MEAN
 from contrastive.types import Batch, Collectives, LossOutput, ModelOutput
 from contrastive.errors import ConfigError
 
@@ -48,6 +48,8 @@ def refuse_block_size(cfg: LossConfig) -> None:
 
 
 class CapPaLoss:
+    accumulation = PER_EXAMPLE_MEAN
+
     def __init__(self, cfg: LossConfig) -> None:
         refuse_block_size(cfg)
         self.cfg = cfg

@@ -9,11 +9,13 @@ from __future__ import annotations
 from contrastive.config import LossConfig
 from contrastive.losses.cappa import caption_loss, refuse_block_size, require_captions
 from contrastive.losses.clip import clip_loss
-from contrastive.losses.registry import LOSSES
+from contrastive.losses.registry import LOSSES, WHOLE_BATCH
 from contrastive.types import Batch, Collectives, LossOutput, ModelOutput
 
 
 class CoCaLoss:
+    accumulation = WHOLE_BATCH  # a whole-batch contrastive term beside caption logits no cache holds
+
     def __init__(self, cfg: LossConfig) -> None:
         refuse_block_size(cfg)  # its contrastive term is the plain CLIP loss
         self.cfg = cfg

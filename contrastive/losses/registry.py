@@ -9,7 +9,17 @@ from contrastive.registry import Registry
 from contrastive.types import Batch, Collectives, LossOutput, ModelOutput
 
 
+# How an objective's loss over a local batch splits into K micro-batches (trainer.accumulation_steps=K); each
+# objective declares one, and the training step builds its forward-backward from it.
+FEATURE_CACHE = "feature_cache"  # a function of the features, temperature and bias only: cache them, score once
+PER_EXAMPLE_MEAN = "per_example_mean"  # a mean of per-example terms: the mean of K micro-batch losses is exact
+WHOLE_BATCH = "whole_batch"  # neither: only K=1 is exact
+ACCUMULATION_MODES = (FEATURE_CACHE, PER_EXAMPLE_MEAN, WHOLE_BATCH)
+
+
 class Objective(Protocol):
+    accumulation: str  # one of ACCUMULATION_MODES
+
     def __call__(self, output: ModelOutput, batch: Batch, collectives: Collectives) -> LossOutput: ...
 
 
@@ -22,3 +32,8 @@ def list_losses() -> list[str]:
 
 def build_loss(cfg: LossConfig) -> Objective:
     return LOSSES.get(cfg.name)(cfg)
+
+
+def losses_accumulating_by(mode: str) -> list[str]:
+    """The registered losses that declare `mode`."""
+    return [name for name in list_losses() if LOSSES.get(name).accumulation == mode]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from contrastive.config import LossConfig
 from contrastive.losses.blockwise import blockwise_sigmoid_loss
-from contrastive.losses.registry import LOSSES
+from contrastive.losses.registry import FEATURE_CACHE, LOSSES
 from contrastive.types import Batch, Collectives, LossOutput, ModelOutput
 from contrastive.errors import ConfigError
 
@@ -64,6 +64,8 @@ def siglip_loss(
 
 
 class SigLipLoss:
+    accumulation = FEATURE_CACHE
+
     def __init__(self, cfg: LossConfig) -> None:
         if cfg.block_size is not None and cfg.block_size <= 0:
             raise ConfigError(f"loss.block_size must be a positive integer or null, got {cfg.block_size}")

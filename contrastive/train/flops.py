@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from contrastive.dist.collectives import LocalCollectives
 from contrastive.losses.registry import Objective
 from contrastive.models.randomness import random_state, restore_random_state
-from contrastive.train.accumulation import batch_rows
+from contrastive.train.step import batch_rows
 from contrastive.types import Batch
 
 

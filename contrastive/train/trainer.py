@@ -32,7 +32,7 @@ from contrastive.models import build_model, build_tokenizer, list_models
 from contrastive.models.locking import apply_locks
 from contrastive.models.randomness import random_state, restore_random_state
 from contrastive.train import checkpoint as ckpt
-from contrastive.train.accumulation import build_forward_backward
+from contrastive.train.step import build_forward_backward
 from contrastive.train.flops import flops_per_sample, throughput_metrics
 from contrastive.train.host_memory import reuse_freed_host_memory
 from contrastive.train.metrics import MetricsLogger
@@ -98,8 +98,8 @@ class Trainer:
         self.parallel_model = parallelize(self.model, self.env, cfg.dist.strategy, cfg.dist.activation_checkpointing,
                                           cfg.trainer.compile, bf16=self.bf16)
         self.objective = build_loss(cfg.loss)
-        self.forward_backward = build_forward_backward(self.parallel_model, self.objective, cfg.loss.name,
-                                                       self.env.collectives, cfg.trainer.accumulation_steps,
+        self.forward_backward = build_forward_backward(self.parallel_model, self.objective, self.env.collectives,
+                                                       cfg.trainer.accumulation_steps,
                                                        self._autocast, randomness=self.model.randomness)
         self.flops_per_sample: float | None = None
         plan = plan_run(cfg.data, world_size=self.env.world_size, seed=cfg.seed)  # None for an endless stream

@@ -4,9 +4,10 @@ The trainer hands every step its whole local batch (data.batch_size / world size
 finite-run plans stay in units of steps; splitting into micro-batches happens here, as views of that batch.
 
 - `SingleBatch`: one forward and backward (K = 1).
-- `SummedMicroBatches`: loss = mean of the K micro-batch losses. Exact for objectives whose loss is a mean of
-  per-example terms over equal micro-batches (CapPa).
-- `FeatureCache` (GradCache, Gao et al. 2021; open_clip's accum_freq): pass 1 computes every micro-batch's
+Which one runs is the objective's declared `accumulation` (contrastive.losses.registry):
+- `SummedMicroBatches` (per_example_mean): loss = mean of the K micro-batch losses. Exact for objectives whose
+  loss is a mean of per-example terms over equal micro-batches (CapPa).
+- `FeatureCache` (feature_cache) (GradCache, Gao et al. 2021; open_clip's accum_freq): pass 1 computes every micro-batch's
   features without a graph; the loss runs once on the cached features of the whole local batch (so every
   negative of the global batch is scored, across ranks too) and keeps its gradients with respect to them; pass 2
   re-runs each micro-batch with a graph and backpropagates those gradients. The gradients equal one step on the
@@ -28,13 +29,11 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from contrastive.losses.registry import Objective
+from contrastive.losses.registry import FEATURE_CACHE, PER_EXAMPLE_MEAN, Objective, losses_accumulating_by
 from contrastive.models.randomness import ModelRandomness, random_state, restore_random_state
 from contrastive.types import Batch, Collectives, LossOutput, ModelOutput
 from contrastive.errors import ConfigError
 
-FEATURE_CACHE_LOSSES = ("clip", "siglip")  # the loss is a function of the features and the scale/bias only
-PER_EXAMPLE_LOSSES = ("cappa",)  # mean of per-example terms: summing micro-batch means is exact
 PER_EXAMPLE_FIELDS = ("image_features", "text_features")  # (B, D), concatenated over micro-batches
 SHARED_FIELDS = ("logit_scale", "logit_bias")  # scalars, the same in every micro-batch
 
@@ -162,23 +161,24 @@ class FeatureCache(_Step):
                 values[field.name] = parts[0].detach().float().clone()
             else:
                 raise ValueError(f"the feature cache cannot hold ModelOutput.{field.name}: it fits objectives that "
-                                 f"score features only ({', '.join(FEATURE_CACHE_LOSSES)})")
+                                 f"declare accumulation={FEATURE_CACHE!r} (score features only)")
         return ModelOutput(**values)
 
 
-def build_forward_backward(model: nn.Module, objective: Objective, loss_name: str, collectives: Collectives,
-                           steps: int, autocast: Callable[[], AbstractContextManager] = nullcontext, *,
+def build_forward_backward(model: nn.Module, objective: Objective, collectives: Collectives, steps: int,
+                           autocast: Callable[[], AbstractContextManager] = nullcontext, *,
                            randomness: ModelRandomness) -> _Step:
-    """The step's forward-and-backward for `trainer.accumulation_steps=steps` and this objective; `randomness` is
-    the (unwrapped) model's."""
+    """The step's forward-and-backward for `trainer.accumulation_steps=steps`, as the objective's declared
+    accumulation allows; `randomness` is the (unwrapped) model's."""
     if steps == 1:
         return SingleBatch(model, objective, collectives, autocast)
-    if loss_name in FEATURE_CACHE_LOSSES:
+    if objective.accumulation == FEATURE_CACHE:
         return FeatureCache(model, objective, collectives, autocast, steps, randomness=randomness)
-    if loss_name in PER_EXAMPLE_LOSSES:
+    if objective.accumulation == PER_EXAMPLE_MEAN:
         return SummedMicroBatches(model, objective, collectives, autocast, steps)
     raise ConfigError(
-        f"trainer.accumulation_steps={steps} is not supported with loss={loss_name}: a feature cache fits "
-        f"{', '.join(FEATURE_CACHE_LOSSES)} and summed micro-batches fit {', '.join(PER_EXAMPLE_LOSSES)}; "
-        f"use trainer.accumulation_steps=1 with a smaller data.batch_size or more ranks"
+        f"trainer.accumulation_steps={steps} is not supported with {type(objective).__name__} (accumulation="
+        f"{objective.accumulation!r}): a feature cache fits loss={'|'.join(losses_accumulating_by(FEATURE_CACHE))} "
+        f"and summed micro-batches fit loss={'|'.join(losses_accumulating_by(PER_EXAMPLE_MEAN))}; use "
+        f"trainer.accumulation_steps=1 with a smaller data.batch_size or more ranks"
     )
