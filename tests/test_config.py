@@ -77,7 +77,7 @@ def test_validate_names_the_bad_key(override, message):
 def test_a_non_square_image_size_is_named():
     # The one square-size check behind the model's, the exports' and the open_clip loader's input size.
     with pytest.raises(ConfigError, match="model.vision.image_size is 32x16, not square"):
-        model_image_size(ModelConfig(embed_dim=32, vision=dict(image_size=[32, 16])))
+        model_image_size(ModelConfig(embed_dim=32, vision={"image_size": [32, 16]}))
 
 
 def test_every_experiment_names_its_launch_command():

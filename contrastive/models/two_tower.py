@@ -11,8 +11,8 @@ from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from torch import nn
 
 from contrastive.config import ModelConfig
-from contrastive.models.randomness import ModelRandomness, draw_patch_dropout_from
 from contrastive.models.build import MODELS
+from contrastive.models.randomness import ModelRandomness, draw_patch_dropout_from
 from contrastive.models.towers import tower_configs
 from contrastive.types import ModelOutput
 
