@@ -27,7 +27,7 @@ from contrastive.config import LossConfig, ModelConfig, OptimConfig
 from contrastive.dist.collectives import LocalCollectives
 from contrastive.losses import build_loss
 from contrastive.models import build_model
-from contrastive.models.registry import tower_configs
+from contrastive.models.towers import model_image_size, tower_configs
 from contrastive.train.step import build_forward_backward
 from contrastive.train.flops import flops_per_sample
 from contrastive.train.host_memory import reuse_freed_host_memory
@@ -50,10 +50,10 @@ def model_config(path: str) -> ModelConfig:
 
 
 def random_batch(model_cfg: ModelConfig, batch_size: int) -> Batch:
-    _, vision, text = tower_configs(model_cfg)
-    size, length = vision.get("image_size", 224), text.get("context_length", 77)
+    text = CLIPTextCfg(**tower_configs(model_cfg)[2])
+    size, length = model_image_size(model_cfg), text.context_length
     generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(1, text.get("vocab_size", 49408), (batch_size, length), generator=generator)
+    tokens = torch.randint(1, text.vocab_size, (batch_size, length), generator=generator)
     tokens[:, length // 2:] = 0
     return Batch(images=torch.randn(batch_size, 3, size, size, generator=generator), tokens=tokens)
 

@@ -8,6 +8,7 @@ the registries sit above this module.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -189,13 +190,21 @@ def register_configs() -> None:
     store.store(name="train_schema", node=TrainConfig)
 
 
-def _require(condition: bool, message: str) -> None:
+def require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
 
 
+def check_known_keys(values: dict[str, Any], schema: type, section: str) -> None:
+    """A free-form config section (`model.vision`, `model.decoder`) may hold only the fields of its dataclass."""
+    known = {f.name for f in dataclasses.fields(schema)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{section} has unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+
+
 def _require_choice(value: str, name: str, choices: tuple[str, ...]) -> None:
-    _require(value in choices, f"{name}={value!r} is not one of {', '.join(choices)}")
+    require(value in choices, f"{name}={value!r} is not one of {', '.join(choices)}")
 
 
 def validate(cfg: TrainConfig, world_size: int = 1, *, model_archs: Collection[str],
@@ -206,62 +215,62 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, model_archs: Collection[s
     """
     _require_choice(cfg.model.arch, "model.arch", tuple(model_archs))
     _require_choice(cfg.loss.name, "loss.name", tuple(loss_names))
-    _require(cfg.model.max_logit_scale > 0, "model.max_logit_scale must be positive")
-    _require(len(cfg.model.image_mean) == 3 and len(cfg.model.image_std) == 3,
-             "model.image_mean and model.image_std need three values (RGB)")
+    require(cfg.model.max_logit_scale > 0, "model.max_logit_scale must be positive")
+    require(len(cfg.model.image_mean) == 3 and len(cfg.model.image_std) == 3,
+            "model.image_mean and model.image_std need three values (RGB)")
     data = cfg.data
-    _require(len(data.sources) > 0, "data.sources is empty: give at least one source with shards")
+    require(len(data.sources) > 0, "data.sources is empty: give at least one source with shards")
     for index, source in enumerate(data.sources):
-        _require(source.weight > 0, f"data.sources[{index}].weight must be positive, got {source.weight}")
-        _require(source.epochs is None or source.epochs > 0, f"data.sources[{index}].epochs must be positive")
-        _require(source.max_samples is None or source.max_samples > 0,
-                 f"data.sources[{index}].max_samples must be positive")
-    _require(len({s.name for s in data.sources}) == len(data.sources), "data.sources names must be distinct")
-    _require(data.epochs is None or data.epochs > 0, f"data.epochs must be positive or null, got {data.epochs}")
-    _require(data.min_image_size > 0, f"data.min_image_size must be positive, got {data.min_image_size}")
-    _require(data.batch_size > 0, f"data.batch_size must be positive, got {data.batch_size}")
-    _require(data.batch_size % world_size == 0,
-             f"data.batch_size={data.batch_size} is not divisible by the world size {world_size}")
-    _require(data.num_workers >= 0, f"data.num_workers must be >= 0, got {data.num_workers}")
-    _require(data.shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0, got {data.shuffle_buffer}")
-    _require(len(data.crop_scale) == 2 and 0 < data.crop_scale[0] <= data.crop_scale[1] <= 1,
-             f"data.crop_scale must be [low, high] with 0 < low <= high <= 1, got {list(data.crop_scale)}")
-    _require(0 <= data.max_skip_fraction <= 1, "data.max_skip_fraction must be within [0, 1]")
+        require(source.weight > 0, f"data.sources[{index}].weight must be positive, got {source.weight}")
+        require(source.epochs is None or source.epochs > 0, f"data.sources[{index}].epochs must be positive")
+        require(source.max_samples is None or source.max_samples > 0,
+                f"data.sources[{index}].max_samples must be positive")
+    require(len({s.name for s in data.sources}) == len(data.sources), "data.sources names must be distinct")
+    require(data.epochs is None or data.epochs > 0, f"data.epochs must be positive or null, got {data.epochs}")
+    require(data.min_image_size > 0, f"data.min_image_size must be positive, got {data.min_image_size}")
+    require(data.batch_size > 0, f"data.batch_size must be positive, got {data.batch_size}")
+    require(data.batch_size % world_size == 0,
+            f"data.batch_size={data.batch_size} is not divisible by the world size {world_size}")
+    require(data.num_workers >= 0, f"data.num_workers must be >= 0, got {data.num_workers}")
+    require(data.shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0, got {data.shuffle_buffer}")
+    require(len(data.crop_scale) == 2 and 0 < data.crop_scale[0] <= data.crop_scale[1] <= 1,
+            f"data.crop_scale must be [low, high] with 0 < low <= high <= 1, got {list(data.crop_scale)}")
+    require(0 <= data.max_skip_fraction <= 1, "data.max_skip_fraction must be within [0, 1]")
     optim = cfg.optim
-    _require(optim.lr > 0, f"optim.lr must be positive, got {optim.lr}")
-    _require(optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {optim.weight_decay}")
-    _require(len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas),
-             f"optim.betas must be two values in [0, 1), got {list(optim.betas)}")
-    _require(optim.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {optim.warmup_steps}")
+    require(optim.lr > 0, f"optim.lr must be positive, got {optim.lr}")
+    require(optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {optim.weight_decay}")
+    require(len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas),
+            f"optim.betas must be two values in [0, 1), got {list(optim.betas)}")
+    require(optim.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {optim.warmup_steps}")
     _require_choice(optim.schedule, "optim.schedule", ("cosine", "linear", "constant"))
-    _require(0 <= optim.min_lr_ratio <= 1, "optim.min_lr_ratio must be within [0, 1]")
+    require(0 <= optim.min_lr_ratio <= 1, "optim.min_lr_ratio must be within [0, 1]")
     _require_choice(optim.implementation, "optim.implementation", ("auto", "fused", "foreach", "for_loop"))
-    _require(optim.grad_clip_norm is None or optim.grad_clip_norm > 0, "optim.grad_clip_norm must be positive or null")
+    require(optim.grad_clip_norm is None or optim.grad_clip_norm > 0, "optim.grad_clip_norm must be positive or null")
     for prefix, multiplier in optim.lr_multipliers.items():
-        _require(multiplier > 0, f"optim.lr_multipliers[{prefix!r}] must be positive (lock.* freezes), got {multiplier}")
+        require(multiplier > 0, f"optim.lr_multipliers[{prefix!r}] must be positive (lock.* freezes), got {multiplier}")
     trainer = cfg.trainer
-    _require(trainer.max_steps > 0, f"trainer.max_steps must be positive, got {trainer.max_steps}")
-    _require(trainer.log_every > 0, f"trainer.log_every must be positive, got {trainer.log_every}")
-    _require(trainer.checkpoint_every > 0, f"trainer.checkpoint_every must be positive, got {trainer.checkpoint_every}")
-    _require(trainer.keep_last_checkpoints > 0, "trainer.keep_last_checkpoints must be positive")
-    _require(trainer.keep_every_steps is None or trainer.keep_every_steps > 0,
-             "trainer.keep_every_steps must be positive or null")
-    _require(trainer.max_nonfinite_steps > 0, "trainer.max_nonfinite_steps must be positive")
+    require(trainer.max_steps > 0, f"trainer.max_steps must be positive, got {trainer.max_steps}")
+    require(trainer.log_every > 0, f"trainer.log_every must be positive, got {trainer.log_every}")
+    require(trainer.checkpoint_every > 0, f"trainer.checkpoint_every must be positive, got {trainer.checkpoint_every}")
+    require(trainer.keep_last_checkpoints > 0, "trainer.keep_last_checkpoints must be positive")
+    require(trainer.keep_every_steps is None or trainer.keep_every_steps > 0,
+            "trainer.keep_every_steps must be positive or null")
+    require(trainer.max_nonfinite_steps > 0, "trainer.max_nonfinite_steps must be positive")
     _require_choice(trainer.precision, "trainer.precision", ("auto", "fp32", "bf16"))
-    _require(trainer.accumulation_steps > 0, f"trainer.accumulation_steps must be positive, got {trainer.accumulation_steps}")
-    _require(data.batch_size % (world_size * trainer.accumulation_steps) == 0,
-             f"data.batch_size={data.batch_size} is not divisible by world size {world_size} x "
-             f"trainer.accumulation_steps={trainer.accumulation_steps}")
-    _require(trainer.peak_flops_per_device is None or trainer.peak_flops_per_device > 0,
-             "trainer.peak_flops_per_device must be positive or null")
+    require(trainer.accumulation_steps > 0, f"trainer.accumulation_steps must be positive, got {trainer.accumulation_steps}")
+    require(data.batch_size % (world_size * trainer.accumulation_steps) == 0,
+            f"data.batch_size={data.batch_size} is not divisible by world size {world_size} x "
+            f"trainer.accumulation_steps={trainer.accumulation_steps}")
+    require(trainer.peak_flops_per_device is None or trainer.peak_flops_per_device > 0,
+            "trainer.peak_flops_per_device must be positive or null")
     for tower in ("image", "text"):
-        _require(getattr(cfg.lock, tower).unlocked_blocks >= 0, f"lock.{tower}.unlocked_blocks must be >= 0")
+        require(getattr(cfg.lock, tower).unlocked_blocks >= 0, f"lock.{tower}.unlocked_blocks must be >= 0")
     _require_choice(cfg.dist.device, "dist.device", ("auto", "cpu", "cuda"))
     _require_choice(cfg.dist.backend, "dist.backend", ("auto", "gloo", "nccl"))
-    _require(not (cfg.dist.backend == "nccl" and cfg.dist.device == "cpu"),
-             "dist.backend=nccl takes only CUDA tensors: use dist.device=cuda (or auto on a GPU node), or dist.backend=gloo")
+    require(not (cfg.dist.backend == "nccl" and cfg.dist.device == "cpu"),
+            "dist.backend=nccl takes only CUDA tensors: use dist.device=cuda (or auto on a GPU node), or dist.backend=gloo")
     _require_choice(cfg.dist.strategy, "dist.strategy", ("ddp", "fsdp"))
     _require_choice(cfg.logger.wandb.mode, "logger.wandb.mode", ("offline", "online", "disabled"))
-    _require(cfg.eval.every_steps >= 0, "eval.every_steps must be >= 0")
-    _require(cfg.resume in (None, "latest") or cfg.resume.endswith(".pt"),
-             f"resume must be null, 'latest' or a checkpoint .pt file, got {cfg.resume!r}")
+    require(cfg.eval.every_steps >= 0, "eval.every_steps must be >= 0")
+    require(cfg.resume in (None, "latest") or cfg.resume.endswith(".pt"),
+            f"resume must be null, 'latest' or a checkpoint .pt file, got {cfg.resume!r}")

@@ -8,9 +8,11 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from contrastive.config import TrainConfig, validate
+from contrastive.config import ModelConfig, TrainConfig, validate
+from contrastive.errors import ConfigError
 from contrastive.losses import list_losses
 from contrastive.models import build_model, list_models
+from contrastive.models.towers import model_image_size
 from tests.conftest import CONF_DIR, compose_config
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
@@ -70,6 +72,12 @@ def test_validate_names_the_bad_key(override, message):
     with pytest.raises(ValueError) as error:
         _validate(cfg)
     assert message in str(error.value)
+
+
+def test_a_non_square_image_size_is_named():
+    # The one square-size check behind the model's, the exports' and the open_clip loader's input size.
+    with pytest.raises(ConfigError, match="model.vision.image_size is 32x16, not square"):
+        model_image_size(ModelConfig(embed_dim=32, vision={"image_size": [32, 16]}))
 
 
 def test_every_experiment_names_its_launch_command():

@@ -16,7 +16,7 @@ from contrastive.data.shards import expand_shards, shards_for_slot
 from contrastive.data.stream import ImageTextStream, Source, StreamLayout
 from contrastive.data.transforms import BatchNormalize, Preprocess, build_train_transform
 from contrastive.models import build_tokenizer
-from contrastive.models.registry import model_image_size
+from contrastive.models.towers import model_image_size
 from contrastive.types import StreamPosition
 from tests.conftest import compose_config
 from tests.data_factory import png, write_tar

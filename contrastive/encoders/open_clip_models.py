@@ -15,6 +15,7 @@ from torch import nn
 from contrastive.data.transforms import Preprocess
 from contrastive.encoders.encoder import LoadedEncoder, parameter_value
 from contrastive.errors import ConfigError, InputError
+from contrastive.models.towers import square_side
 
 CONFIG_FILE = "open_clip_config.json"
 
@@ -43,11 +44,8 @@ class OpenClipEncoder(nn.Module):
 def open_clip_preprocess(clip: nn.Module) -> Preprocess:
     """The preprocessing open_clip records on the model (its image size, mean, std and interpolation)."""
     cfg = get_model_preprocess_cfg(clip)
-    size = cfg.get("size", clip.visual.image_size)
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    if height != width:
-        raise InputError(f"open_clip model takes {height}x{width} images; only square inputs are supported")
-    return Preprocess(height, list(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+    size = square_side(cfg.get("size", clip.visual.image_size), "the open_clip model's image size", InputError)
+    return Preprocess(size, list(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
                       list(cfg.get("std", open_clip.OPENAI_DATASET_STD)), cfg.get("interpolation", "bicubic"))
 
 

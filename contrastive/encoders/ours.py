@@ -13,7 +13,7 @@ from contrastive.config import ModelConfig
 from contrastive.data.transforms import Preprocess
 from contrastive.encoders.encoder import LoadedEncoder, parameter_value
 from contrastive.models import build_model, build_tokenizer
-from contrastive.models.registry import model_image_size
+from contrastive.models.towers import model_image_size
 
 
 def preprocess_from_config(cfg: ModelConfig) -> Preprocess:

@@ -14,6 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from contrastive.data.transforms import Preprocess
+from contrastive.models.towers import square_side
 from contrastive.registry import Registry
 from contrastive.errors import ConfigError
 
@@ -35,10 +36,7 @@ def tower_image_size(visual: nn.Module) -> int:
     size = getattr(visual, "image_size", None)
     if size is None:
         raise ConfigError(f"cannot tell the input size of the {type(visual).__name__} image tower")
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    if height != width:
-        raise ConfigError(f"image size {height}x{width} is not square; exports describe one square input size")
-    return height
+    return square_side(size, f"the image size of the {type(visual).__name__} image tower")
 
 
 def preprocess_of(model: nn.Module) -> Preprocess:

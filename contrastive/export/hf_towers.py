@@ -20,7 +20,10 @@ import torch
 from open_clip.transformer import QuickGELU as OpenClipQuickGELU
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
+
+from contrastive.config import require
 from contrastive.errors import ConfigError
+from contrastive.models.towers import square_side
 
 Weights = dict[str, torch.Tensor]
 
@@ -72,33 +75,21 @@ def _split_in_proj(weight: torch.Tensor, bias: torch.Tensor, prefix: str) -> Wei
     return out
 
 
-def _square(size: Any, what: str) -> int:
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    if height != width:
-        raise ConfigError(f"{what} {height}x{width} is not square; transformers' CLIP/SigLIP vision configs take one size")
-    return height
-
-
-def _require(condition: bool, reason: str) -> None:
-    if not condition:
-        raise ConfigError(reason)
-
-
 def clip_vision(visual: nn.Module) -> tuple[dict[str, Any], Weights]:
     """(CLIPVisionConfig kwargs, state dict) for an open_clip VisionTransformer with class-token pooling."""
-    _require(isinstance(visual, VisionTransformer),
-             f"the CLIP export needs open_clip's VisionTransformer; this tower is {type(visual).__name__} "
-             f"(timm SigLIP-style towers export as SiglipVisionModel, ResNets do not export)")
-    _require(visual.attn_pool is None, "this tower pools with an attentional pooler; CLIPVisionModel pools the class token")
+    require(isinstance(visual, VisionTransformer),
+            f"the CLIP export needs open_clip's VisionTransformer; this tower is {type(visual).__name__} "
+            f"(timm SigLIP-style towers export as SiglipVisionModel, ResNets do not export)")
+    require(visual.attn_pool is None, "this tower pools with an attentional pooler; CLIPVisionModel pools the class token")
     # final_ln_after_pool changes nothing for class-token pooling: LayerNorm acts on each token alone.
-    _require(visual.pool_type == "tok",
-             f"this tower pools by {visual.pool_type!r}; CLIPVisionModel pools the class token ('tok')")
-    _require(not isinstance(visual.ln_pre, nn.Identity), "this tower has no pre-LN (no_ln_pre); CLIPVisionModel always applies one")
-    _require(visual.conv1.bias is None, "the patch embedding has a bias; CLIPVisionModel's has none")
+    require(visual.pool_type == "tok",
+            f"this tower pools by {visual.pool_type!r}; CLIPVisionModel pools the class token ('tok')")
+    require(not isinstance(visual.ln_pre, nn.Identity), "this tower has no pre-LN (no_ln_pre); CLIPVisionModel always applies one")
+    require(visual.conv1.bias is None, "the patch embedding has a bias; CLIPVisionModel's has none")
     blocks = list(visual.transformer.resblocks)
-    _require(all(type(block) is ResidualAttentionBlock for block in blocks),
-             "this tower uses open_clip's custom attention blocks (qk-norm, scaled cosine or extra norms), "
-             "which CLIPVisionModel cannot express")
+    require(all(type(block) is ResidualAttentionBlock for block in blocks),
+            "this tower uses open_clip's custom attention blocks (qk-norm, scaled cosine or extra norms), "
+            "which CLIPVisionModel cannot express")
     first = blocks[0]
     eps = layer_norm_eps(visual.ln_pre, "ln_pre")
     config = {
@@ -107,8 +98,8 @@ def clip_vision(visual: nn.Module) -> tuple[dict[str, Any], Weights]:
         "num_hidden_layers": len(blocks),
         "num_attention_heads": first.attn.num_heads,
         "num_channels": visual.conv1.in_channels,
-        "image_size": _square(visual.image_size, "image size"),
-        "patch_size": _square(visual.patch_size, "patch size"),
+        "image_size": square_side(visual.image_size, "the tower's image size"),
+        "patch_size": square_side(visual.patch_size, "the tower's patch size"),
         "hidden_act": activation_name(first.mlp.gelu),
         "layer_norm_eps": eps,
     }
@@ -120,9 +111,9 @@ def clip_vision(visual: nn.Module) -> tuple[dict[str, Any], Weights]:
         **_norm(visual.ln_post, "post_layernorm"),
     }
     for index, block in enumerate(blocks):
-        _require(activation_name(block.mlp.gelu) == config["hidden_act"], "blocks use different activations")
-        _require(layer_norm_eps(block.ln_1, "ln_1") == eps and layer_norm_eps(block.ln_2, "ln_2") == eps,
-                 "the tower's LayerNorms use different eps values; transformers has one layer_norm_eps")
+        require(activation_name(block.mlp.gelu) == config["hidden_act"], "blocks use different activations")
+        require(layer_norm_eps(block.ln_1, "ln_1") == eps and layer_norm_eps(block.ln_2, "ln_2") == eps,
+                "the tower's LayerNorms use different eps values; transformers has one layer_norm_eps")
         prefix = f"encoder.layers.{index}"
         weights.update(_norm(block.ln_1, f"{prefix}.layer_norm1"))
         weights.update(_norm(block.ln_2, f"{prefix}.layer_norm2"))
@@ -140,32 +131,32 @@ def clip_vision(visual: nn.Module) -> tuple[dict[str, Any], Weights]:
 
 def _timm_trunk(visual: nn.Module) -> nn.Module:
     trunk = getattr(visual, "trunk", None)
-    _require(trunk is not None and type(trunk).__name__ == "VisionTransformer",
-             f"the SigLIP export needs a timm VisionTransformer tower; this tower is {type(visual).__name__}")
+    require(trunk is not None and type(trunk).__name__ == "VisionTransformer",
+            f"the SigLIP export needs a timm VisionTransformer tower; this tower is {type(visual).__name__}")
     head = list(getattr(visual, "head", nn.Sequential()))
-    _require(not head, "this timm tower has an open_clip projection head (timm_proj linear/mlp); "
-                       "SiglipVisionModel ends at the attention-pool head, so train with timm_proj=none")
+    require(not head, "this timm tower has an open_clip projection head (timm_proj linear/mlp); "
+                      "SiglipVisionModel ends at the attention-pool head, so train with timm_proj=none")
     return trunk
 
 
 def siglip_vision(visual: nn.Module) -> tuple[dict[str, Any], Weights]:
     """(SiglipVisionConfig kwargs, state dict) for a timm ViT without class token and with a 'map' head."""
     trunk = _timm_trunk(visual)
-    _require(trunk.cls_token is None and trunk.reg_token is None,
-             "this timm ViT has a class or register token; SiglipVisionModel has none (CLIP-style towers export "
-             "from open_clip's own VisionTransformer)")
-    _require(trunk.global_pool == "map" and trunk.attn_pool is not None,
-             f"this timm ViT pools by {trunk.global_pool!r}; SiglipVisionModel pools with an attention-pool ('map') head")
-    _require(isinstance(trunk.norm_pre, nn.Identity), "this timm ViT has a pre-LN (pre_norm); SiglipVisionModel has none")
-    _require(isinstance(trunk.fc_norm, nn.Identity), "this timm ViT normalises after pooling (fc_norm); SiglipVisionModel does not")
-    _require(not getattr(trunk, "dynamic_img_size", False), "dynamic image size is not expressible in SiglipVisionConfig")
+    require(trunk.cls_token is None and trunk.reg_token is None,
+            "this timm ViT has a class or register token; SiglipVisionModel has none (CLIP-style towers export "
+            "from open_clip's own VisionTransformer)")
+    require(trunk.global_pool == "map" and trunk.attn_pool is not None,
+            f"this timm ViT pools by {trunk.global_pool!r}; SiglipVisionModel pools with an attention-pool ('map') head")
+    require(isinstance(trunk.norm_pre, nn.Identity), "this timm ViT has a pre-LN (pre_norm); SiglipVisionModel has none")
+    require(isinstance(trunk.fc_norm, nn.Identity), "this timm ViT normalises after pooling (fc_norm); SiglipVisionModel does not")
+    require(not getattr(trunk, "dynamic_img_size", False), "dynamic image size is not expressible in SiglipVisionConfig")
     pool = trunk.attn_pool
-    _require(pool.latent_len == 1 and pool.pos_embed is None and pool.pool == "token" and pool.mlp is not None
-             and isinstance(pool.q_norm, nn.Identity) and isinstance(pool.k_norm, nn.Identity),
-             "the attention-pool head is not SigLIP's (one latent query, MLP, no qk-norm or position embedding)")
+    require(pool.latent_len == 1 and pool.pos_embed is None and pool.pool == "token" and pool.mlp is not None
+            and isinstance(pool.q_norm, nn.Identity) and isinstance(pool.k_norm, nn.Identity),
+            "the attention-pool head is not SigLIP's (one latent query, MLP, no qk-norm or position embedding)")
     blocks = list(trunk.blocks)
-    _require(all(type(block).__name__ == "Block" for block in blocks),
-             "this timm ViT uses a non-standard block type, which SiglipVisionModel cannot express")
+    require(all(type(block).__name__ == "Block" for block in blocks),
+            "this timm ViT uses a non-standard block type, which SiglipVisionModel cannot express")
     first = blocks[0]
     eps = layer_norm_eps(trunk.norm, "the final norm")
     config = {
@@ -174,15 +165,15 @@ def siglip_vision(visual: nn.Module) -> tuple[dict[str, Any], Weights]:
         "num_hidden_layers": len(blocks),
         "num_attention_heads": first.attn.num_heads,
         "num_channels": trunk.patch_embed.proj.in_channels,
-        "image_size": _square(trunk.patch_embed.img_size, "image size"),
-        "patch_size": _square(trunk.patch_embed.patch_size, "patch size"),
+        "image_size": square_side(trunk.patch_embed.img_size, "the tower's image size"),
+        "patch_size": square_side(trunk.patch_embed.patch_size, "the tower's patch size"),
         "hidden_act": activation_name(first.mlp.act),
         "layer_norm_eps": eps,
         "vision_use_head": True,
     }
-    _require(pool.num_heads == config["num_attention_heads"] and activation_name(pool.mlp.act) == config["hidden_act"]
-             and pool.mlp.fc1.out_features == config["intermediate_size"],
-             "the attention-pool head's heads / activation / MLP width differ from the blocks'; SigLIP shares them")
+    require(pool.num_heads == config["num_attention_heads"] and activation_name(pool.mlp.act) == config["hidden_act"]
+            and pool.mlp.fc1.out_features == config["intermediate_size"],
+            "the attention-pool head's heads / activation / MLP width differ from the blocks'; SigLIP shares them")
     weights: Weights = {
         "embeddings.patch_embedding.weight": trunk.patch_embed.proj.weight.detach().clone(),
         "embeddings.patch_embedding.bias": trunk.patch_embed.proj.bias.detach().clone(),
@@ -198,12 +189,12 @@ def siglip_vision(visual: nn.Module) -> tuple[dict[str, Any], Weights]:
     }
     for index, block in enumerate(blocks):
         attn = block.attn
-        _require(isinstance(attn.q_norm, nn.Identity) and isinstance(attn.norm, nn.Identity)
-                 and isinstance(block.mlp.norm, nn.Identity) and attn.qkv.bias is not None,
-                 "the blocks use qk-norm, extra norms or a bias-free qkv, which SiglipVisionModel cannot express")
-        _require(activation_name(block.mlp.act) == config["hidden_act"], "blocks use different activations")
-        _require(layer_norm_eps(block.norm1, "norm1") == eps and layer_norm_eps(block.norm2, "norm2") == eps,
-                 "the tower's LayerNorms use different eps values; transformers has one layer_norm_eps")
+        require(isinstance(attn.q_norm, nn.Identity) and isinstance(attn.norm, nn.Identity)
+                and isinstance(block.mlp.norm, nn.Identity) and attn.qkv.bias is not None,
+                "the blocks use qk-norm, extra norms or a bias-free qkv, which SiglipVisionModel cannot express")
+        require(activation_name(block.mlp.act) == config["hidden_act"], "blocks use different activations")
+        require(layer_norm_eps(block.norm1, "norm1") == eps and layer_norm_eps(block.norm2, "norm2") == eps,
+                "the tower's LayerNorms use different eps values; transformers has one layer_norm_eps")
         prefix = f"encoder.layers.{index}"
         weights.update(_norm(block.norm1, f"{prefix}.layer_norm1"))
         weights.update(_norm(block.norm2, f"{prefix}.layer_norm2"))

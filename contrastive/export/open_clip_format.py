@@ -13,11 +13,12 @@ import json
 from pathlib import Path
 
 import open_clip
+from open_clip.model import CLIPTextCfg
 from safetensors.torch import save_file
 from torch import nn
 
 from contrastive.export.base import EXPORT_FORMATS, Exported, preprocess_of
-from contrastive.models.registry import tower_configs
+from contrastive.models.towers import tower_configs
 from contrastive.errors import ConfigError
 
 CONFIG_FILE = "open_clip_config.json"
@@ -43,7 +44,7 @@ def open_clip_model_config(model: nn.Module) -> tuple[nn.Module, dict]:
         module = model.coca
         vision = {**vision, "attentional_pool": True, "output_tokens": True}
         text = {**text, "embed_cls": True, "output_tokens": True}
-        model_cfg["multimodal_cfg"] = dataclasses.asdict(multimodal_config(cfg.decoder, text, embed_dim))
+        model_cfg["multimodal_cfg"] = dataclasses.asdict(multimodal_config(cfg.decoder, CLIPTextCfg(**text), embed_dim))
         model_cfg["custom_text"] = True  # how open_clip's factory picks CoCa (with multimodal_cfg present)
     else:
         raise ConfigError(f"model.arch={cfg.arch!r} has no open_clip counterpart (open_clip has CLIP, SigLIP and CoCa); "

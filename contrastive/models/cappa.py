@@ -15,17 +15,17 @@ and resumed runs are reproducible; in eval mode every example uses teacher forci
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from open_clip.model import CLIPVisionCfg, _build_vision_tower
+from open_clip.model import CLIPTextCfg, CLIPVisionCfg, _build_vision_tower
 from torch import nn
 
-from contrastive.config import ModelConfig
+from contrastive.config import ModelConfig, check_known_keys
+from contrastive.models.build import MODELS
 from contrastive.models.randomness import ModelRandomness, draw_patch_dropout_from
-from contrastive.models.registry import MODELS, tower_configs
+from contrastive.models.towers import tower_configs
 from contrastive.types import ModelOutput
 from contrastive.errors import ConfigError
 
@@ -43,10 +43,7 @@ class CaptionDecoderCfg:
 
 
 def decoder_config(values: dict) -> CaptionDecoderCfg:
-    known = {f.name for f in dataclasses.fields(CaptionDecoderCfg)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"model.decoder has unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    check_known_keys(values, CaptionDecoderCfg, "model.decoder")
     cfg = CaptionDecoderCfg(**values)
     if not 0.0 <= cfg.parallel_prob <= 1.0:
         raise ConfigError(f"model.decoder.parallel_prob must be within [0, 1], got {cfg.parallel_prob}")
@@ -152,8 +149,9 @@ class CapPaModel(nn.Module):
         draw_patch_dropout_from(self.visual, self.randomness)
         decoder = decoder_config(cfg.decoder)
         self.parallel_prob = decoder.parallel_prob
-        self.context_length = text.get("context_length", 77)
-        self.decoder = CaptionDecoder(decoder, text.get("vocab_size", 49408), self.context_length, vision["width"])
+        text_cfg = CLIPTextCfg(**text)
+        self.context_length = text_cfg.context_length
+        self.decoder = CaptionDecoder(decoder, text_cfg.vocab_size, self.context_length, vision["width"])
         self.embed_dim = embed_dim
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:

@@ -8,35 +8,30 @@ continues from. The state dict stays loadable by open_clip under `coca.`.
 
 from __future__ import annotations
 
-import dataclasses
-import math
-
 import torch
 import torch.nn.functional as F
 from open_clip.coca_model import CoCa, MultimodalCfg
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from torch import nn
 
-from contrastive.config import ModelConfig
+from contrastive.config import ModelConfig, check_known_keys
+from contrastive.models.build import MODELS
 from contrastive.models.cappa import shift_captions
 from contrastive.models.randomness import ModelRandomness, draw_patch_dropout_from
-from contrastive.models.registry import MODELS, tower_configs
+from contrastive.models.towers import tower_configs
+from contrastive.models.two_tower import capped_logit_scale
 from contrastive.types import ModelOutput
 from contrastive.errors import ConfigError
 
 
-def multimodal_config(decoder: dict, text: dict, embed_dim: int) -> MultimodalCfg:
-    known = {f.name for f in dataclasses.fields(MultimodalCfg)}
-    unknown = sorted(set(decoder) - known)
-    if unknown:
-        raise ConfigError(f"model.decoder has unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    values = {"context_length": text.get("context_length", 77), "vocab_size": text.get("vocab_size", 49408),
-              "width": embed_dim, **decoder}
+def multimodal_config(decoder: dict, text: CLIPTextCfg, embed_dim: int) -> MultimodalCfg:
+    check_known_keys(decoder, MultimodalCfg, "model.decoder")
+    values = {"context_length": text.context_length, "vocab_size": text.vocab_size, "width": embed_dim, **decoder}
     if values["width"] != embed_dim:
         raise ConfigError(f"model.decoder.width={values['width']} must equal model.embed_dim={embed_dim}: "
                          f"open_clip's CoCa decoder cross-attends to the attentional pooler's {embed_dim}-d tokens")
-    if text.get("width", 512) != values["width"]:
-        raise ConfigError(f"model.text.width={text.get('width', 512)} must equal model.decoder.width={values['width']}: "
+    if text.width != values["width"]:
+        raise ConfigError(f"model.text.width={text.width} must equal model.decoder.width={values['width']}: "
                          f"the multimodal decoder continues from the text tower's token states")
     return MultimodalCfg(**values)
 
@@ -54,11 +49,11 @@ class CoCaModel(nn.Module):
             raise ConfigError("model.arch=coca needs an open_clip ViT image tower (its attentional pooler)")
         # What makes the towers CoCa's: pooled + token outputs from both, an attention-pooled image, a text CLS.
         vision = {**vision, "attentional_pool": True, "output_tokens": True}
-        text = {**text, "embed_cls": True, "output_tokens": True}
+        text_cfg = CLIPTextCfg(**{**text, "embed_cls": True, "output_tokens": True})
         self.coca = CoCa(
             embed_dim,
-            multimodal_config(cfg.decoder, text, embed_dim),
-            CLIPTextCfg(**text),
+            multimodal_config(cfg.decoder, text_cfg, embed_dim),
+            text_cfg,
             CLIPVisionCfg(**vision),
             quick_gelu=cfg.quick_gelu,
             init_logit_scale=cfg.init_logit_scale,
@@ -68,9 +63,8 @@ class CoCaModel(nn.Module):
         nn.init.normal_(self.coca.text_decoder.text_projection, std=decoder_width**-0.5)
         self.randomness = ModelRandomness()
         draw_patch_dropout_from(self.coca.visual, self.randomness)
-        self.max_log_logit_scale = math.log(cfg.max_logit_scale)
         self.embed_dim = embed_dim
-        self.context_length = text.get("context_length", 77)
+        self.context_length = text_cfg.context_length
 
     @property
     def visual(self) -> nn.Module:
@@ -94,8 +88,7 @@ class CoCaModel(nn.Module):
         return self.coca.text_decoder(image_tokens, token_states)
 
     def logit_scale(self) -> torch.Tensor:
-        # Clamping the log-parameter in the forward pass zeroes its gradient at the cap, so it stays there.
-        return self.coca.logit_scale.clamp(max=self.max_log_logit_scale).exp()
+        return capped_logit_scale(self.coca.logit_scale, self.cfg.max_logit_scale)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> ModelOutput:
         image_features, image_tokens = self.coca.visual(images)

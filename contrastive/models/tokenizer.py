@@ -6,22 +6,22 @@ from collections.abc import Callable
 
 import open_clip
 import torch
+from open_clip.model import CLIPTextCfg
 
 from contrastive.config import ModelConfig
-from contrastive.models.registry import tower_configs
+from contrastive.models.towers import tower_configs
 from contrastive.errors import ConfigError
 
 Tokenizer = Callable[[list[str]], torch.Tensor]  # texts -> (N, context_length) int64
 
 
 def build_tokenizer(cfg: ModelConfig) -> Tokenizer:
-    _, _, text = tower_configs(cfg)
-    context_length = text.get("context_length", 77)
-    hf_name = text.get("hf_tokenizer_name")
+    text = CLIPTextCfg(**tower_configs(cfg)[2])
+    hf_name = text.hf_tokenizer_name
     if not hf_name:
-        return open_clip.SimpleTokenizer(context_length=context_length)
+        return open_clip.SimpleTokenizer(context_length=text.context_length)
     try:
-        return open_clip.HFTokenizer(hf_name, context_length=context_length, **(text.get("tokenizer_kwargs") or {}))
+        return open_clip.HFTokenizer(hf_name, context_length=text.context_length, **(text.tokenizer_kwargs or {}))
     except OSError as error:
         raise ConfigError(
             f"tokenizer {hf_name!r} is not in the local Hugging Face cache and cannot be downloaded here; "

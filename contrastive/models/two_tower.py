@@ -11,9 +11,16 @@ from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from torch import nn
 
 from contrastive.config import ModelConfig
+from contrastive.models.build import MODELS
 from contrastive.models.randomness import ModelRandomness, draw_patch_dropout_from
-from contrastive.models.registry import MODELS, tower_configs
+from contrastive.models.towers import tower_configs
 from contrastive.types import ModelOutput
+
+
+def capped_logit_scale(log_logit_scale: torch.Tensor, max_logit_scale: float) -> torch.Tensor:
+    """The temperature from its learnable log, capped at max_logit_scale."""
+    # Clamping the log-parameter in the forward pass zeroes its gradient at the cap, so it stays there.
+    return log_logit_scale.clamp(max=math.log(max_logit_scale)).exp()
 
 
 @MODELS.register("clip")
@@ -26,19 +33,19 @@ class TwoTowerModel(nn.Module):
         embed_dim, vision, text = tower_configs(cfg)
         custom_text = bool(cfg.open_clip_name and open_clip.get_model_config(cfg.open_clip_name).get("custom_text"))
         model_class = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
+        text_cfg = CLIPTextCfg(**text)
         self.clip = model_class(
             embed_dim,
             CLIPVisionCfg(**vision),
-            CLIPTextCfg(**text),
+            text_cfg,
             quick_gelu=cfg.quick_gelu,
             init_logit_scale=cfg.init_logit_scale,
             init_logit_bias=cfg.init_logit_bias,
         )
         self.randomness = ModelRandomness()
         draw_patch_dropout_from(self.clip.visual, self.randomness)
-        self.max_log_logit_scale = math.log(cfg.max_logit_scale)
         self.embed_dim = embed_dim
-        self.context_length = text.get("context_length", 77)
+        self.context_length = text_cfg.context_length
 
     @property
     def visual(self) -> nn.Module:
@@ -54,8 +61,7 @@ class TwoTowerModel(nn.Module):
         return F.normalize(features.float(), dim=-1) if normalize else features
 
     def logit_scale(self) -> torch.Tensor:
-        # Clamping the log-parameter in the forward pass zeroes its gradient at the cap, so it stays there.
-        return self.clip.logit_scale.clamp(max=self.max_log_logit_scale).exp()
+        return capped_logit_scale(self.clip.logit_scale, self.cfg.max_logit_scale)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> ModelOutput:
         bias = self.clip.logit_bias if getattr(self.clip, "logit_bias", None) is not None else None

@@ -18,7 +18,7 @@ from contrastive.data.loader import build_train_loader, plan_run
 from contrastive.data.transforms import Preprocess
 from contrastive.dist import init_distributed, shutdown_distributed
 from contrastive.models import build_tokenizer
-from contrastive.models.registry import model_image_size
+from contrastive.models.towers import model_image_size
 from tests.conftest import CONF_DIR
 
 
