@@ -19,9 +19,10 @@ from torch import nn
 from contrastive.cli.export import main as export_main
 from contrastive.encoders import load_encoder
 from contrastive.eval.zeroshot import ZeroShotClassification
-from contrastive.export import EXPORT_FORMATS, VisionEncoder, load_vision_encoder, preprocess_of
+from contrastive.export import EXPORT_FORMATS, VisionEncoder, load_vision_encoder
 from contrastive.export.transformers_format import build_hf_vision_model
 from contrastive.models import build_model, list_models
+from contrastive.encoders import preprocess_from_config
 from tests.conftest import run, tiny_run_overrides
 from tests.export_models import (clip_style_config, randomized, registered_model_config, siglip_style_config,
                                  tiny_config)
@@ -83,7 +84,7 @@ def test_image_processor_config_matches_our_preprocessing(tmp_path):
     model = randomized(clip_style_config())
     EXPORT_FORMATS.get("transformers")(model, tmp_path)
     processor = transformers.AutoImageProcessor.from_pretrained(tmp_path)
-    preprocess = preprocess_of(model)
+    preprocess = preprocess_from_config(model.cfg)
     assert processor.image_mean == pytest.approx(preprocess.mean) and processor.image_std == pytest.approx(preprocess.std)
     assert processor.crop_size["height"] == 28 and int(processor.resample) == 3  # PIL bicubic
     image = Image.fromarray(torch.randint(0, 256, (28, 28), dtype=torch.uint8).numpy()).convert("RGB")
@@ -129,7 +130,7 @@ def test_bundle_reloads_bit_exactly(tmp_path, make_config):
     model = randomized(make_config())
     EXPORT_FORMATS.get("bundle")(model, tmp_path)
     encoder = load_vision_encoder(tmp_path)
-    reference = VisionEncoder(model.visual, preprocess_of(model))
+    reference = VisionEncoder(model.visual, preprocess_from_config(model.cfg))
     images = torch.randn(2, 3, 28, 28)
     with torch.no_grad():
         ours, reloaded = reference(images), encoder(images)
@@ -141,7 +142,7 @@ def test_bundle_reloads_bit_exactly(tmp_path, make_config):
     penultimate = hidden[-2][:, 1:] if make_config is clip_style_config else hidden[-2]
     assert reloaded.patch_tokens.shape == (2, 16, 32) and torch.equal(reloaded.patch_tokens, penultimate)
     assert close(reloaded.pooled, pooled)  # the image embedding the contrastive head saw, up to kernel choice
-    assert encoder.preprocess == preprocess_of(model) and (encoder.num_patches, encoder.hidden_size) == (16, 32)
+    assert encoder.preprocess == preprocess_from_config(model.cfg) and (encoder.num_patches, encoder.hidden_size) == (16, 32)
     assert torch.equal(first_block, hidden[0][:, -16:])
     with pytest.raises(ValueError, match="feature_layer=4 is outside"):
         load_vision_encoder(tmp_path, feature_layer=4)
@@ -207,7 +208,7 @@ def test_every_registered_architecture_exports(tmp_path, arch):
 
     EXPORT_FORMATS.get("bundle")(model, tmp_path / "bundle")
     with torch.no_grad():
-        reference, reloaded = VisionEncoder(model.visual, preprocess_of(model))(images), load_vision_encoder(tmp_path / "bundle")(images)
+        reference, reloaded = VisionEncoder(model.visual, preprocess_from_config(model.cfg))(images), load_vision_encoder(tmp_path / "bundle")(images)
     assert torch.equal(reloaded.patch_tokens, reference.patch_tokens) and torch.equal(reloaded.pooled, reference.pooled)
 
     if TRANSFORMERS_REFUSAL[arch] is None:

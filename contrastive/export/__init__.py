@@ -12,10 +12,11 @@ from pathlib import Path
 
 from contrastive.encoders import detect_kind, load_encoder
 from contrastive.export import open_clip_format, transformers_format  # noqa: F401  (register formats)
-from contrastive.export.base import EXPORT_FORMATS, Exported, prepare_output_dir, preprocess_of
+from contrastive.export.base import EXPORT_FORMATS, Exported, prepare_output_dir
 from contrastive.export.bundle import VisionEncoder, VisionEncoderOutput, load_vision_encoder
 from contrastive.export.model_card import model_card
 from contrastive.errors import InputError
+from contrastive.encoders import preprocess_from_config
 
 
 def list_formats() -> list[str]:
@@ -39,7 +40,7 @@ def export_checkpoint(checkpoint: str | Path, format: str, out: str | Path, over
         if created and not any(out.iterdir()):
             out.rmdir()  # a refused tower leaves nothing behind
         raise
-    (out / "README.md").write_text(model_card(exported, run, preprocess_of(model)))
+    (out / "README.md").write_text(model_card(exported, run, preprocess_from_config(model.cfg)))
     return exported
 
 

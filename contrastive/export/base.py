@@ -1,7 +1,7 @@
-"""What every export format shares: the format registry, the preprocessing a tower expects, the output directory.
+"""What every export format shares: the format registry and the output directory.
 
 An exporter is `export(model, out_dir) -> Exported`: it reads only `model.visual` (an open_clip VisionTransformer
-or TimmModel), `model.cfg` (our ModelConfig) and, for formats that carry the whole model, the open_clip module
+or TimmModel), `model.cfg` (our ModelConfig, whose preprocessing is `contrastive.encoders.preprocess_from_config`) and, for formats that carry the whole model, the open_clip module
 the model wraps. That is why CLIP, SigLIP, CapPa and CoCa checkpoints all go through the same code.
 """
 
@@ -13,8 +13,6 @@ from pathlib import Path
 
 from torch import nn
 
-from contrastive.data.transforms import Preprocess
-from contrastive.models.towers import square_side
 from contrastive.registry import Registry
 from contrastive.errors import ConfigError
 
@@ -30,18 +28,6 @@ class Exported:
 
 Exporter = Callable[[nn.Module, Path], Exported]
 EXPORT_FORMATS: Registry[Exporter] = Registry("export format")
-
-
-def tower_image_size(visual: nn.Module) -> int:
-    size = getattr(visual, "image_size", None)
-    if size is None:
-        raise ConfigError(f"cannot tell the input size of the {type(visual).__name__} image tower")
-    return square_side(size, f"the image size of the {type(visual).__name__} image tower")
-
-
-def preprocess_of(model: nn.Module) -> Preprocess:
-    cfg = model.cfg
-    return Preprocess(tower_image_size(model.visual), list(cfg.image_mean), list(cfg.image_std), cfg.interpolation)
 
 
 def prepare_output_dir(out: str | Path, overwrite: bool) -> Path:

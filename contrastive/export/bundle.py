@@ -17,8 +17,9 @@ from torch import nn
 
 from contrastive.config import ModelConfig
 from contrastive.data.transforms import Preprocess
-from contrastive.export.base import EXPORT_FORMATS, Exported, preprocess_of
+from contrastive.export.base import EXPORT_FORMATS, Exported
 from contrastive.errors import ConfigError
+from contrastive.encoders import preprocess_from_config
 
 CONFIG_FILE = "encoder.json"
 WEIGHTS_FILE = "vision.safetensors"
@@ -100,7 +101,7 @@ def load_vision_encoder(path: str | Path, feature_layer: int | None = None) -> V
 
 @EXPORT_FORMATS.register("bundle")
 def export_bundle(model: nn.Module, out: Path) -> Exported:
-    visual, preprocess = model.visual, preprocess_of(model)
+    visual, preprocess = model.visual, preprocess_from_config(model.cfg)
     encoder = VisionEncoder(visual, preprocess)  # checks the tower gives patch tokens before writing anything
     record = {
         "bundle_version": BUNDLE_VERSION,

@@ -17,9 +17,10 @@ from open_clip.model import CLIPTextCfg
 from safetensors.torch import save_file
 from torch import nn
 
-from contrastive.export.base import EXPORT_FORMATS, Exported, preprocess_of
+from contrastive.export.base import EXPORT_FORMATS, Exported
 from contrastive.models.towers import tower_configs
 from contrastive.errors import ConfigError
+from contrastive.encoders import preprocess_from_config
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
@@ -56,7 +57,7 @@ def open_clip_model_config(model: nn.Module) -> tuple[nn.Module, dict]:
 @EXPORT_FORMATS.register("open_clip")
 def export_open_clip(model: nn.Module, out: Path) -> Exported:
     module, model_cfg = open_clip_model_config(model)
-    preprocess = preprocess_of(model)
+    preprocess = preprocess_from_config(model.cfg)
     preprocess_cfg = {"size": preprocess.image_size, "mean": preprocess.mean, "std": preprocess.std,
                       "interpolation": preprocess.interpolation, "resize_mode": "shortest"}
     config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}

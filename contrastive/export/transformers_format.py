@@ -12,9 +12,10 @@ from pathlib import Path
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
-from contrastive.export.base import EXPORT_FORMATS, Exported, preprocess_of
+from contrastive.export.base import EXPORT_FORMATS, Exported
 from contrastive.export.hf_towers import clip_vision, siglip_vision
 from contrastive.errors import ConfigError
+from contrastive.encoders import preprocess_from_config
 
 # PIL resampling codes, as transformers' image processors store them.
 _PIL_RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}
@@ -53,7 +54,7 @@ def build_hf_vision_model(visual: nn.Module) -> nn.Module:
 
 def save_image_processor(model: nn.Module, out: Path) -> None:
     transformers = _transformers()
-    preprocess = preprocess_of(model)
+    preprocess = preprocess_from_config(model.cfg)
     processor = transformers.CLIPImageProcessor(
         do_resize=True,
         size={"shortest_edge": preprocess.image_size},
