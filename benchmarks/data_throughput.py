@@ -105,7 +105,8 @@ def run_ours(pattern: str, args: argparse.Namespace) -> dict[str, float]:
     layout = StreamLayout(rank=0, world_size=1, num_workers=max(1, args.workers), seed=0, resampled=True,
                           shuffle_buffer=args.shuffle_buffer)
     stream = ImageTextStream(
-        [Source("bench", expand_shards(pattern), 1.0)], layout, build_train_transform(IMAGE_SIZE, crop_scale=(0.9, 1.0)),
+        [Source("bench", expand_shards(pattern), 1.0)], layout,
+        build_train_transform(IMAGE_SIZE, crop_scale=(0.9, 1.0)),
         BatchNormalize(list(MEAN), list(STD)), tokenizer, IMAGE_SIZE, args.batch_size,
         decode_size=train_decode_size(IMAGE_SIZE, (0.9, 1.0)),
     )
@@ -170,7 +171,8 @@ def main() -> None:
         for measure in ("samples_per_second", "samples_per_cpu_second"):
             figures[f"{name}_{measure}"] = statistics.median(run[measure] for run in runs)
         label = "contrastive ImageTextStream" if name == "ours" else "open_clip get_wds_dataset"
-        print(f"{label:<30}{figures[name + '_samples_per_second']:>12.1f}{figures[name + '_samples_per_cpu_second']:>15.1f}")
+        print(f"{label:<30}{figures[name + '_samples_per_second']:>12.1f}"
+              f"{figures[name + '_samples_per_cpu_second']:>15.1f}")
     figures["ratio"] = figures["ours_samples_per_second"] / figures["open_clip_samples_per_second"]
     figures["cpu_ratio"] = figures["ours_samples_per_cpu_second"] / figures["open_clip_samples_per_cpu_second"]
     print(f"{'ratio (ours / open_clip)':<30}{figures['ratio']:>12.2f}{figures['cpu_ratio']:>15.2f}   target >= 1.5")

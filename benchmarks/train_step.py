@@ -7,8 +7,9 @@
 Ours: `contrastive.train.step` forward/backward (model -> ModelOutput -> loss=clip), then
 `contrastive.train.optim.optimizer_step` (gradient-norm clipping at optim.grad_clip_norm, the non-finite check,
 AdamW over our parameter groups, zero_grad) and the schedule: the body of `Trainer.train`'s loop. Theirs: the
-body of open_clip_train.train.train_one_epoch with accum_freq=1 and its defaults (no gradient clipping): zero_grad, model(images, texts) -> ClipLoss -> backward, AdamW (its
-gain/bias groups), logit-scale clamp, open_clip_train's cosine_lr schedule. Theirs is an open_clip `CLIP` built
+body of open_clip_train.train.train_one_epoch with accum_freq=1 and its defaults (no gradient clipping):
+zero_grad, model(images, texts) -> ClipLoss -> backward, AdamW (its gain/bias groups), logit-scale clamp,
+open_clip_train's cosine_lr schedule. Theirs is an open_clip `CLIP` built
 from the same tower configs and loaded with our model's weights. bf16 is the trainer's `trainer.precision=bf16`
 (torch.autocast to bfloat16) for ours and open_clip_train's own `--precision amp_bf16` autocast for theirs.
 
@@ -182,7 +183,8 @@ def print_result(result: dict) -> None:
               f"{result['throughput_ratio_vs_open_clip'][contender]:12.3f}x {mfu} "
               f"{result['peak_memory_mib'][contender]:9.0f} {result['memory_ratio_vs_open_clip'][contender]:8.3f}x")
     ratio = result["throughput_ratio_vs_open_clip"]["ours"]
-    print(f"ours (defaults) / open_clip, same host-memory setting = {ratio:.3f}x (target >= {TARGET}x): {'met' if ratio >= TARGET else 'NOT met'}")
+    print(f"ours (defaults) / open_clip, same host-memory setting = {ratio:.3f}x (target >= {TARGET}x): "
+          f"{'met' if ratio >= TARGET else 'NOT met'}")
     if "like_for_like_ratio" in result:
         same, gain = result["like_for_like_ratio"], result["reuse_freed_host_memory_gain"]
         print(f"ours / open_clip, both glibc's default host memory: {same['glibc_default']:.3f}x; "

@@ -99,7 +99,8 @@ def open_clip_step(model_cfg: ModelConfig, batch: Batch, precision: str, weights
     defaults = OptimConfig()
     optimizer = torch.optim.AdamW(
         [{"params": [p for n, p in named if exclude(n, p) and p.requires_grad], "weight_decay": 0.0},
-         {"params": [p for n, p in named if not exclude(n, p) and p.requires_grad], "weight_decay": defaults.weight_decay}],
+         {"params": [p for n, p in named if not exclude(n, p) and p.requires_grad],
+          "weight_decay": defaults.weight_decay}],
         lr=defaults.lr, betas=tuple(defaults.betas), eps=defaults.eps,
     )
     scheduler = cosine_lr(optimizer, defaults.lr, defaults.warmup_steps, STEPS)
@@ -151,8 +152,8 @@ def serve(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contender", required=True,
-                        help="ours, ours_VARIANT (see train_step.py) or open_clip; a _glibc_memory suffix keeps glibc's "
-                             "default host-memory handling instead of Trainer's reuse_freed_host_memory")
+                        help="ours, ours_VARIANT (see train_step.py) or open_clip; a _glibc_memory suffix keeps "
+                             "glibc's default host-memory handling instead of Trainer's reuse_freed_host_memory")
     parser.add_argument("--config", required=True, help="a conf/model/ file")
     parser.add_argument("--batch-size", type=int, required=True)
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS)

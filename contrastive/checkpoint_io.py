@@ -31,7 +31,8 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     directory = checkpoint_dir(run_dir)
     if not directory.is_dir():
         return []
-    found = [(int(m.group(1)), directory / m.group(0)) for m in map(CHECKPOINT_PATTERN.match, os.listdir(directory)) if m]
+    found = [(int(m.group(1)), directory / m.group(0))
+             for m in map(CHECKPOINT_PATTERN.match, os.listdir(directory)) if m]
     return sorted(found)
 
 

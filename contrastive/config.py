@@ -257,7 +257,8 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, model_archs: Collection[s
             "trainer.keep_every_steps must be positive or null")
     require(trainer.max_nonfinite_steps > 0, "trainer.max_nonfinite_steps must be positive")
     _require_choice(trainer.precision, "trainer.precision", ("auto", "fp32", "bf16"))
-    require(trainer.accumulation_steps > 0, f"trainer.accumulation_steps must be positive, got {trainer.accumulation_steps}")
+    require(trainer.accumulation_steps > 0,
+            f"trainer.accumulation_steps must be positive, got {trainer.accumulation_steps}")
     require(data.batch_size % (world_size * trainer.accumulation_steps) == 0,
             f"data.batch_size={data.batch_size} is not divisible by world size {world_size} x "
             f"trainer.accumulation_steps={trainer.accumulation_steps}")
@@ -268,7 +269,8 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, model_archs: Collection[s
     _require_choice(cfg.dist.device, "dist.device", ("auto", "cpu", "cuda"))
     _require_choice(cfg.dist.backend, "dist.backend", ("auto", "gloo", "nccl"))
     require(not (cfg.dist.backend == "nccl" and cfg.dist.device == "cpu"),
-            "dist.backend=nccl takes only CUDA tensors: use dist.device=cuda (or auto on a GPU node), or dist.backend=gloo")
+            "dist.backend=nccl takes only CUDA tensors: use dist.device=cuda (or auto on a GPU node), "
+            "or dist.backend=gloo")
     _require_choice(cfg.dist.strategy, "dist.strategy", ("ddp", "fsdp"))
     _require_choice(cfg.logger.wandb.mode, "logger.wandb.mode", ("offline", "online", "disabled"))
     require(cfg.eval.every_steps >= 0, "eval.every_steps must be >= 0")

@@ -160,7 +160,8 @@ def torchrun(args: list[str], nproc: int = 2, timeout: float = 900, extra: list[
     """Run `torchrun_command(...)` to the end; on failure show its output."""
     result = run(torchrun_command(args, nproc, extra), timeout=timeout)
     if check and result.returncode != 0:
-        raise AssertionError(f"torchrun failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+        raise AssertionError(f"torchrun failed ({result.returncode}):\n"
+                             f"{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
     return result
 
 

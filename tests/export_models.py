@@ -22,7 +22,8 @@ def vit_export_test_siglip(pretrained: bool = False, **kwargs) -> VisionTransfor
 
 
 def tiny_config(**changes) -> ModelConfig:
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(CONF_DIR / "model/test_tiny.yaml")))
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig),
+                                              OmegaConf.load(CONF_DIR / "model/test_tiny.yaml")))
     for key, value in changes.items():
         setattr(cfg, key, {**getattr(cfg, key), **value} if isinstance(value, dict) else value)
     return cfg

@@ -44,7 +44,8 @@ def random_batch(size: int, seed: int = 1) -> Batch:
 
 def full_batch_gradients(model, loss: str, batch: Batch, collectives=None) -> dict[str, torch.Tensor]:
     model.zero_grad(set_to_none=True)
-    result = build_loss(LossConfig(name=loss))(model(batch.images, batch.tokens), batch, collectives or LocalCollectives())
+    result = build_loss(LossConfig(name=loss))(model(batch.images, batch.tokens), batch,
+                                               collectives or LocalCollectives())
     result.loss.backward()
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 
@@ -61,7 +62,7 @@ def assert_same_gradients(actual: dict, expected: dict) -> None:
     for name in expected:
         scale = expected[name].abs().max().item()
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=1e-5 * scale,
-                                   msg=lambda m: f"{name}: {m}")
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
@@ -75,7 +76,8 @@ def test_feature_cache_matches_full_batch(loss):
     result = step(batch)
     assert_same_gradients(gradients(model), expected)
     assert expected["clip.logit_scale"].abs() > 0  # the temperature's gradient is compared, not trivially zero
-    reference_loss = build_loss(LossConfig(name=loss))(model(batch.images, batch.tokens), batch, LocalCollectives()).loss
+    reference_loss = build_loss(LossConfig(name=loss))(model(batch.images, batch.tokens), batch,
+                                                       LocalCollectives()).loss
     torch.testing.assert_close(result.loss, reference_loss.detach())
 
 
@@ -119,8 +121,9 @@ def test_summed_micro_batches_match_full_batch_for_cappa():
 
 
 def test_unsupported_objective_is_refused():
-    with pytest.raises(ValueError, match="accumulation_steps=2 is not supported with CoCaLoss .accumulation='whole_batch'.: "
-                       "a feature cache fits loss=clip.siglip and summed micro-batches fit loss=cappa"):
+    with pytest.raises(ValueError, match="accumulation_steps=2 is not supported with CoCaLoss "
+                                         ".accumulation='whole_batch'.: a feature cache fits loss=clip.siglip "
+                                         "and summed micro-batches fit loss=cappa"):
         build_forward_backward(torch.nn.Linear(1, 1), build_loss(LossConfig(name="coca")), LocalCollectives(), steps=2,
                                randomness=ModelRandomness())
 

@@ -53,7 +53,8 @@ def tiny_causal_lm() -> transformers.PreTrainedModel:
 def test_exported_encoder_feeds_a_causal_lm_forward_and_backward(tmp_path, make_config, name):
     EXPORT_FORMATS.get("bundle")(randomized(make_config()), tmp_path)
     encoder = load_vision_encoder(tmp_path)
-    connector = build_connector(name, encoder.hidden_size, LLM_DIM, **({"num_queries": 8} if name == "attention_pool" else {}))
+    connector = build_connector(name, encoder.hidden_size, LLM_DIM,
+                                **({"num_queries": 8} if name == "attention_pool" else {}))
     lm = tiny_causal_lm()
     images = torch.randn(2, 3, 28, 28)
     text = torch.randint(0, 100, (2, 6))

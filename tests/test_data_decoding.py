@@ -69,7 +69,8 @@ def test_cmyk_and_rgba_images_are_used_with_their_colours(tmp_path, tokenizer):
     rgba = io.BytesIO()
     Image.new("RGBA", (32, 32), (200, 100, 50, 255)).save(rgba, format="PNG")
     cmyk = (55, 155, 205, 40)
-    samples = [("cmyk", {"jpg": _cmyk_jpeg(cmyk), "txt": b"a coat."}), ("rgba", {"png": rgba.getvalue(), "txt": b"a bag."}),
+    samples = [("cmyk", {"jpg": _cmyk_jpeg(cmyk), "txt": b"a coat."}),
+               ("rgba", {"png": rgba.getvalue(), "txt": b"a bag."}),
                ("grey", {"png": png(), "txt": b"a shirt."})]
     used, skipped = _read_one_pass(str(write_tar(tmp_path / "0.tar", samples)), tokenizer)
     assert skipped == {} and list(used) == ["cmyk", "rgba", "grey"]

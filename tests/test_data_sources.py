@@ -40,7 +40,8 @@ def _batches(stream, count, num_workers=0):
 
 def _shards(root, prefix, sizes):
     root.mkdir(parents=True, exist_ok=True)
-    return [str(write_tar(root / f"{prefix}{i}.tar", good_samples(f"{prefix}{i}_", size))) for i, size in enumerate(sizes)]
+    return [str(write_tar(root / f"{prefix}{i}.tar", good_samples(f"{prefix}{i}_", size)))
+            for i, size in enumerate(sizes)]
 
 
 def test_mixing_weights_are_honoured_within_tolerance(tmp_path, tokenizer):
@@ -145,7 +146,8 @@ def test_resume_after_the_epoch_wraps_reproduces_a_finite_multi_epoch_run(tmp_pa
 
 
 def test_resume_with_weighted_sources_continues_the_same_key_sequence(tmp_path, tokenizer):
-    sources = [Source("big", _shards(tmp_path, "big", [30, 30]), 0.7), Source("small", _shards(tmp_path, "sm", [12]), 0.3)]
+    sources = [Source("big", _shards(tmp_path, "big", [30, 30]), 0.7),
+               Source("small", _shards(tmp_path, "sm", [12]), 0.3)]
     straight = _batches(_stream(sources, tokenizer, batch=5), 16)
     small_epochs = [batch.stream_position.sources["small"][0] for batch in straight]
     assert max(small_epochs) >= 1, "the small source must wrap inside the run"

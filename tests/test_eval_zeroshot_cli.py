@@ -53,10 +53,12 @@ def _straightforward_acc1(model, tokenizer, root: Path) -> float:
     """Plain loops: tar members -> PIL -> resize/crop/normalise -> cosine similarity with per-class prompt means."""
     classnames = (root / "classnames.txt").read_text().split("\n")
     classnames = [c.strip() for c in classnames if c.strip()]
-    templates = [t.strip() for t in (root / "zeroshot_classification_templates.txt").read_text().splitlines() if t.strip()]
+    templates = [t.strip() for t in (root / "zeroshot_classification_templates.txt").read_text().splitlines()
+                 if t.strip()]
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
-    transform = v2.Compose([v2.PILToTensor(), v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+    transform = v2.Compose([v2.PILToTensor(),
+                            v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
                             v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True),
                             v2.Normalize(model.cfg.image_mean, model.cfg.image_std)])
     with torch.no_grad():
@@ -121,7 +123,8 @@ def test_retrieval_cli_and_training_evaluators(checkpoint_run, demo_root, tmp_pa
                      retrieval=[RetrievalDatasetConfig("fm-captions", str(demo_root))], batch_size=128)
     evaluators = build_evaluators(cfg)
     assert [e.name for e in evaluators] == ["fm", "fm-captions"]
-    assert evaluators[1].run(load_encoder(checkpoint_run), torch.device("cpu")) == pytest.approx(record["metrics"], abs=1e-6)
+    assert evaluators[1].run(load_encoder(checkpoint_run), torch.device("cpu")) == pytest.approx(record["metrics"],
+                                                                                                 abs=1e-6)
 
 
 def test_open_clip_weights_load_and_wrong_ones_are_named(checkpoint_run, demo_root, tmp_path, capsys):
@@ -193,7 +196,8 @@ def test_zeroshot_cli_on_an_image_folder_matches_plain_loops_over_the_same_image
 def _plain_features(model, root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     size = model.cfg.vision["image_size"] if isinstance(model.cfg.vision, dict) else model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
-    transform = v2.Compose([v2.PILToTensor(), v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+    transform = v2.Compose([v2.PILToTensor(),
+                            v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
                             v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True),
                             v2.Normalize(model.cfg.image_mean, model.cfg.image_std)])
     images, labels = [], []

@@ -61,7 +61,8 @@ def test_transformers_clip_export_matches_our_tower(tmp_path, quick_gelu):
         assert close(out.last_hidden_state, hidden[-1])
         assert close(out.hidden_states[-2], hidden[-2])
         assert close(out.image_embeds, ours_projected)
-        plain = transformers.CLIPVisionModel.from_pretrained(tmp_path).eval()(pixel_values=images, output_hidden_states=True)
+        plain = transformers.CLIPVisionModel.from_pretrained(tmp_path).eval()(pixel_values=images,
+                                                                               output_hidden_states=True)
         assert close(plain.last_hidden_state, hidden[-1]) and close(plain.pooler_output, ours_pooled)
         assert close(plain.hidden_states[-2], hidden[-2])
 
@@ -85,7 +86,8 @@ def test_image_processor_config_matches_our_preprocessing(tmp_path):
     EXPORT_FORMATS.get("transformers")(model, tmp_path)
     processor = transformers.AutoImageProcessor.from_pretrained(tmp_path)
     preprocess = preprocess_from_config(model.cfg)
-    assert processor.image_mean == pytest.approx(preprocess.mean) and processor.image_std == pytest.approx(preprocess.std)
+    assert (processor.image_mean == pytest.approx(preprocess.mean)
+            and processor.image_std == pytest.approx(preprocess.std))
     assert processor.crop_size["height"] == 28 and int(processor.resample) == 3  # PIL bicubic
     image = Image.fromarray(torch.randint(0, 256, (28, 28), dtype=torch.uint8).numpy()).convert("RGB")
     theirs = processor(images=image, return_tensors="pt")["pixel_values"][0]
@@ -142,7 +144,8 @@ def test_bundle_reloads_bit_exactly(tmp_path, make_config):
     penultimate = hidden[-2][:, 1:] if make_config is clip_style_config else hidden[-2]
     assert reloaded.patch_tokens.shape == (2, 16, 32) and torch.equal(reloaded.patch_tokens, penultimate)
     assert close(reloaded.pooled, pooled)  # the image embedding the contrastive head saw, up to kernel choice
-    assert encoder.preprocess == preprocess_from_config(model.cfg) and (encoder.num_patches, encoder.hidden_size) == (16, 32)
+    assert (encoder.preprocess == preprocess_from_config(model.cfg)
+            and (encoder.num_patches, encoder.hidden_size) == (16, 32))
     assert torch.equal(first_block, hidden[0][:, -16:])
     with pytest.raises(ValueError, match="feature_layer=4 is outside"):
         load_vision_encoder(tmp_path, feature_layer=4)
@@ -189,7 +192,8 @@ def test_zero_shot_top1_unchanged_through_transformers(trained_run, demo_root, t
     hf_model = transformers.CLIPVisionModelWithProjection.from_pretrained(tmp_path).eval()
     evaluator = ZeroShotClassification(None, demo_root, "test", batch_size=128)
     before = evaluator.run(encoder, torch.device("cpu"))
-    after = evaluator.run(dataclasses.replace(encoder, model=HFImageTower(hf_model, encoder.model)), torch.device("cpu"))
+    after = evaluator.run(dataclasses.replace(encoder, model=HFImageTower(hf_model, encoder.model)),
+                          torch.device("cpu"))
     assert after["acc1"] == before["acc1"] and after["acc5"] == before["acc5"]
 
 
@@ -208,7 +212,8 @@ def test_every_registered_architecture_exports(tmp_path, arch):
 
     EXPORT_FORMATS.get("bundle")(model, tmp_path / "bundle")
     with torch.no_grad():
-        reference, reloaded = VisionEncoder(model.visual, preprocess_from_config(model.cfg))(images), load_vision_encoder(tmp_path / "bundle")(images)
+        reference, reloaded = (VisionEncoder(model.visual, preprocess_from_config(model.cfg))(images),
+                               load_vision_encoder(tmp_path / "bundle")(images))
     assert torch.equal(reloaded.patch_tokens, reference.patch_tokens) and torch.equal(reloaded.pooled, reference.pooled)
 
     if TRANSFORMERS_REFUSAL[arch] is None:

@@ -21,7 +21,8 @@ def _execute(name: str, tmp_path, monkeypatch, **env: str) -> None:
         monkeypatch.setenv(key, value)
     notebook = nbformat.read(REPO / "notebooks" / name, as_version=4)
     assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), "stored outputs"
-    NotebookClient(notebook, timeout=1800, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    NotebookClient(notebook, timeout=1800, kernel_name="python3",
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
 
 
 def test_linear_probe_notebook(tmp_path, monkeypatch):

@@ -99,7 +99,8 @@ def plan_finite_run(sources: Iterable, *, world_size: int, num_workers: int, see
                                                worker=worker, num_workers=num_workers, seed=seed, resampled=resampled)
                         epoch_samples = sum(count(url) for url in urls)
                         if epoch_samples == 0:
-                            raise ConfigError(f"data source {source.name!r} has no samples for rank {rank} worker {worker}")
+                            raise ConfigError(f"data source {source.name!r} has no samples "
+                                              f"for rank {rank} worker {worker}")
                         taken += epoch_samples
                     total += share
                     continue

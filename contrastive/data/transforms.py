@@ -147,7 +147,8 @@ def build_train_transform(
     return RandomCropFlip(image_size, interpolation, crop_scale, horizontal_flip)
 
 
-def build_eval_transform(image_size: int, mean: list[float], std: list[float], interpolation: str = "bicubic") -> v2.Compose:
+def build_eval_transform(image_size: int, mean: list[float], std: list[float],
+                         interpolation: str = "bicubic") -> v2.Compose:
     return v2.Compose([
         v2.PILToTensor(),
         v2.Resize(image_size, interpolation=_interpolation(interpolation), antialias=True),

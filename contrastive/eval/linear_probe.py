@@ -63,7 +63,8 @@ def zeroshot_prior(encoder: LoadedEncoder, classnames: list[str], templates: lis
 
 
 def fit_logistic_regression(features: torch.Tensor, labels: torch.Tensor, num_classes: int, weight_decay: float,
-                            prior: torch.Tensor | None = None, max_iter: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+                            prior: torch.Tensor | None = None,
+                            max_iter: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight (C, D), bias (C,)) minimising mean cross-entropy + weight_decay * ||W - prior||^2 (bias unpenalised)."""
     anchor = prior if prior is not None else torch.zeros(num_classes, features.shape[1])
     weight = anchor.clone().requires_grad_(True)

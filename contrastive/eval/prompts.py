@@ -33,7 +33,8 @@ def read_templates(path: Path) -> list[str]:
     templates = [line.replace("{}", PLACEHOLDER) for line in read_lines(path, "prompt template")]
     for number, template in enumerate(templates, start=1):
         if PLACEHOLDER not in template:
-            raise InputError(f"{path}:{number}: template {template!r} has no {{c}} (or {{}}) placeholder for the class name")
+            raise InputError(f"{path}:{number}: template {template!r} has no {{c}} (or {{}}) placeholder "
+                             f"for the class name")
     return templates
 
 

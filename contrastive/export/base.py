@@ -1,8 +1,9 @@
 """What every export format shares: the format registry and the output directory.
 
 An exporter is `export(model, out_dir) -> Exported`: it reads only `model.visual` (an open_clip VisionTransformer
-or TimmModel), `model.cfg` (our ModelConfig, whose preprocessing is `contrastive.encoders.preprocess_from_config`) and, for formats that carry the whole model, the open_clip module
-the model wraps. That is why CLIP, SigLIP, CapPa and CoCa checkpoints all go through the same code.
+or TimmModel), `model.cfg` (our ModelConfig, whose preprocessing is `contrastive.encoders.preprocess_from_config`)
+and, for formats that carry the whole model, the open_clip module the model wraps. That is why CLIP, SigLIP, CapPa
+and CoCa checkpoints all go through the same code.
 """
 
 from __future__ import annotations

@@ -46,7 +46,8 @@ def block_index(feature_layer: int, depth: int) -> int:
     """Hidden-state index as transformers and LLaVA count (0 = embeddings, k = output of block k, -1 = last)
     -> 0-based block index. The embeddings themselves are not offered: they carry no image context."""
     if not (1 <= feature_layer <= depth or -depth <= feature_layer <= -1):
-        raise ConfigError(f"feature_layer={feature_layer} is outside 1..{depth} and -{depth}..-1 for a {depth}-block tower")
+        raise ConfigError(f"feature_layer={feature_layer} is outside 1..{depth} and -{depth}..-1 "
+                          f"for a {depth}-block tower")
     return feature_layer - 1 if feature_layer > 0 else depth + feature_layer
 
 

@@ -34,7 +34,8 @@ def activation_name(module: nn.Module) -> str:
         return "gelu" if module.approximate == "none" else "gelu_pytorch_tanh"
     if isinstance(module, OpenClipQuickGELU) or type(module).__name__ == "QuickGELU":
         return "quick_gelu"
-    raise ConfigError(f"activation {type(module).__name__} has no transformers equivalent (gelu, gelu_pytorch_tanh, quick_gelu)")
+    raise ConfigError(f"activation {type(module).__name__} has no transformers equivalent "
+                      f"(gelu, gelu_pytorch_tanh, quick_gelu)")
 
 
 def layer_norm_eps(norm: nn.Module, where: str) -> float:
@@ -80,11 +81,13 @@ def clip_vision(visual: nn.Module) -> tuple[dict[str, Any], Weights]:
     require(isinstance(visual, VisionTransformer),
             f"the CLIP export needs open_clip's VisionTransformer; this tower is {type(visual).__name__} "
             f"(timm SigLIP-style towers export as SiglipVisionModel, ResNets do not export)")
-    require(visual.attn_pool is None, "this tower pools with an attentional pooler; CLIPVisionModel pools the class token")
+    require(visual.attn_pool is None,
+            "this tower pools with an attentional pooler; CLIPVisionModel pools the class token")
     # final_ln_after_pool changes nothing for class-token pooling: LayerNorm acts on each token alone.
     require(visual.pool_type == "tok",
             f"this tower pools by {visual.pool_type!r}; CLIPVisionModel pools the class token ('tok')")
-    require(not isinstance(visual.ln_pre, nn.Identity), "this tower has no pre-LN (no_ln_pre); CLIPVisionModel always applies one")
+    require(not isinstance(visual.ln_pre, nn.Identity),
+            "this tower has no pre-LN (no_ln_pre); CLIPVisionModel always applies one")
     require(visual.conv1.bias is None, "the patch embedding has a bias; CLIPVisionModel's has none")
     blocks = list(visual.transformer.resblocks)
     require(all(type(block) is ResidualAttentionBlock for block in blocks),
@@ -146,10 +149,14 @@ def siglip_vision(visual: nn.Module) -> tuple[dict[str, Any], Weights]:
             "this timm ViT has a class or register token; SiglipVisionModel has none (CLIP-style towers export "
             "from open_clip's own VisionTransformer)")
     require(trunk.global_pool == "map" and trunk.attn_pool is not None,
-            f"this timm ViT pools by {trunk.global_pool!r}; SiglipVisionModel pools with an attention-pool ('map') head")
-    require(isinstance(trunk.norm_pre, nn.Identity), "this timm ViT has a pre-LN (pre_norm); SiglipVisionModel has none")
-    require(isinstance(trunk.fc_norm, nn.Identity), "this timm ViT normalises after pooling (fc_norm); SiglipVisionModel does not")
-    require(not getattr(trunk, "dynamic_img_size", False), "dynamic image size is not expressible in SiglipVisionConfig")
+            f"this timm ViT pools by {trunk.global_pool!r}; "
+            f"SiglipVisionModel pools with an attention-pool ('map') head")
+    require(isinstance(trunk.norm_pre, nn.Identity),
+            "this timm ViT has a pre-LN (pre_norm); SiglipVisionModel has none")
+    require(isinstance(trunk.fc_norm, nn.Identity),
+            "this timm ViT normalises after pooling (fc_norm); SiglipVisionModel does not")
+    require(not getattr(trunk, "dynamic_img_size", False),
+            "dynamic image size is not expressible in SiglipVisionConfig")
     pool = trunk.attn_pool
     require(pool.latent_len == 1 and pool.pos_embed is None and pool.pool == "token" and pool.mlp is not None
             and isinstance(pool.q_norm, nn.Identity) and isinstance(pool.k_norm, nn.Identity),
@@ -199,7 +206,9 @@ def siglip_vision(visual: nn.Module) -> tuple[dict[str, Any], Weights]:
         weights.update(_norm(block.norm1, f"{prefix}.layer_norm1"))
         weights.update(_norm(block.norm2, f"{prefix}.layer_norm2"))
         weights.update(_split_in_proj(attn.qkv.weight, attn.qkv.bias, f"{prefix}.self_attn"))
-        weights.update(folded_linear(attn.proj.weight, attn.proj.bias, layer_scale(block.ls1), f"{prefix}.self_attn.out_proj"))
+        weights.update(folded_linear(attn.proj.weight, attn.proj.bias, layer_scale(block.ls1),
+                                     f"{prefix}.self_attn.out_proj"))
         weights.update(folded_linear(block.mlp.fc1.weight, block.mlp.fc1.bias, None, f"{prefix}.mlp.fc1"))
-        weights.update(folded_linear(block.mlp.fc2.weight, block.mlp.fc2.bias, layer_scale(block.ls2), f"{prefix}.mlp.fc2"))
+        weights.update(folded_linear(block.mlp.fc2.weight, block.mlp.fc2.bias, layer_scale(block.ls2),
+                                     f"{prefix}.mlp.fc2"))
     return config, weights

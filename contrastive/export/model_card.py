@@ -38,7 +38,8 @@ def _number(value) -> str:
 def model_card(exported: Exported, run: dict, preprocess: Preprocess) -> str:
     model, data, loss, optim = run.get("model", {}), run.get("data", {}), run.get("loss", {}), run.get("optim", {})
     run_dir = Path(run["checkpoint"]).parent.parent
-    sources = ", ".join(f"{s.get('name')} (`{s.get('shards')}`, weight {s.get('weight')})" for s in data.get("sources", []))
+    sources = ", ".join(f"{s.get('name')} (`{s.get('shards')}`, weight {s.get('weight')})"
+                        for s in data.get("sources", []))
     last, results = run_metrics(run_dir)
     sections = [
         f"# {run.get('name', 'model')} — {exported.format} export\n",
@@ -54,7 +55,8 @@ def model_card(exported: Exported, run: dict, preprocess: Preprocess) -> str:
         f"{preprocess.image_size}x{preprocess.image_size}, scale to [0, 1], normalise with mean {preprocess.mean} "
         f"and std {preprocess.std}.\n",
         "## Training\n",
-        _table([("loss", loss.get("name")), ("data", sources or "unknown"), ("global batch size", data.get("batch_size")),
+        _table([("loss", loss.get("name")), ("data", sources or "unknown"),
+                ("global batch size", data.get("batch_size")),
                 ("optimizer", f"{optim.get('optimizer')} lr {optim.get('lr')} wd {optim.get('weight_decay')}"),
                 ("steps", run.get("step")), ("checkpoint", f"`{run['checkpoint']}`")]) + "\n",
         "## Evaluation\n",
@@ -62,7 +64,8 @@ def model_card(exported: Exported, run: dict, preprocess: Preprocess) -> str:
     if results:
         for result in results:
             metrics = ", ".join(f"{k} {_number(v)}" for k, v in result["metrics"].items())
-            sections.append(f"- {result.get('task', 'result')} on {result.get('dataset')} (`{result['file']}`): {metrics}")
+            sections.append(f"- {result.get('task', 'result')} on {result.get('dataset')} "
+                            f"(`{result['file']}`): {metrics}")
         sections.append("")
     else:
         sections.append(f"No evaluation results were found in the run directory `{run_dir}`.\n")

@@ -48,8 +48,9 @@ def open_clip_model_config(model: nn.Module) -> tuple[nn.Module, dict]:
         model_cfg["multimodal_cfg"] = dataclasses.asdict(multimodal_config(cfg.decoder, CLIPTextCfg(**text), embed_dim))
         model_cfg["custom_text"] = True  # how open_clip's factory picks CoCa (with multimodal_cfg present)
     else:
-        raise ConfigError(f"model.arch={cfg.arch!r} has no open_clip counterpart (open_clip has CLIP, SigLIP and CoCa); "
-                         f"use --format bundle or --format transformers for its image tower")
+        raise ConfigError(f"model.arch={cfg.arch!r} has no open_clip counterpart "
+                          f"(open_clip has CLIP, SigLIP and CoCa); "
+                          f"use --format bundle or --format transformers for its image tower")
     model_cfg["vision_cfg"], model_cfg["text_cfg"] = vision, text
     return module, model_cfg
 

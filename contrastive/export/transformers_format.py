@@ -47,7 +47,8 @@ def build_hf_vision_model(visual: nn.Module) -> nn.Module:
     # The in-memory prefix of the vision transformer differs between transformers versions ("vision_model." or "").
     anchor = "embeddings.patch_embedding.weight"
     prefix = next(key[: -len(anchor)] for key in model.state_dict() if key.endswith(anchor))
-    named = {(name if name.startswith("visual_projection.") else prefix + name): value for name, value in weights.items()}
+    named = {(name if name.startswith("visual_projection.") else prefix + name): value
+             for name, value in weights.items()}
     model.load_state_dict(named, strict=True)
     return model.eval()
 
@@ -85,5 +86,6 @@ def export_transformers(model: nn.Module, out: Path) -> Exported:
                f"model = {class_name}.from_pretrained(EXPORT_DIR)\n"
                f"processor = AutoImageProcessor.from_pretrained(EXPORT_DIR)\n"
                f"outputs = model(**processor(images=images, return_tensors='pt'), output_hidden_states=True)\n"
-               f"patch_tokens = outputs.hidden_states[-2]{'[:, 1:]' if 'CLIP' in class_name else ''}  # LLaVA's choice"),
+               f"patch_tokens = outputs.hidden_states[-2]{'[:, 1:]' if 'CLIP' in class_name else ''}"
+               f"  # LLaVA's choice"),
     )

@@ -162,7 +162,8 @@ class CapPaModel(nn.Module):
         """(B, N, D): every patch token, the memory the decoder cross-attends to."""
         return self.visual(images)[1]
 
-    def decode(self, image_tokens: torch.Tensor, inputs: torch.Tensor, parallel: bool | torch.Tensor = False) -> torch.Tensor:
+    def decode(self, image_tokens: torch.Tensor, inputs: torch.Tensor,
+               parallel: bool | torch.Tensor = False) -> torch.Tensor:
         """Logits (B, T, V); position t scores the token that follows inputs[:, t]."""
         if isinstance(parallel, bool):
             parallel = torch.full((inputs.shape[0],), parallel, dtype=torch.bool, device=inputs.device)

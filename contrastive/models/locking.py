@@ -62,7 +62,8 @@ def trainable_names(model: nn.Module, tower: str, cfg: TowerLockConfig) -> set[s
     if cfg.unlocked_blocks:
         blocks_prefix, blocks = _blocks(root, prefix)
         if cfg.unlocked_blocks > len(blocks):
-            raise ConfigError(f"lock.{tower}.unlocked_blocks={cfg.unlocked_blocks} but the tower has {len(blocks)} blocks")
+            raise ConfigError(f"lock.{tower}.unlocked_blocks={cfg.unlocked_blocks} "
+                              f"but the tower has {len(blocks)} blocks")
         for index in range(len(blocks) - cfg.unlocked_blocks, len(blocks)):
             keep |= {f"{blocks_prefix}{index}.{n}" for n, _ in blocks[index].named_parameters()}
         keep |= {name for name in names if not name.startswith(blocks_prefix)

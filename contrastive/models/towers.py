@@ -36,7 +36,8 @@ def tower_configs(cfg: ModelConfig) -> tuple[int, dict[str, Any], dict[str, Any]
     if embed_dim is None:
         raise ConfigError("model.embed_dim is required when model.open_clip_name is not set")
     if vision.get("timm_model_pretrained"):
-        raise ConfigError("model.vision.timm_model_pretrained downloads weights; use model.pretrained with a local file")
+        raise ConfigError("model.vision.timm_model_pretrained downloads weights; "
+                          "use model.pretrained with a local file")
     return embed_dim, vision, text
 
 

@@ -67,7 +67,7 @@ def load_resume_state(resume: str | None, run_dir: str | Path) -> tuple[Path, di
         return None
     if resume != "latest":
         return Path(resume), load_checkpoint(resume)
-    for step, path in reversed(list_checkpoints(run_dir)):
+    for _step, path in reversed(list_checkpoints(run_dir)):
         try:
             return path, load_checkpoint(path)
         except ValueError as error:

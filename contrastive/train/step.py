@@ -7,13 +7,13 @@ finite-run plans stay in units of steps; splitting into micro-batches happens he
 Which one runs is the objective's declared `accumulation` (contrastive.losses.registry):
 - `SummedMicroBatches` (per_example_mean): loss = mean of the K micro-batch losses. Exact for objectives whose
   loss is a mean of per-example terms over equal micro-batches (CapPa).
-- `FeatureCache` (feature_cache) (GradCache, Gao et al. 2021; open_clip's accum_freq): pass 1 computes every micro-batch's
-  features without a graph; the loss runs once on the cached features of the whole local batch (so every
-  negative of the global batch is scored, across ranks too) and keeps its gradients with respect to them; pass 2
-  re-runs each micro-batch with a graph and backpropagates those gradients. The gradients equal one step on the
-  whole batch; memory is one micro-batch's activations plus the (B, D) features. Pass 2 replays pass 1's random
-  states per micro-batch (the model's generator, and torch's global ones for parts we do not own), so random
-  model parts (patch dropout, timm's drop-path) draw the same values in both passes.
+- `FeatureCache` (feature_cache) (GradCache, Gao et al. 2021; open_clip's accum_freq): pass 1 computes every
+  micro-batch's features without a graph; the loss runs once on the cached features of the whole local batch (so every
+  negative of the global batch is scored, across ranks too) and keeps its gradients with respect to them; pass 2 re-runs
+  each micro-batch with a graph and backpropagates those gradients. The gradients equal one step on the whole batch;
+  memory is one micro-batch's activations plus the (B, D) features. Pass 2 replays pass 1's random states per
+  micro-batch (the model's generator, and torch's global ones for parts we do not own), so random model parts (patch
+  dropout, timm's drop-path) draw the same values in both passes.
 
 Precision: the towers run under `autocast` (bf16 when trainer.precision asks for it); the objective always runs
 outside it, on fp32 outputs, so logits, the temperature, the bias and the loss itself are fp32.

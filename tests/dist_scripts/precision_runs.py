@@ -35,7 +35,8 @@ def run(shards: str, run_dir: Path, precision: str, strategy: str, steps: int, o
     trainer = Trainer(cfg)
     seen: dict[str, set[str]] = {"tower_matmul": set(), "objective_inputs": set(), "loss": set()}
     mlp_input_layer = next(m for name, m in trainer.model.named_modules() if name.endswith("mlp.c_fc"))
-    mlp_input_layer.register_forward_hook(lambda module, inputs, output: seen["tower_matmul"].add(str(output.dtype).removeprefix("torch.")))
+    mlp_input_layer.register_forward_hook(
+        lambda module, inputs, output: seen["tower_matmul"].add(str(output.dtype).removeprefix("torch.")))
     objective = trainer.forward_backward.objective
 
     def recording_objective(output, batch, collectives):
