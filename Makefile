@@ -8,7 +8,7 @@ NPROC ?= 2
 DEMO_DATA ?= data/demo/fashion-mnist
 BIN := $(VENV)/bin
 
-.PHONY: setup demo demo-data test test-fast clean-demo gpu-check
+.PHONY: setup demo demo-data test test-fast lint clean-demo gpu-check
 
 # PYTHON names the interpreter that creates the venv. Given on the command line to `make gpu-check`, it is instead
 # the environment to check as it is (e.g. a node's own CUDA-matched torch): no venv, nothing installed, the package
@@ -40,8 +40,11 @@ demo: demo-data
 	$(BIN)/contrastive-eval zeroshot --checkpoint runs/demo --dataset-root $(DEMO_DATA) \
 		--output runs/demo/zeroshot.json
 
-test: setup
+test: setup lint
 	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check .
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow and not distributed"

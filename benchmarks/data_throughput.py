@@ -93,12 +93,12 @@ def time_batches(loader, batches: int, workers: int, batch_size: int) -> dict[st
 
 def run_ours(pattern: str, args: argparse.Namespace) -> dict[str, float]:
     import torch
+    from open_clip.tokenizer import SimpleTokenizer
     from torch.utils.data import DataLoader
 
     from contrastive.data.shards import expand_shards
     from contrastive.data.stream import ImageTextStream, Source, StreamLayout
     from contrastive.data.transforms import BatchNormalize, build_train_transform, train_decode_size
-    from open_clip.tokenizer import SimpleTokenizer
 
     torch.set_num_threads(1)
     tokenizer = SimpleTokenizer(context_length=77)

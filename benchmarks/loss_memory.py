@@ -30,13 +30,13 @@ from functools import partial
 import open_clip.loss
 import torch
 import torch.nn.functional as F
+from devices import DEVICES, describe_environment, synchronize, timed
 from torch.profiler import ProfilerActivity, profile
 
 from contrastive.config import LossConfig
 from contrastive.dist import init_distributed, shutdown_distributed
 from contrastive.losses import build_loss
 from contrastive.types import Batch, ModelOutput
-from devices import DEVICES, describe_environment, synchronize, timed
 
 TARGET_BATCH, MEMORY_TARGET, TIME_TARGET = 4096, 0.25, 1.1
 

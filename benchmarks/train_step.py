@@ -45,7 +45,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
 from devices import DEVICES, PRECISIONS, default_peak_flops, describe_environment, memory_measure
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,7 +97,7 @@ class Measurements:
 def measure(contenders: list[str], model_name: str, batch_size: int, args) -> Measurements:
     """The contenders' processes step in turn; afterwards each reports its peak memory, and ours counts FLOPs."""
     times: dict[str, list[float]] = {name: [] for name in contenders}
-    peaks: dict[str, int] = {name: 0 for name in contenders}
+    peaks: dict[str, int] = dict.fromkeys(contenders, 0)
     flops = 0.0
     for _ in range(args.processes):
         processes = {name: start(name, model_name, batch_size, args) for name in contenders}

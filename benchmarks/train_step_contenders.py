@@ -13,27 +13,27 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import open_clip
 import torch
+from devices import DEVICES, PRECISIONS, autocast, benchmark_device, peak_memory_bytes, timed
+from omegaconf import OmegaConf
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from open_clip_train.precision import get_autocast
 from open_clip_train.scheduler import cosine_lr
-from omegaconf import OmegaConf
 
 from contrastive.config import LossConfig, ModelConfig, OptimConfig
 from contrastive.dist.collectives import LocalCollectives
 from contrastive.losses import build_loss
 from contrastive.models import build_model
 from contrastive.models.towers import model_image_size, tower_configs
-from contrastive.train.step import build_forward_backward
 from contrastive.train.flops import flops_per_sample
 from contrastive.train.host_memory import reuse_freed_host_memory
 from contrastive.train.optim import build_optimizer, build_scheduler, optimizer_step
+from contrastive.train.step import build_forward_backward
 from contrastive.types import Batch
-from devices import DEVICES, PRECISIONS, autocast, benchmark_device, peak_memory_bytes, timed
 
 STEPS = 1000  # schedule length; only the lr value changes with it
 GLIBC_MEMORY = "glibc_memory"  # contender-name suffix: glibc's default host-memory handling, not Trainer's
@@ -94,7 +94,7 @@ def open_clip_step(model_cfg: ModelConfig, batch: Batch, precision: str, weights
     model.to(device)
     model.train()
     # open_clip_train.main's parameter groups and AdamW arguments
-    exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
+    exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
     named = list(model.named_parameters())
     defaults = OptimConfig()
     optimizer = torch.optim.AdamW(

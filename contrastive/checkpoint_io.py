@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+
 from contrastive.errors import InputError
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)\.pt$")
@@ -54,7 +55,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise InputError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - torch raises many types for truncated or foreign files
+    except Exception as error:  # torch raises many types for truncated or foreign files
         raise InputError(f"checkpoint {path} cannot be read (truncated, corrupt or not a contrastive checkpoint): "
                          f"{str(error).splitlines()[0]}") from error
     if not isinstance(state, dict) or "model" not in state or "config" not in state:

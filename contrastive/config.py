@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+
 from contrastive.errors import ConfigError
 
 

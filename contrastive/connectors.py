@@ -18,8 +18,8 @@ import math
 import torch
 from torch import nn
 
-from contrastive.registry import Registry
 from contrastive.errors import ConfigError
+from contrastive.registry import Registry
 
 CONNECTORS: Registry = Registry("connector")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Generic, TypeVar
+
 from contrastive.errors import ConfigError
 
 T = TypeVar("T", bound=Callable)

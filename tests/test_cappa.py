@@ -3,7 +3,6 @@ per-example mode sampling, the loss formula, config errors, and two-process trai
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -9,13 +9,17 @@ import json
 import pytest
 import torch
 
+from contrastive.cli.eval import main
 from contrastive.config import ModelConfig
 from contrastive.encoders import encoder_from_model
 from contrastive.eval.captioning import (
-    CaptionScoringClassifier, beam_search_captions, caption_log_likelihoods, caption_texts, greedy_captions,
+    CaptionScoringClassifier,
+    beam_search_captions,
+    caption_log_likelihoods,
+    caption_texts,
+    greedy_captions,
     named_class,
 )
-from contrastive.cli.eval import main
 from contrastive.eval.zeroshot import ZeroShotClassification
 from contrastive.models import build_model, build_tokenizer
 

@@ -3,7 +3,6 @@ classification, and two-process training lowers the loss."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 

@@ -131,7 +131,7 @@ def _positions_before(batches: list, k: int) -> dict:
 def test_resume_after_the_epoch_wraps_reproduces_a_finite_multi_epoch_run(tmp_path, tokenizer, num_workers):
     sources = [Source("web", _shards(tmp_path, "w", [9, 7, 11, 5]), 1.0, epochs=3)]  # 32 samples, 3 passes
     slots = max(1, num_workers)
-    stream = lambda **kw: _stream(sources, tokenizer, num_workers=slots, batch=4, **kw)  # noqa: E731
+    stream = lambda **kw: _stream(sources, tokenizer, num_workers=slots, batch=4, **kw)
     steps = plan_finite_run(sources, world_size=1, num_workers=slots, seed=3, resampled=False,
                             local_batch_size=4).steps
     straight = _batches(stream(), steps, num_workers)

@@ -20,10 +20,10 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from contrastive.cli.eval import main as eval_main
+from contrastive.config import EvalConfig, ModelConfig, RetrievalDatasetConfig, ZeroShotDatasetConfig
 from contrastive.encoders import load_encoder
 from contrastive.eval.evaluators import build_evaluators
 from contrastive.eval.zeroshot import ZeroShotClassification
-from contrastive.config import EvalConfig, ModelConfig, RetrievalDatasetConfig, ZeroShotDatasetConfig
 from contrastive.models import build_model, build_tokenizer
 from tests.conftest import run, tiny_run_overrides
 

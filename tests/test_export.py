@@ -17,15 +17,13 @@ from PIL import Image
 from torch import nn
 
 from contrastive.cli.export import main as export_main
-from contrastive.encoders import load_encoder
+from contrastive.encoders import load_encoder, preprocess_from_config
 from contrastive.eval.zeroshot import ZeroShotClassification
 from contrastive.export import EXPORT_FORMATS, VisionEncoder, load_vision_encoder
 from contrastive.export.transformers_format import build_hf_vision_model
 from contrastive.models import build_model, list_models
-from contrastive.encoders import preprocess_from_config
 from tests.conftest import run, tiny_run_overrides
-from tests.export_models import (clip_style_config, randomized, registered_model_config, siglip_style_config,
-                                 tiny_config)
+from tests.export_models import clip_style_config, randomized, registered_model_config, siglip_style_config, tiny_config
 
 TOLERANCE = 1e-5
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from contrastive.checkpoint_io import checkpoint_path, load_checkpoint
 from contrastive.dist import init_distributed
 from contrastive.dist.parallel import parallelize, transformer_blocks
 from contrastive.losses import build_loss
 from contrastive.models import build_model, list_models
-from contrastive.checkpoint_io import checkpoint_path, load_checkpoint
 from contrastive.train.trainer import Trainer
 from contrastive.types import Batch
 from tests.conftest import compose_config, tiny_run_overrides, torchrun

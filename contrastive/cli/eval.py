@@ -31,12 +31,12 @@ from pathlib import Path
 import torch
 
 from contrastive.encoders import load_encoder
+from contrastive.errors import ConfigError
 from contrastive.eval.captioning import caption_dataset, named_class
 from contrastive.eval.datasets import open_classification_dataset
 from contrastive.eval.linear_probe import LinearProbeEvaluation
 from contrastive.eval.retrieval import ZeroShotRetrieval
 from contrastive.eval.zeroshot import ZeroShotClassification, result_record, write_result
-from contrastive.errors import ConfigError
 
 TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval", "probe": "linear_probe"}
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from contrastive.export import export_checkpoint, list_formats
 from contrastive.errors import ConfigError
+from contrastive.export import export_checkpoint, list_formats
 
 
 def build_parser() -> argparse.ArgumentParser:

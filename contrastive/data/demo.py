@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 from PIL import Image
+
 from contrastive.errors import ConfigError, InputError
 
 logger = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ from contrastive.data.reader import iter_shard
 from contrastive.data.shards import check_epoch_mode_slots, check_local_shards_exist, expand_shards
 from contrastive.data.stream import ImageTextStream, Source, StreamLayout, decode_sample
 from contrastive.data.transforms import BadSample, BatchNormalize, Preprocess, build_train_transform, train_decode_size
-from contrastive.types import StreamPosition
 from contrastive.errors import InputError
+from contrastive.types import StreamPosition
 
 log = logging.getLogger(__name__)
 

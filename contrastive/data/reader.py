@@ -39,7 +39,7 @@ def iter_shard(url: str, skipped: Counter) -> Iterator[RawSample]:
     """Yield the samples of one shard; an unopenable or truncated shard is counted and ends early, not fatally."""
     try:
         stream = wds.gopen(url)
-    except Exception as error:  # noqa: BLE001 - any opener failure (missing file, pipe, network) is a bad shard
+    except Exception as error:  # any opener failure (missing file, pipe, network) is a bad shard
         skipped["unreadable_shard"] += 1
         log.warning("cannot open shard %s: %s", url, error)
         return

@@ -8,6 +8,7 @@ import random
 import re
 
 import braceexpand
+
 from contrastive.errors import InputError
 
 

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional
+
 from contrastive.errors import ConfigError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -60,7 +61,7 @@ def decode_image(data: bytes, decode_size: int, min_size: int = 1) -> Image.Imag
         image = image.convert("RGB")
     except BadSample:
         raise
-    except Exception as error:  # noqa: BLE001 - PIL raises many types for bad bytes
+    except Exception as error:  # PIL raises many types for bad bytes
         raise BadSample("corrupt_image", str(error)) from error
     return image
 

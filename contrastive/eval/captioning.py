@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from contrastive.eval.prompts import PLACEHOLDER
 from contrastive.errors import ConfigError, InputError
+from contrastive.eval.prompts import PLACEHOLDER
 
 PAD_ID = 0
 SCORING_MODES = ("parallel", "autoregressive")

@@ -14,9 +14,9 @@ from torch.utils.data import DataLoader
 from contrastive.data.loader import build_eval_loader
 from contrastive.data.shards import expand_shards, is_local
 from contrastive.data.transforms import Preprocess
+from contrastive.errors import InputError
 from contrastive.eval.image_folder import build_image_folder_loader, is_image_folder, scan_image_folder
 from contrastive.eval.prompts import load_classnames, load_templates, read_lines, read_templates
-from contrastive.errors import InputError
 
 CLASSNAMES_FILE = "classnames.txt"
 TEMPLATES_FILE = "zeroshot_classification_templates.txt"

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from tqdm import tqdm
+
 from contrastive.errors import ConfigError, InputError
 
 

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from contrastive.encoders import LoadedEncoder
+from contrastive.errors import ConfigError
 from contrastive.eval.datasets import open_classification_dataset
 from contrastive.eval.features import ImageFeatures, encode_images
 from contrastive.eval.zeroshot import build_classifier, classification_metrics, require_tokenizer
-from contrastive.errors import ConfigError
 
 WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
+
 from contrastive.errors import InputError
 
 PLACEHOLDER = "{c}"  # where the class name goes in a template (clip_benchmark's)

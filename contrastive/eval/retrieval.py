@@ -18,10 +18,10 @@ from torch import nn
 from tqdm import tqdm
 
 from contrastive.encoders import LoadedEncoder
+from contrastive.errors import InputError
 from contrastive.eval.datasets import open_retrieval_dataset
 from contrastive.eval.features import encode_images
 from contrastive.eval.zeroshot import require_text_tower, require_tokenizer
-from contrastive.errors import InputError
 
 RECALL_KS = (1, 5, 10)
 

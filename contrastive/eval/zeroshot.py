@@ -15,11 +15,11 @@ from torch import nn
 from tqdm import tqdm
 
 from contrastive.encoders import LoadedEncoder
+from contrastive.errors import ConfigError, InputError
 from contrastive.eval.captioning import caption_classification_scores
 from contrastive.eval.datasets import open_classification_dataset
 from contrastive.eval.features import encode_images
 from contrastive.eval.prompts import fill_template
-from contrastive.errors import ConfigError, InputError
 
 
 def require_text_tower(model: nn.Module, task: str) -> None:

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from contrastive.encoders import detect_kind, load_encoder
+from contrastive.encoders import detect_kind, load_encoder, preprocess_from_config
+from contrastive.errors import InputError
 from contrastive.export import open_clip_format, transformers_format  # noqa: F401  (register formats)
 from contrastive.export.base import EXPORT_FORMATS, Exported, prepare_output_dir
 from contrastive.export.bundle import VisionEncoder, VisionEncoderOutput, load_vision_encoder
 from contrastive.export.model_card import model_card
-from contrastive.errors import InputError
-from contrastive.encoders import preprocess_from_config
 
 
 def list_formats() -> list[str]:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from torch import nn
 
-from contrastive.registry import Registry
 from contrastive.errors import ConfigError
+from contrastive.registry import Registry
 
 
 @dataclass(frozen=True)

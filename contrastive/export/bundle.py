@@ -17,9 +17,9 @@ from torch import nn
 
 from contrastive.config import ModelConfig
 from contrastive.data.transforms import Preprocess
-from contrastive.export.base import EXPORT_FORMATS, Exported
-from contrastive.errors import ConfigError
 from contrastive.encoders import preprocess_from_config
+from contrastive.errors import ConfigError
+from contrastive.export.base import EXPORT_FORMATS, Exported
 
 CONFIG_FILE = "encoder.json"
 WEIGHTS_FILE = "vision.safetensors"

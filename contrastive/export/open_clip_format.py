@@ -17,10 +17,10 @@ from open_clip.model import CLIPTextCfg
 from safetensors.torch import save_file
 from torch import nn
 
+from contrastive.encoders import preprocess_from_config
+from contrastive.errors import ConfigError
 from contrastive.export.base import EXPORT_FORMATS, Exported
 from contrastive.models.towers import tower_configs
-from contrastive.errors import ConfigError
-from contrastive.encoders import preprocess_from_config
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"

@@ -12,10 +12,10 @@ from pathlib import Path
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
+from contrastive.encoders import preprocess_from_config
+from contrastive.errors import ConfigError
 from contrastive.export.base import EXPORT_FORMATS, Exported
 from contrastive.export.hf_towers import clip_vision, siglip_vision
-from contrastive.errors import ConfigError
-from contrastive.encoders import preprocess_from_config
 
 # PIL resampling codes, as transformers' image processors store them.
 _PIL_RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from contrastive.config import LossConfig
+from contrastive.errors import ConfigError
 from contrastive.losses.registry import LOSSES, PER_EXAMPLE_MEAN
 from contrastive.types import Batch, Collectives, LossOutput, ModelOutput
-from contrastive.errors import ConfigError
 
 IGNORE_INDEX = -100
 

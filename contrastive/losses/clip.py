@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from contrastive.config import LossConfig
+from contrastive.errors import ConfigError
 from contrastive.losses.blockwise import blockwise_log_sum_exp
 from contrastive.losses.registry import FEATURE_CACHE, LOSSES
 from contrastive.types import Batch, Collectives, LossOutput, ModelOutput
-from contrastive.errors import ConfigError
 
 
 def _gather_global_batch(image_features: torch.Tensor, text_features: torch.Tensor, collectives: Collectives):

@@ -8,7 +8,6 @@ from contrastive.config import LossConfig
 from contrastive.registry import Registry
 from contrastive.types import Batch, Collectives, LossOutput, ModelOutput
 
-
 # How an objective's loss over a local batch splits into K micro-batches (trainer.accumulation_steps=K); each
 # objective declares one, and the training step builds its forward-backward from it.
 FEATURE_CACHE = "feature_cache"  # a function of the features, temperature and bias only: cache them, score once

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from contrastive.config import LossConfig
+from contrastive.errors import ConfigError
 from contrastive.losses.blockwise import blockwise_sigmoid_loss
 from contrastive.losses.registry import FEATURE_CACHE, LOSSES
 from contrastive.types import Batch, Collectives, LossOutput, ModelOutput
-from contrastive.errors import ConfigError
 
 
 def sigmoid_pair_loss(

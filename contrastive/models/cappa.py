@@ -23,11 +23,11 @@ from open_clip.model import CLIPTextCfg, CLIPVisionCfg, _build_vision_tower
 from torch import nn
 
 from contrastive.config import ModelConfig, check_known_keys
+from contrastive.errors import ConfigError
 from contrastive.models.build import MODELS
 from contrastive.models.randomness import ModelRandomness, draw_patch_dropout_from
 from contrastive.models.towers import tower_configs
 from contrastive.types import ModelOutput
-from contrastive.errors import ConfigError
 
 IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index
 PAD_ID = 0

@@ -15,13 +15,13 @@ from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from torch import nn
 
 from contrastive.config import ModelConfig, check_known_keys
+from contrastive.errors import ConfigError
 from contrastive.models.build import MODELS
 from contrastive.models.cappa import shift_captions
 from contrastive.models.randomness import ModelRandomness, draw_patch_dropout_from
 from contrastive.models.towers import tower_configs
 from contrastive.models.two_tower import capped_logit_scale
 from contrastive.types import ModelOutput
-from contrastive.errors import ConfigError
 
 
 def multimodal_config(decoder: dict, text: CLIPTextCfg, embed_dim: int) -> MultimodalCfg:

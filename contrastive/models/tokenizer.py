@@ -9,8 +9,8 @@ import torch
 from open_clip.model import CLIPTextCfg
 
 from contrastive.config import ModelConfig
-from contrastive.models.towers import tower_configs
 from contrastive.errors import ConfigError
+from contrastive.models.towers import tower_configs
 
 Tokenizer = Callable[[list[str]], torch.Tensor]  # texts -> (N, context_length) int64
 

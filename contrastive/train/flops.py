@@ -8,10 +8,9 @@ the contrastive logits grow with the batch but are a negligible share at any rea
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
-import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 

@@ -58,7 +58,7 @@ class MetricsLogger:
                 dir=str(run_dir), mode=cfg.wandb.mode, config=config, resume="allow",
                 id=wandb_run_id(run_dir, run_name),
             )
-        except Exception as error:  # noqa: BLE001 - wandb raises many kinds; each is reported the same way
+        except Exception as error:  # wandb raises many kinds; each is reported the same way
             if cfg.wandb.mode == "online":  # asked for explicitly: a run that silently logs nowhere is lost work
                 raise ConfigError(f"logger=online: wandb could not start ({error}); fix the connection or "
                                   f"credentials, or use logger=offline (wandb sync later)") from error

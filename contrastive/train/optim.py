@@ -7,11 +7,13 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
+
 from contrastive.config import OptimConfig
 from contrastive.dist.parallel import replicated
 from contrastive.errors import ConfigError

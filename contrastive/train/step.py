@@ -21,18 +21,17 @@ outside it, on fp32 outputs, so logits, the temperature, the bias and the loss i
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import KW_ONLY, dataclass, fields, replace
-from typing import Iterator
 
 import torch
 from torch import nn
 
+from contrastive.errors import ConfigError
 from contrastive.losses.registry import FEATURE_CACHE, PER_EXAMPLE_MEAN, Objective, losses_accumulating_by
 from contrastive.models.randomness import ModelRandomness, random_state, restore_random_state
 from contrastive.types import Batch, Collectives, LossOutput, ModelOutput
-from contrastive.errors import ConfigError
 
 PER_EXAMPLE_FIELDS = ("image_features", "text_features")  # (B, D), concatenated over micro-batches
 SHARED_FIELDS = ("logit_scale", "logit_bias")  # scalars, the same in every micro-batch

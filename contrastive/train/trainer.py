@@ -27,18 +27,17 @@ from contrastive.data.stream import SKIP_REASONS
 from contrastive.dist import DistEnv, init_distributed
 from contrastive.dist.parallel import full_state, gather_model_state, is_sharded, load_full_state, parallelize
 from contrastive.encoders import encoder_from_model, preprocess_from_config
+from contrastive.errors import ConfigError, TrainingDiverged
 from contrastive.losses import build_loss, list_losses
 from contrastive.models import build_model, build_tokenizer, list_models
 from contrastive.models.locking import apply_locks
 from contrastive.models.randomness import random_state, restore_random_state
 from contrastive.train import checkpoint as ckpt
-from contrastive.train.step import build_forward_backward
 from contrastive.train.flops import flops_per_sample, throughput_metrics
 from contrastive.train.host_memory import reuse_freed_host_memory
 from contrastive.train.metrics import MetricsLogger
-from contrastive.train.optim import (NonfiniteReport, NonfiniteSteps, build_optimizer, build_scheduler,
-                                     optimizer_step)
-from contrastive.errors import ConfigError, TrainingDiverged
+from contrastive.train.optim import NonfiniteReport, NonfiniteSteps, build_optimizer, build_scheduler, optimizer_step
+from contrastive.train.step import build_forward_backward
 from contrastive.types import Evaluator, StreamPosition
 
 log = logging.getLogger(__name__)

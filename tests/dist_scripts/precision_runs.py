@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from contrastive.dist import shutdown_distributed
 from contrastive.checkpoint_io import list_checkpoints, load_checkpoint
+from contrastive.dist import shutdown_distributed
 from contrastive.train.trainer import Trainer
 from tests.conftest import compose_config
 
