@@ -8,7 +8,6 @@ from pathlib import Path
 
 import open_clip
 import torch
-import torch.nn.functional as F
 from open_clip.model import get_model_preprocess_cfg
 from torch import nn
 
@@ -16,29 +15,18 @@ from contrastive.data.transforms import Preprocess
 from contrastive.encoders.encoder import LoadedEncoder, parameter_value
 from contrastive.errors import ConfigError, InputError
 from contrastive.models.towers import square_side
+from contrastive.models.two_tower import OpenClipFeatures
 
 CONFIG_FILE = "open_clip_config.json"
 
 
-class OpenClipEncoder(nn.Module):
+class OpenClipEncoder(OpenClipFeatures):
     """open_clip's CLIP / CustomTextCLIP / CoCa behind our interface: encode_image / encode_text normalised in fp32
     by default, `visual` for per-block features."""
 
     def __init__(self, clip: nn.Module) -> None:
         super().__init__()
         self.clip = clip
-
-    @property
-    def visual(self) -> nn.Module:
-        return self.clip.visual
-
-    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        features = self.clip.encode_image(images)  # (B, D)
-        return F.normalize(features.float(), dim=-1) if normalize else features
-
-    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        features = self.clip.encode_text(tokens)  # (B, D)
-        return F.normalize(features.float(), dim=-1) if normalize else features
 
 
 def open_clip_preprocess(clip: nn.Module) -> Preprocess:

@@ -23,8 +23,28 @@ def capped_logit_scale(log_logit_scale: torch.Tensor, max_logit_scale: float) ->
     return log_logit_scale.clamp(max=math.log(max_logit_scale)).exp()
 
 
+class OpenClipFeatures(nn.Module):
+    """An open_clip model held as `clip` (its state dict stays loadable by open_clip under `clip.`), encoding
+    images and texts to features, L2-normalised in fp32 by default."""
+
+    clip: nn.Module
+
+    @property
+    def visual(self) -> nn.Module:
+        return self.clip.visual
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        features = self.clip.encode_image(images)  # (B, D)
+        # In fp32: bf16 keeps ~3 digits, and an error of 0.004 in a cosine is 0.4 in a logit at temperature 100.
+        return F.normalize(features.float(), dim=-1) if normalize else features
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        features = self.clip.encode_text(tokens)  # (B, D)
+        return F.normalize(features.float(), dim=-1) if normalize else features
+
+
 @MODELS.register("clip")
-class TwoTowerModel(nn.Module):
+class TwoTowerModel(OpenClipFeatures):
     """Wraps an open_clip `CLIP` (or `CustomTextCLIP`), so its state dict stays loadable by open_clip under `clip.`."""
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -46,19 +66,6 @@ class TwoTowerModel(nn.Module):
         draw_patch_dropout_from(self.clip.visual, self.randomness)
         self.embed_dim = embed_dim
         self.context_length = text_cfg.context_length
-
-    @property
-    def visual(self) -> nn.Module:
-        return self.clip.visual
-
-    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        features = self.clip.encode_image(images)  # (B, D)
-        # In fp32: bf16 keeps ~3 digits, and an error of 0.004 in a cosine is 0.4 in a logit at temperature 100.
-        return F.normalize(features.float(), dim=-1) if normalize else features
-
-    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        features = self.clip.encode_text(tokens)  # (B, D)
-        return F.normalize(features.float(), dim=-1) if normalize else features
 
     def logit_scale(self) -> torch.Tensor:
         return capped_logit_scale(self.clip.logit_scale, self.cfg.max_logit_scale)
