@@ -71,6 +71,14 @@ class DataConfig:
 
 
 @dataclass
+class LayerDecayConfig:
+    # Per tower, a decay in (0, 1] or null (off): with L blocks, block i trains at lr * decay**(L - i), the
+    # embeddings at lr * decay**(L + 1), what follows the last block at lr (BEiT's layer-wise lr decay).
+    image: float | None = None
+    text: float | None = None
+
+
+@dataclass
 class OptimConfig:
     optimizer: str = "torch.optim.AdamW"  # import path; the kwargs below are passed to it
     lr: float = 1e-3
@@ -88,6 +96,8 @@ class OptimConfig:
     # Parameter-name prefix -> lr multiplier, e.g. {"clip.visual.": 0.1} for a pretrained image tower; the longest
     # matching prefix wins, the rest train at lr.
     lr_multipliers: dict[str, float] = field(default_factory=dict)
+    # Multiplies the prefix multipliers above; the temperature and bias are in neither tower.
+    layer_decay: LayerDecayConfig = field(default_factory=LayerDecayConfig)
 
 
 @dataclass
@@ -249,6 +259,9 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, model_archs: Collection[s
     require(optim.grad_clip_norm is None or optim.grad_clip_norm > 0, "optim.grad_clip_norm must be positive or null")
     for prefix, multiplier in optim.lr_multipliers.items():
         require(multiplier > 0, f"optim.lr_multipliers[{prefix!r}] must be positive (lock.* freezes), got {multiplier}")
+    for tower in ("image", "text"):
+        decay = getattr(optim.layer_decay, tower)
+        require(decay is None or 0 < decay <= 1, f"optim.layer_decay.{tower} must be in (0, 1] or null, got {decay}")
     trainer = cfg.trainer
     require(trainer.max_steps > 0, f"trainer.max_steps must be positive, got {trainer.max_steps}")
     require(trainer.log_every > 0, f"trainer.log_every must be positive, got {trainer.log_every}")

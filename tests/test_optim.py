@@ -1,5 +1,6 @@
-"""Optimiser groups (weight decay split, per-prefix lr multipliers, frozen parameters left out, betas passed), the
-implementation switch, and the step: clipping only above the limit, no update from non-finite gradients."""
+"""Optimiser groups (weight decay split, per-prefix lr multipliers, layer-wise lr decay per tower, frozen parameters
+left out, betas passed), the implementation switch, and the step: clipping only above the limit, no update from
+non-finite gradients."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import torch
 from torch import nn
 
 from contrastive.config import OptimConfig
-from contrastive.train.optim import build_optimizer, build_scheduler, optimizer_step
+from contrastive.models import build_model
+from contrastive.models.locking import tower_layers
+from contrastive.train.optim import build_optimizer, build_scheduler, describe, optimizer_step
 from tests.conftest import compose_config
 
 
@@ -176,3 +179,59 @@ def test_learning_rate_schedule_values(schedule, expected):
         scheduler.step()
     for step, multiplier in expected.items():
         assert seen[step] == pytest.approx([0.05 * multiplier, 0.5 * multiplier], rel=1e-7), (step, seen[step])
+
+
+def test_layer_decay_per_tower_composes_with_prefix_multipliers():
+    """Every group's lr against decay**(L - i) per block, decay**(L + 1) for the embeddings, 1 for the head and
+    the temperature, times the longest-prefix multiplier (test_tiny: L = 1 block per tower)."""
+    image_decay, text_decay = 0.5, 0.8
+    model = build_model(compose_config(["model=test_tiny"]).model)
+    cfg = OptimConfig(lr=1.0, lr_multipliers={"clip.visual.": 0.1, "clip.visual.proj": 3.0})
+    cfg.layer_decay.image, cfg.layer_decay.text = image_decay, text_decay
+    optimizer = build_optimizer(model, cfg)
+    embeddings = {"class_embedding", "positional_embedding", "conv1", "ln_pre", "token_embedding"}
+    for name, parameter in model.named_parameters():
+        parts = name.split(".")
+        if name.startswith("clip.visual."):
+            decay, prefix = image_decay, (3.0 if name == "clip.visual.proj" else 0.1)
+        elif name.startswith("clip.logit_"):
+            decay, prefix = 1.0, 1.0
+        else:
+            decay, prefix = text_decay, 1.0
+        if "resblocks" in parts:  # block 0 of 1
+            exponent = 1 - int(parts[parts.index("resblocks") + 1])
+        elif set(parts) & embeddings:
+            exponent = 2
+        else:  # ln_post, proj, ln_final, text_projection
+            exponent = 0
+        assert group_of(optimizer, parameter)["lr"] == pytest.approx(prefix * decay ** exponent), name
+    assert {round(g["lr"], 6) for g in optimizer.param_groups} >= {0.1 * 0.25, 0.1 * 0.5, 0.1, 3.0, 0.64, 0.8, 1.0}
+    assert "lr x0.025" in describe(model, cfg, max_steps=10)
+
+
+def test_layer_decay_finds_timm_blocks_and_leaves_its_patch_embedding_before_them():
+    model = build_model(compose_config(["model=timm_vit_tiny"]).model)
+    depth, layers = tower_layers(model, "image")
+    assert depth == 12
+    assert layers["clip.visual.trunk.blocks.0.attn.qkv.weight"] == 1
+    assert layers["clip.visual.trunk.blocks.11.mlp.fc2.weight"] == 12
+    assert layers["clip.visual.trunk.patch_embed.proj.weight"] == layers["clip.visual.trunk.cls_token"] == 0
+    assert layers["clip.visual.trunk.norm.weight"] == layers["clip.visual.head.proj.weight"] == 13
+    text_depth, text_layers = tower_layers(model, "text")  # its root holds the image blocks too
+    assert text_depth == 4 and text_layers["clip.transformer.resblocks.3.attn.in_proj_weight"] == 4
+
+
+@pytest.mark.parametrize("decay", [0.0, 1.5, -0.1])
+def test_layer_decay_outside_zero_one_is_refused(demo_root, decay):
+    from omegaconf import OmegaConf
+
+    from contrastive.config import validate
+    from contrastive.losses import list_losses
+    from contrastive.models import list_models
+
+    overrides = ["model=test_tiny", "debug=tiny", f"data.sources.0.shards={demo_root / 'train'}"]
+    cfg = OmegaConf.to_object(compose_config([*overrides, f"optim.layer_decay.text={decay}"]))
+    with pytest.raises(ValueError, match=r"optim.layer_decay.text must be in \(0, 1\] or null"):
+        validate(cfg, model_archs=list_models(), loss_names=list_losses())
+    cfg = OmegaConf.to_object(compose_config([*overrides, "optim.layer_decay.image=1.0"]))
+    validate(cfg, model_archs=list_models(), loss_names=list_losses())

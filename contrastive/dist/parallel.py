@@ -119,6 +119,21 @@ def replicated(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded tensor (FSDP's parameters, gradients, optimiser state); plain tensors come
+    back as they are."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def whole_norm(shard: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The 2-norm of the whole tensor whose local part is `shard`, laid out as `like` (e.g. an update computed on
+    FSDP's local shards, laid out as its parameter): an all-reduce under FSDP, no host sync; a plain norm else."""
+    if isinstance(like, DTensor):
+        shard = DTensor.from_local(shard, like.device_mesh, like.placements, run_check=False, shape=like.shape,
+                                   stride=like.stride())
+    return replicated(torch.linalg.vector_norm(shard))
+
+
 def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
     """(model state, optimiser state), unsharded and on CPU on rank 0; under FSDP other ranks get empty dicts.
 

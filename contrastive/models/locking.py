@@ -1,8 +1,9 @@
 """Locked towers (LiT, Zhai et al. 2022): load a tower from a local checkpoint and freeze it, all or in part.
 
 A tower is a set of parameter names of the model: the image tower is everything under `model.visual`, the text
-tower is open_clip's text parts of a two-tower model. Its blocks are its longest `nn.ModuleList` (open_clip's
-`resblocks`, timm's `blocks`); its head is the final norm and projection after them. Frozen parameters have
+tower is open_clip's text parts of a two-tower model. Its blocks are its longest block list (open_clip's
+`resblocks`, timm's `blocks`); its head is the final norm, pooler and projection after them. The same layout
+gives optim.layer_decay its layers (`tower_layers`). Frozen parameters have
 `requires_grad=False`, so data parallelism and the optimiser (contrastive.train.optim) leave them out. Apply
 before wrapping the model for data parallelism and before building the optimiser.
 """
@@ -22,7 +23,11 @@ log = logging.getLogger(__name__)
 
 # open_clip CLIP keeps its text tower at the top level next to `visual`; CustomTextCLIP keeps it under `text`.
 CLIP_TEXT_PARTS = ("transformer", "token_embedding", "positional_embedding", "ln_final", "text_projection", "text")
-HEAD_PARTS = ("ln_post", "proj", "ln_final", "text_projection", "norm", "fc_norm", "head")
+# Module names after the last block: final norms, poolers, projections.
+HEAD_PARTS = ("ln_post", "proj", "ln_final", "text_projection", "norm", "fc_norm", "head", "attn_pool",
+              "attn_pool_contrastive", "pooler")
+# Module names before the first block (open_clip's, timm's, Hugging Face's), which may hold a `proj` or `norm`.
+EMBEDDING_PARTS = ("conv1", "patch_embed", "token_embedding", "embeddings")
 
 
 def tower_root(model: nn.Module, tower: str) -> tuple[str, nn.Module]:
@@ -46,12 +51,46 @@ def tower_parameter_names(model: nn.Module, tower: str) -> list[str]:
     return names
 
 
-def _blocks(root: nn.Module, prefix: str) -> tuple[str, nn.ModuleList]:
-    lists = [(name, module) for name, module in root.named_modules() if isinstance(module, nn.ModuleList)]
+def _is_block_list(module: nn.Module) -> bool:
+    """open_clip's and Hugging Face's blocks sit in a ModuleList, timm's in a Sequential of `Block`s (possibly
+    wrapped for activation checkpointing, or by FSDP as `FSDPBlock`)."""
+    if isinstance(module, nn.ModuleList):
+        return True
+    return isinstance(module, nn.Sequential) and len(module) > 0 and all(
+        type(getattr(child, "_checkpoint_wrapped_module", child)).__name__.endswith("Block") for child in module)
+
+
+def tower_blocks(model: nn.Module, tower: str) -> tuple[str, nn.ModuleList]:
+    """(name prefix, module) of the tower's longest block list. Only lists inside the tower count: the text
+    tower's root (the two-tower model) also holds the image tower's blocks."""
+    prefix, root = tower_root(model, tower)
+    names = set(tower_parameter_names(model, tower))
+    lists = [(name, module) for name, module in root.named_modules() if _is_block_list(module)
+             and all(f"{prefix}{name}.{n}" in names for n, _ in module.named_parameters())]
     if not lists:
-        raise ConfigError(f"no block list found under {prefix!r} to leave the last blocks unlocked")
+        raise ConfigError(f"no block list found in the {tower} tower under {prefix!r}")
     name, blocks = max(lists, key=lambda item: len(item[1]))
     return f"{prefix}{name}.", blocks
+
+
+def _is_head(name: str, prefix: str) -> bool:
+    """After the last block; an embedding's own norm or projection (timm's `patch_embed.proj`) is not."""
+    parts = set(name.removeprefix(prefix).split("."))
+    return bool(parts & set(HEAD_PARTS)) and not parts & set(EMBEDDING_PARTS)
+
+
+def tower_layers(model: nn.Module, tower: str) -> tuple[int, dict[str, int]]:
+    """(L, parameter name -> layer) for the tower's L blocks: the embeddings (patch, token and position embeddings,
+    class token, pre-norm) are layer 0, block i is layer i + 1, the head after the last block is layer L + 1."""
+    prefix, _ = tower_root(model, tower)
+    blocks_prefix, blocks = tower_blocks(model, tower)
+    layers = {}
+    for name in tower_parameter_names(model, tower):
+        if name.startswith(blocks_prefix):
+            layers[name] = int(name.removeprefix(blocks_prefix).split(".")[0]) + 1
+        else:
+            layers[name] = len(blocks) + 1 if _is_head(name, prefix) else 0
+    return len(blocks), layers
 
 
 def trainable_names(model: nn.Module, tower: str, cfg: TowerLockConfig) -> set[str]:
@@ -60,14 +99,13 @@ def trainable_names(model: nn.Module, tower: str, cfg: TowerLockConfig) -> set[s
     names = set(tower_parameter_names(model, tower))
     keep: set[str] = set()
     if cfg.unlocked_blocks:
-        blocks_prefix, blocks = _blocks(root, prefix)
+        blocks_prefix, blocks = tower_blocks(model, tower)
         if cfg.unlocked_blocks > len(blocks):
             raise ConfigError(f"lock.{tower}.unlocked_blocks={cfg.unlocked_blocks} "
                               f"but the tower has {len(blocks)} blocks")
         for index in range(len(blocks) - cfg.unlocked_blocks, len(blocks)):
             keep |= {f"{blocks_prefix}{index}.{n}" for n, _ in blocks[index].named_parameters()}
-        keep |= {name for name in names if not name.startswith(blocks_prefix)
-                 and set(name.removeprefix(prefix).split(".")) & set(HEAD_PARTS)}
+        keep |= {name for name in names if not name.startswith(blocks_prefix) and _is_head(name, prefix)}
     if cfg.unlocked_norms:
         for module_name, module in root.named_modules():
             if "norm" in type(module).__name__.lower():

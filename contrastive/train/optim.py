@@ -1,6 +1,6 @@
-"""Optimiser parameter groups (weight decay or not, per-prefix lr multipliers; frozen parameters left out), the
-optimiser step with gradient clipping and the non-finite guard, and the warmup + decay learning-rate schedule (a
-multiplier of each group's own lr)."""
+"""Optimiser parameter groups (weight decay or not, per-prefix lr multipliers times per-tower layer-wise lr decay;
+frozen parameters left out), the optimiser step with gradient clipping and the non-finite guard, and the warmup +
+decay learning-rate schedule (a multiplier of each group's own lr)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from torch import nn
 from contrastive.config import OptimConfig
 from contrastive.dist.parallel import replicated
 from contrastive.errors import ConfigError
+from contrastive.models.locking import tower_layers
 
 NO_DECAY_NAME_PARTS = ("logit_scale", "logit_bias", "bias", "norm", "ln_", ".ln", "bn")
 
@@ -39,22 +40,52 @@ def _lr_multiplier_of(name: str, multipliers: dict[str, float]) -> float:
     return multipliers[max(matches, key=len)] if matches else 1.0
 
 
-def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
-    """Trainable parameters grouped by (weight decay, lr multiplier); frozen ones are left out."""
-    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+def _layer_decay_scales(model: nn.Module, cfg: OptimConfig) -> dict[str, float]:
+    """Parameter name -> decay**(L + 1 - layer) for the towers with optim.layer_decay set (layers as in
+    contrastive.models.locking.tower_layers: 0 the embeddings, i + 1 block i, L + 1 the head)."""
+    scales = {}
+    for tower in ("image", "text"):
+        decay = getattr(cfg.layer_decay, tower)
+        if decay is not None:
+            depth, layers = tower_layers(model, tower)
+            scales.update({name: decay ** (depth + 1 - layer) for name, layer in layers.items()})
+    return scales
+
+
+def _named_groups(model: nn.Module, cfg: OptimConfig) -> dict[tuple[bool, float], list[tuple[str, nn.Parameter]]]:
+    """(weight decay, lr multiplier) -> the trainable (name, parameter) pairs with them, largest multiplier first
+    among the decayed, then among the rest."""
+    layer_scales = _layer_decay_scales(model, cfg)
+    groups: dict[tuple[bool, float], list[tuple[str, nn.Parameter]]] = {}
     used_prefixes: set[str] = set()
     for name, parameter in model.named_parameters():
         used_prefixes.update(prefix for prefix in cfg.lr_multipliers if name.startswith(prefix))
         if parameter.requires_grad:
-            key = (uses_weight_decay(name, parameter), _lr_multiplier_of(name, cfg.lr_multipliers))
-            groups.setdefault(key, []).append(parameter)
+            multiplier = _lr_multiplier_of(name, cfg.lr_multipliers) * layer_scales.get(name, 1.0)
+            groups.setdefault((uses_weight_decay(name, parameter), multiplier), []).append((name, parameter))
     unused = sorted(set(cfg.lr_multipliers) - used_prefixes)
     if unused:
         raise ConfigError(f"optim.lr_multipliers prefix(es) {unused} match no parameter name (e.g. 'clip.visual.')")
-    return [
-        {"params": params, "weight_decay": cfg.weight_decay if decay else 0.0, "lr": cfg.lr * multiplier}
-        for (decay, multiplier), params in sorted(groups.items(), key=lambda item: (not item[0][0], -item[0][1]))
-    ]
+    return dict(sorted(groups.items(), key=lambda item: (not item[0][0], -item[0][1])))
+
+
+def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Trainable parameters grouped by (weight decay, lr multiplier); frozen ones are left out."""
+    return [{"params": [parameter for _, parameter in named], "weight_decay": cfg.weight_decay if decay else 0.0,
+             "lr": cfg.lr * multiplier} for (decay, multiplier), named in _named_groups(model, cfg).items()]
+
+
+def describe(model: nn.Module, cfg: OptimConfig, max_steps: int) -> str:
+    """The parameter groups and the schedule, to log once at start-up."""
+    end = cfg.lr if cfg.schedule == "constant" else cfg.lr * cfg.min_lr_ratio
+    lines = [f"{cfg.optimizer}: {cfg.warmup_steps} warmup steps to lr {cfg.lr:g}, then {cfg.schedule} to {end:g} "
+             f"at step {max_steps}; parameter groups (lr x the schedule's lr):"]
+    for (decay, multiplier), named in _named_groups(model, cfg).items():
+        count = sum(parameter.numel() for _, parameter in named)
+        names = ", ".join(name for name, _ in named[:3]) + (f", ... ({len(named)} tensors)" if len(named) > 3 else "")
+        lines.append(f"  lr x{multiplier:.4g}, weight decay {cfg.weight_decay if decay else 0.0:g}, "
+                     f"{count:,} parameters: {names}")
+    return "\n".join(lines)
 
 
 def _implementation_kwargs(optimizer_class: type[torch.optim.Optimizer], implementation: str) -> dict[str, bool]:

@@ -36,7 +36,14 @@ from contrastive.train import checkpoint as ckpt
 from contrastive.train.flops import flops_per_sample, throughput_metrics
 from contrastive.train.host_memory import reuse_freed_host_memory
 from contrastive.train.metrics import MetricsLogger
-from contrastive.train.optim import NonfiniteReport, NonfiniteSteps, build_optimizer, build_scheduler, optimizer_step
+from contrastive.train.optim import (
+    NonfiniteReport,
+    NonfiniteSteps,
+    build_optimizer,
+    build_scheduler,
+    describe,
+    optimizer_step,
+)
 from contrastive.train.step import build_forward_backward
 from contrastive.types import Evaluator, StreamPosition
 
@@ -106,6 +113,8 @@ class Trainer:
             cfg.trainer.max_steps = min(cfg.trainer.max_steps, plan.steps)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
+        if self.env.is_main:
+            log.info("%s", describe(self.model, cfg.optim, cfg.trainer.max_steps))
 
         self.step = self.saved_step = 0
         self.data_positions: dict[int, StreamPosition] = {}  # logical data worker -> its latest position
