@@ -219,13 +219,14 @@ def main() -> None:
         parser.error(f"unknown model(s) {sorted(unknown)}; choose from {', '.join(MODELS)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA device is visible")
-    results = [benchmark(name, args) for name in args.models.split(",")]
-    for result in results:
-        print_result(result)
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"target_ratio": TARGET, "environment": describe_environment(), "results": results},
-                      handle, indent=2)
+    results = []
+    for name in args.models.split(","):  # each model's figures printed and written as soon as it is measured
+        results.append(benchmark(name, args))
+        print_result(results[-1])
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump({"target_ratio": TARGET, "environment": describe_environment(), "results": results},
+                          handle, indent=2)
 
 
 if __name__ == "__main__":
