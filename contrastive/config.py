@@ -65,7 +65,10 @@ class DataConfig:
     resampled: bool = True  # draw shards with replacement (infinite stream) instead of epoch passes
     crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
     horizontal_flip: bool = False
-    max_skip_fraction: float = 0.1  # stop when more than this fraction of samples is bad
+    # stop when more than this fraction of samples is bad, or of a worker's shards in an epoch is lost
+    max_skip_fraction: float = 0.1
+    read_attempts: int = 5  # tries per read of a remote shard (s3://, gs://, http(s)://), the first included
+    retry_wait_s: float = 0.5  # before the second try of a remote read; doubled before each further one (max 30 s)
     epochs: int | None = None  # a finite run: passes over every source; None: loop forever (trainer.max_steps)
     min_image_size: int = 8  # pixels; a smaller side is a bad sample (wrong_image_size)
 
@@ -247,6 +250,8 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, model_archs: Collection[s
     require(len(data.crop_scale) == 2 and 0 < data.crop_scale[0] <= data.crop_scale[1] <= 1,
             f"data.crop_scale must be [low, high] with 0 < low <= high <= 1, got {list(data.crop_scale)}")
     require(0 <= data.max_skip_fraction <= 1, "data.max_skip_fraction must be within [0, 1]")
+    require(data.read_attempts >= 1, f"data.read_attempts must be at least 1, got {data.read_attempts}")
+    require(data.retry_wait_s >= 0, f"data.retry_wait_s must be >= 0, got {data.retry_wait_s}")
     optim = cfg.optim
     require(optim.lr > 0, f"optim.lr must be positive, got {optim.lr}")
     require(optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {optim.weight_decay}")

@@ -1,11 +1,11 @@
 """``contrastive-data``: dataset tools on the command line, one subcommand each.
 
     contrastive-data demo [--source DIR] [--out DIR] [--samples-per-shard N] [--seed S] [--limit N]
-    contrastive-data inspect SHARDS [--min-image-size N] [--json PATH]
+    contrastive-data inspect SHARDS [--min-image-size N] [--json PATH] [--write-stats]
     contrastive-data validate SHARDS [--min-image-size N]
 
-SHARDS is what data.sources.N.shards takes: a directory, a brace pattern, `pipe:` commands, or URLs that
-webdataset's gopen opens (s3:// gs:// https://), several joined with '::'.
+SHARDS is what data.sources.N.shards takes: a directory or an s3:// / gs:// prefix, a brace pattern, `pipe:`
+commands, or s3:// gs:// http(s):// URLs (the `s3` extra), several joined with '::'.
 
 To add a subcommand, write an ``_add_<name>_command(subcommands)`` that registers its parser and sets
 ``run`` to a function ``(args) -> exit code``, and list it in ``_COMMANDS``. A ConfigError (contrastive.errors)
@@ -18,9 +18,11 @@ import argparse
 import json
 import logging
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 from contrastive.data import demo
+from contrastive.data.remote import check_remote_shards_readable, write_stats_file
 from contrastive.data.shard_report import ShardReport, inspect_shards
 from contrastive.data.shards import expand_shards
 from contrastive.errors import ConfigError
@@ -87,6 +89,9 @@ def _add_inspect_command(subcommands: argparse._SubParsersAction) -> None:
     )
     _add_shard_arguments(parser)
     parser.add_argument("--json", type=Path, default=None, help="also write the counts as JSON here")
+    parser.add_argument("--write-stats", action="store_true",
+                        help="write each directory's or prefix's samples per shard to _stats.json beside the shards, "
+                        "where a finite training run reads its shard sizes")
     parser.set_defaults(run=_run_inspect)
 
 
@@ -101,6 +106,7 @@ def _add_validate_command(subcommands: argparse._SubParsersAction) -> None:
 
 def _inspect(args: argparse.Namespace) -> ShardReport:
     urls = expand_shards(args.shards)
+    check_remote_shards_readable(urls, args.shards)  # missing local shards are counted as unreadable, like training
     report = inspect_shards(urls, args.min_image_size, progress=not args.no_progress)
     print("\n".join(report.summary()))
     return report
@@ -113,6 +119,13 @@ def _run_inspect(args: argparse.Namespace) -> int:
                   "extensions": dict(report.extensions), "bad": dict(report.skipped),
                   "bad_samples": [list(entry) for entry in report.bad_samples]}
         args.json.write_text(json.dumps(counts, indent=2) + "\n")
+    if args.write_stats:
+        by_directory: dict[str, dict[str, int]] = defaultdict(dict)
+        for url, samples in report.samples_per_shard.items():
+            directory, _, name = url.rpartition("/")
+            by_directory[directory][name] = samples
+        for directory, samples in by_directory.items():
+            print(f"wrote {write_stats_file(directory, samples)} ({len(samples)} shards)")
     return 0
 
 

@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from contrastive.config import DataConfig
 from contrastive.data.plan import RunPlan, plan_finite_run
 from contrastive.data.reader import iter_shard
-from contrastive.data.shards import check_epoch_mode_slots, check_local_shards_exist, expand_shards
+from contrastive.data.remote import RetryPolicy
+from contrastive.data.shards import check_epoch_mode_slots, check_shards_exist, expand_shards
 from contrastive.data.stream import ImageTextStream, Source, StreamLayout, decode_sample
 from contrastive.data.transforms import BadSample, BatchNormalize, Preprocess, build_train_transform, train_decode_size
 from contrastive.errors import InputError
@@ -25,7 +26,7 @@ def build_sources(data: DataConfig) -> list[Source]:
     sources = []
     for source in data.sources:
         urls = expand_shards(source.shards)
-        check_local_shards_exist(urls, source.name)
+        check_shards_exist(urls, source.name)
         epochs = source.epochs if source.epochs is not None else data.epochs
         sources.append(Source(source.name, urls, source.weight, epochs, source.max_samples))
     return sources
@@ -71,6 +72,7 @@ def build_train_loader(
         image_size, data.batch_size // world_size, max_skip_fraction=data.max_skip_fraction,
         decode_size=train_decode_size(image_size, tuple(data.crop_scale)), min_image_size=data.min_image_size,
         start_step=start_step, positions=positions,
+        retry=RetryPolicy(attempts=data.read_attempts, first_wait_s=data.retry_wait_s),
     )
     return DataLoader(
         stream, batch_size=None, num_workers=data.num_workers, pin_memory=pin_memory,
@@ -104,6 +106,6 @@ class LabelledShards(IterableDataset):
 
 
 def build_eval_loader(urls: list[str], preprocess: Preprocess, batch_size: int, num_workers: int = 0) -> DataLoader:
-    check_local_shards_exist(urls, "evaluation")
+    check_shards_exist(urls, "evaluation")
     dataset = LabelledShards(urls, preprocess.transform(), preprocess.image_size)
     return DataLoader(dataset, batch_size=batch_size, num_workers=min(num_workers, len(urls)))

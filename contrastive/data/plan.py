@@ -7,8 +7,10 @@ loop. Each logical worker w of a rank serves steps w, w + W, w + 2W, ... (W work
 min_w(batches_w * W + w) steps, and the run takes the minimum over ranks. The samples of the slots with more
 data than that are the leftover: logged and returned, not silently lost.
 
-Shard sizes come from img2dataset's `NAME_stats.json` ("successes") beside a local shard, else from reading the
-tar headers (cheap for local files, a full read for remote ones).
+Shard sizes come, in this order, from a `_stats.json` beside the shards (written by `contrastive-data inspect
+--write-stats`: one small read per directory or prefix), img2dataset's `NAME_stats.json` ("successes") beside a
+shard, or the tar headers: cheap for local files, and for remote ones a ranged read of the headers that stops with
+an error asking for the stats file once it has fetched PLAN_READ_LIMIT_BYTES of one shard.
 """
 
 from __future__ import annotations
@@ -16,51 +18,109 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 import tarfile
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import webdataset as wds
 
 from contrastive.data.reader import split_key
-from contrastive.data.shards import is_local, shards_for_slot
-from contrastive.errors import ConfigError
+from contrastive.data.remote import DEFAULT_RETRY, PERMANENT_ERRORS, filesystem, protocol_of, read_stats_file
+from contrastive.data.shards import shards_for_slot
+from contrastive.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
+PLAN_READ_LIMIT_BYTES = 64 << 20
+PLAN_BLOCK_BYTES = 256 << 10
 
 
-def _stats_file_count(url: str) -> int | None:
+def _split(url: str) -> tuple[str, str]:
+    return posixpath.split(url) if protocol_of(url) else os.path.split(url)
+
+
+def _img2dataset_count(url: str) -> int | None:
     stats = os.path.splitext(url)[0] + "_stats.json"
-    if not (is_local(url) and os.path.exists(stats)):
+    protocol = protocol_of(url)
+    try:
+        if protocol is None:
+            with open(stats) as handle:
+                successes = json.load(handle).get("successes")
+        else:
+            successes = json.loads(filesystem(protocol).cat_file(stats)).get("successes")
+    except FileNotFoundError:
         return None
-    with open(stats) as handle:
-        successes = json.load(handle).get("successes")
     return int(successes) if successes is not None else None
 
 
-def count_shard_samples(url: str) -> int:
-    """Samples (distinct keys) in one shard; an unreadable or truncated shard counts what can be read."""
-    known = _stats_file_count(url)
-    if known is not None:
-        return known
+def _add_keys(archive: tarfile.TarFile, keys: set[str], over_limit=lambda: False) -> None:
+    """Add the sample keys of `archive` to `keys` (kept when the archive breaks halfway)."""
+    for member in archive:
+        key, extension = split_key(member.name)
+        if member.isreg() and extension and not key.startswith("__"):
+            keys.add(key)
+        if over_limit():
+            return
+
+
+def _count_remote_headers(url: str) -> int:
+    """Samples in a remote shard from its tar headers, read by ranges; transient errors are retried."""
+    client = filesystem(protocol_of(url))
+    for attempt in range(1, DEFAULT_RETRY.attempts + 1):
+        keys: set[str] = set()
+        try:
+            with client.open(url, "rb", block_size=PLAN_BLOCK_BYTES, cache_type="readahead") as handle, \
+                    tarfile.open(fileobj=handle, mode="r:") as archive:
+                over_limit = lambda: handle.cache.total_requested_bytes > PLAN_READ_LIMIT_BYTES
+                _add_keys(archive, keys, over_limit)
+                if over_limit():
+                    raise InputError(
+                        f"counting the samples of {url} from its tar headers fetched more than "
+                        f"{PLAN_READ_LIMIT_BYTES >> 20} MiB; write the counts once with `contrastive-data inspect "
+                        f"{_split(url)[0]}/ --write-stats` (a finite run needs every shard's size up front)")
+                return len(keys)
+        except (tarfile.TarError, EOFError) as error:  # a damaged shard: its readable part, as the reader sees it
+            log.warning("counting %s stopped after %d samples: %s", url, len(keys), error)
+            return len(keys)
+        except PERMANENT_ERRORS as error:
+            raise InputError(f"cannot count the samples of {url}: {type(error).__name__}: {error}") from error
+        except Exception as error:  # the clients' transient errors share no base class
+            if attempt == DEFAULT_RETRY.attempts:
+                raise InputError(f"cannot count the samples of {url} after {attempt} tries: "
+                                 f"{type(error).__name__}: {error}") from error
+            time.sleep(DEFAULT_RETRY.wait_before(attempt + 1))
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _count_local_or_pipe(url: str) -> int:
     keys: set[str] = set()
     try:
-        if is_local(url):
-            archive = tarfile.open(url, mode="r:")  # seekable: reads headers only
-            stream = None
-        else:
-            stream = wds.gopen(url)
-            archive = tarfile.open(fileobj=stream, mode="r|*")
-        with archive:
-            for member in archive:
-                key, extension = split_key(member.name)
-                if member.isreg() and extension and not key.startswith("__"):
-                    keys.add(key)
-        if stream is not None:
-            stream.close()
+        if os.path.exists(url):
+            with tarfile.open(url, mode="r:") as archive:  # seekable: reads headers only
+                _add_keys(archive, keys)
+        else:  # a pipe: command, read front to back
+            with wds.gopen(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as archive:
+                _add_keys(archive, keys)
     except (tarfile.TarError, OSError, EOFError, ValueError) as error:
         log.warning("counting %s stopped after %d samples: %s", url, len(keys), error)
     return len(keys)
+
+
+def count_shard_samples(url: str, directory_stats: dict[str, dict[str, int] | None] | None = None) -> int:
+    """Samples (distinct keys) in one shard; an unreadable or truncated shard counts what can be read.
+    `directory_stats` caches each directory's `_stats.json` (None where there is none)."""
+    directory_stats = {} if directory_stats is None else directory_stats
+    directory, name = _split(url)
+    if directory not in directory_stats:
+        directory_stats[directory] = read_stats_file(directory)
+    listed = directory_stats[directory]
+    if listed is not None and name in listed:
+        return listed[name]
+    known = _img2dataset_count(url)
+    if known is not None:
+        return known
+    return _count_remote_headers(url) if protocol_of(url) else _count_local_or_pipe(url)
 
 
 @dataclass(frozen=True)
@@ -78,11 +138,12 @@ def plan_finite_run(sources: Iterable, *, world_size: int, num_workers: int, see
     if not all(source.capped for source in sources):
         return None
     counts = dict(counts or {})
+    directory_stats: dict[str, dict[str, int] | None] = {}
     slots = world_size * num_workers
 
     def count(url: str) -> int:
         if url not in counts:
-            counts[url] = count_shard_samples(url)
+            counts[url] = count_shard_samples(url, directory_stats)
         return counts[url]
 
     rank_steps, planned = [], 0

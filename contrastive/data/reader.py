@@ -1,4 +1,8 @@
-"""Reading raw samples (bytes per extension) out of webdataset tar shards, counting what is broken."""
+"""Reading raw samples (bytes per extension) out of webdataset tar shards, counting what is broken.
+
+Local files and `pipe:` commands open through webdataset's gopen; s3://, gs:// and http(s):// through
+contrastive.data.remote, whose reads are retried (a read a retry fixed is counted as `recovered_read`).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,9 @@ from collections import Counter
 from collections.abc import Iterator
 
 import webdataset as wds
+
+from contrastive.data.remote import DEFAULT_RETRY, RemoteShard, RetryPolicy, protocol_of
+from contrastive.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +42,12 @@ class _CountingReader:
         return data
 
 
-def iter_shard(url: str, skipped: Counter) -> Iterator[RawSample]:
+def iter_shard(url: str, skipped: Counter, retry: RetryPolicy = DEFAULT_RETRY) -> Iterator[RawSample]:
     """Yield the samples of one shard; an unopenable or truncated shard is counted and ends early, not fatally."""
     try:
-        stream = wds.gopen(url)
+        stream = RemoteShard(url, retry, skipped) if protocol_of(url) else wds.gopen(url)
+    except ConfigError:  # the object-store clients are not installed: no shard will open
+        raise
     except Exception as error:  # any opener failure (missing file, pipe, network) is a bad shard
         skipped["unreadable_shard"] += 1
         log.warning("cannot open shard %s: %s", url, error)

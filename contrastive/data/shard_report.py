@@ -11,7 +11,8 @@ import torch
 from tqdm import tqdm
 
 from contrastive.data.reader import iter_shard
-from contrastive.data.stream import decode_sample
+from contrastive.data.remote import RECOVERED_READ
+from contrastive.data.stream import SHARD_LOSS_REASONS, decode_sample
 from contrastive.data.transforms import BadSample
 
 FULL_SIZE = 1 << 30  # a decode size no image reaches: decode at full resolution, as the strictest check
@@ -29,6 +30,8 @@ class ShardReport:
     widths: list[int] = field(default_factory=list)
     heights: list[int] = field(default_factory=list)
     caption_chars: list[int] = field(default_factory=list)
+    samples_per_shard: dict[str, int] = field(default_factory=dict)  # readable samples of each shard read whole
+    recovered_reads: int = 0  # remote reads that failed and succeeded on a retry
 
     @property
     def ok(self) -> bool:
@@ -48,6 +51,8 @@ class ShardReport:
                 lines.append(f"  ... ({sum(self.skipped.values()) - len(self.bad_samples)} more not listed)")
         else:
             lines.append("bad: none")
+        if self.recovered_reads:
+            lines.append(f"remote reads recovered by a retry: {self.recovered_reads}")
         return lines
 
 
@@ -62,8 +67,9 @@ def inspect_shards(urls: Iterable[str], min_image_size: int = 1, progress: bool 
         return placeholder
 
     for url in tqdm(urls, desc="shards", unit="shard", disable=not progress):
-        before = Counter(report.skipped)
-        for raw in iter_shard(url, report.skipped):
+        shard_counts: Counter = Counter()  # shard losses and recovered reads, as the reader counts them
+        samples_before = report.samples
+        for raw in iter_shard(url, shard_counts):
             report.samples += 1
             report.extensions.update(key for key in raw if not key.startswith("__"))
             try:
@@ -74,9 +80,13 @@ def inspect_shards(urls: Iterable[str], min_image_size: int = 1, progress: bool 
                 continue
             report.good += 1
             report.caption_chars.append(len(caption))
-        for reason in ("unreadable_shard", "truncated_shard"):
-            if report.skipped[reason] > before[reason]:
+        report.recovered_reads += shard_counts.pop(RECOVERED_READ, 0)
+        for reason in SHARD_LOSS_REASONS:
+            if shard_counts[reason]:
                 _note_bad(report, url, "-", reason)
+        report.skipped.update(shard_counts)
+        if not any(shard_counts.values()):
+            report.samples_per_shard[url] = report.samples - samples_before
     report.skipped = Counter({reason: count for reason, count in report.skipped.items() if count})
     return report
 

@@ -9,17 +9,20 @@ import re
 
 import braceexpand
 
+from contrastive.data.remote import LISTABLE_PROTOCOLS, check_remote_shards_readable, list_shards, protocol_of
 from contrastive.errors import InputError
 
 
 def expand_shards(pattern: str) -> list[str]:
-    """Expand brace patterns and directories (every .tar inside, in natural order); several parts may be joined
-    with '::' (as open_clip and webdataset users write)."""
+    """Expand brace patterns and directories (every .tar inside, in natural order), local or an s3:// or gs://
+    prefix; several parts may be joined with '::' (as open_clip and webdataset users write)."""
     urls: list[str] = []
     for part in pattern.split("::"):
         part = part.strip()
         if part and os.path.isdir(part):
             urls.extend(sorted(glob.glob(os.path.join(part, "*.tar")), key=natural_sort_key))
+        elif protocol_of(part) in LISTABLE_PROTOCOLS and "{" not in part and not part.endswith(".tar"):
+            urls.extend(sorted(list_shards(part), key=natural_sort_key))
         elif part:
             urls.extend(braceexpand.braceexpand(part))
     if not urls:
@@ -36,11 +39,14 @@ def is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
 
 
-def check_local_shards_exist(urls: list[str], source_name: str) -> None:
+def check_shards_exist(urls: list[str], source_name: str) -> None:
+    """Every local shard exists, and the first shard of every bucket or server can be read (missing buckets and
+    credentials show here, before any compute)."""
     missing = [url for url in urls if is_local(url) and not os.path.exists(url)]
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise InputError(f"data source {source_name!r}: {len(missing)} of {len(urls)} shards do not exist: {shown}")
+    check_remote_shards_readable(urls, source_name)
 
 
 def check_epoch_mode_slots(num_shards: int, world_size: int, num_workers: int, source_name: str = "") -> None:

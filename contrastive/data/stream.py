@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from contrastive.data.reader import RawSample, iter_shard
+from contrastive.data.remote import DEFAULT_RETRY, RetryPolicy
 from contrastive.data.shards import shards_for_slot, slot_seed
 from contrastive.data.transforms import IMAGE_EXTENSIONS, BadSample, decode_image
 from contrastive.errors import InputError
@@ -33,8 +34,10 @@ from contrastive.types import Batch, StreamPosition
 log = logging.getLogger(__name__)
 MIN_SAMPLES_FOR_SKIP_CHECK = 200
 # Every reason a sample or shard is skipped for (reader, decode_sample, decode_image), for per-reason metrics.
-SKIP_REASONS = ("missing_image", "bad_caption_encoding", "missing_caption", "empty_caption", "bad_label",
-                "corrupt_image", "wrong_image_mode", "wrong_image_size", "truncated_shard", "unreadable_shard")
+SAMPLE_SKIP_REASONS = ("missing_image", "bad_caption_encoding", "missing_caption", "empty_caption", "bad_label",
+                       "corrupt_image", "wrong_image_mode", "wrong_image_size")
+SHARD_LOSS_REASONS = ("truncated_shard", "unreadable_shard")  # after the remote reader's retries
+SKIP_REASONS = SAMPLE_SKIP_REASONS + SHARD_LOSS_REASONS
 LOGGED_BAD_SAMPLES_PER_WORKER = 5
 
 
@@ -138,6 +141,7 @@ class ImageTextStream(IterableDataset):
         min_image_size: int = 1,
         start_step: int = 0,
         positions: dict[int, StreamPosition] | None = None,
+        retry: RetryPolicy = DEFAULT_RETRY,
     ) -> None:
         super().__init__()
         self.sources = sources
@@ -152,6 +156,7 @@ class ImageTextStream(IterableDataset):
         self.min_image_size = min_image_size
         self.start_step = start_step
         self.positions = positions or {}
+        self.retry = retry
 
     def _source_samples(self, source: Source, worker: int, position: tuple[int, int, int], skipped: Counter,
                         capped: bool):
@@ -171,7 +176,7 @@ class ImageTextStream(IterableDataset):
             # epoch up to its saved position: the saved counts hold what the reader met by then.
             shard_skips: Counter = Counter()
             counted: Counter = Counter()
-            raw = itertools.chain.from_iterable(iter_shard(url, shard_skips) for url in urls)
+            raw = self._read_shards(source.name, current_epoch, urls, shard_skips)
             rng = random.Random(slot_seed(layout.seed, "shuffle", source.name, layout.rank, worker, current_epoch))
             yielded = False
             for index, sample in enumerate(shuffled(raw, layout.shuffle_buffer, rng)):
@@ -188,6 +193,24 @@ class ImageTextStream(IterableDataset):
             skipped.update(shard_skips - counted)
             if not yielded:
                 raise InputError(f"data source {source.name!r} yielded no samples in a full pass over {urls[:3]}...")
+
+    def _read_shards(self, source_name: str, epoch: int, urls: list[str], shard_skips: Counter):
+        """The raw samples of `urls` in order. More than max_skip_fraction of them lost (unreadable, or cut short
+        after the remote reader's retries) stops the run, naming them: checked per (rank, worker) slot and epoch,
+        where the count of shards is known up front and a resumed run meets the same shards again."""
+        lost: list[str] = []
+        for url in urls:
+            before = sum(shard_skips[reason] for reason in SHARD_LOSS_REASONS)
+            yield from iter_shard(url, shard_skips, self.retry)
+            if sum(shard_skips[reason] for reason in SHARD_LOSS_REASONS) == before:
+                continue
+            lost.append(url)
+            if len(lost) > self.max_skip_fraction * len(urls):
+                raise InputError(
+                    f"data source {source_name!r}: {len(lost)} of the {len(urls)} shards rank {self.layout.rank} "
+                    f"reads in epoch {epoch} were lost, more than data.max_skip_fraction={self.max_skip_fraction}: "
+                    f"{', '.join(lost)}"
+                )
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -271,7 +294,7 @@ class ImageTextStream(IterableDataset):
             captions, labels, keys = [], [], []
 
     def _check_skip_rate(self, skipped: Counter, seen: int, raw: RawSample, bad: BadSample) -> None:
-        total_skipped = sum(skipped.values())
+        total_skipped = sum(skipped[reason] for reason in SKIP_REASONS)
         if total_skipped <= LOGGED_BAD_SAMPLES_PER_WORKER:
             log.warning("skipping sample %s from %s: %s", raw.get("__key__"), raw.get("__url__"), bad)
         total = total_skipped + seen

@@ -23,7 +23,8 @@ from omegaconf import OmegaConf
 from contrastive import checkpoint_io
 from contrastive.config import TrainConfig, validate
 from contrastive.data.loader import build_train_loader, plan_run
-from contrastive.data.stream import SKIP_REASONS
+from contrastive.data.remote import RECOVERED_READ
+from contrastive.data.stream import SHARD_LOSS_REASONS, SKIP_REASONS
 from contrastive.dist import DistEnv, init_distributed
 from contrastive.dist.parallel import full_state, gather_model_state, is_sharded, load_full_state, parallelize
 from contrastive.encoders import encoder_from_model, preprocess_from_config
@@ -217,17 +218,21 @@ class Trainer:
         names = ["loss", *result.metrics]
         terms = torch.stack([result.loss.detach().float(), *(v.detach().float() for v in result.metrics.values())])
         skipped = [float(sum(p.skipped.get(reason, 0) for p in self.data_positions.values()))
-                   for reason in SKIP_REASONS]
+                   for reason in (*SKIP_REASONS, RECOVERED_READ)]
         counts = torch.tensor([*skipped, float(self.preemption_requested)], device=self.env.device)
         summed = self.env.collectives.all_reduce_sum(torch.cat([terms, counts]))
         values = torch.cat([summed, grad_norm.detach().float().reshape(1), nonfinite.counters()]).tolist()
         terms_sum, values = values[:len(names)], values[len(names):]
-        skipped_sum, values = values[:len(SKIP_REASONS)], values[len(SKIP_REASONS):]
+        reasons = len(SKIP_REASONS)
+        skipped_sum, recovered_reads, values = values[:reasons], values[reasons], values[reasons + 1:]
         preemption_requests, grad_norm_value, *counters = values
         self._check_nonfinite(nonfinite.read(counters), result)
         metrics = {name: total / self.env.world_size for name, total in zip(names, terms_sum)}
         metrics["data_skipped_samples"] = sum(skipped_sum)
         metrics.update({f"data_skipped/{reason}": count for reason, count in zip(SKIP_REASONS, skipped_sum) if count})
+        metrics["data_lost_shards"] = sum(count for reason, count in zip(SKIP_REASONS, skipped_sum)
+                                          if reason in SHARD_LOSS_REASONS)
+        metrics["data_recovered_reads"] = recovered_reads  # remote reads that failed and succeeded on a retry
         metrics["grad_norm"] = grad_norm_value
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         metrics["nonfinite_steps_skipped"] = float(nonfinite.total)
