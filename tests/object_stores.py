@@ -4,24 +4,32 @@ responses short (moto always sends whole objects, so it cannot show a read that 
 from __future__ import annotations
 
 import re
+import socket
+import subprocess
+import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from tests.conftest import free_port, running
+
 
 class FaultyFileServer(ThreadingHTTPServer):
-    """Serves the files of `root` with Range support. `cuts[name]` GET responses for a file send their headers
-    (with the full Content-Length) and then only half the body before closing; -1 cuts every one."""
+    """Serves the files of `root` with Range support. GET number n (from 1) of a file named in `cut_gets` with n
+    in its set, and every GET of a file in `broken`, sends its headers (with the full Content-Length) and then only
+    half the body before closing the connection."""
 
     daemon_threads = True
 
     def __init__(self, root: Path) -> None:
         super().__init__(("127.0.0.1", 0), _FaultyHandler)
         self.root = root
-        self.cuts: Counter = Counter()
+        self.cut_gets: dict[str, set[int]] = {}
+        self.broken: set[str] = set()
         self.gets: Counter = Counter()  # GET requests per file name
         self.lock = threading.Lock()
 
@@ -65,9 +73,8 @@ class _FaultyHandler(BaseHTTPRequestHandler):
         body = data[start:end + 1]
         with self.server.lock:
             self.server.gets[path.name] += 1
-            cut = self.server.cuts[path.name] != 0
-            if self.server.cuts[path.name] > 0:
-                self.server.cuts[path.name] -= 1
+            number = self.server.gets[path.name]
+        cut = path.name in self.server.broken or number in self.server.cut_gets.get(path.name, ())
         self.send_response(206 if match else 200)
         if match:
             self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
@@ -93,3 +100,40 @@ def faulty_file_server(root: Path) -> Iterator[FaultyFileServer]:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+@contextmanager
+def s3_server() -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1 (stopped on leaving); yields its endpoint URL."""
+    port = free_port()
+    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    with running(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as process:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, "moto's server exited at start-up"
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "moto's server did not start within 60 s"
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+
+
+def s3_environment(endpoint: str) -> dict[str, str]:
+    """What a user of an S3-compatible store sets: the endpoint and the keys (no ~/.aws files are read)."""
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": "/nonexistent/aws/config",
+            "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws/credentials"}
+
+
+def upload(endpoint: str, bucket: str, files: dict[str, bytes]) -> None:
+    """Put `files` (key -> bytes) into `bucket` (made if missing) with boto3, not with the code under test."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing",
+                          aws_secret_access_key="testing", region_name="us-east-1")
+    if bucket not in {entry["Name"] for entry in client.list_buckets().get("Buckets", [])}:
+        client.create_bucket(Bucket=bucket)
+    for key, data in files.items():
+        client.put_object(Bucket=bucket, Key=key, Body=data)

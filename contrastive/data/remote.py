@@ -89,7 +89,9 @@ def list_shards(prefix: str) -> list[str]:
         bucket = client.split_path(prefix)[0]
         try:
             client.info(bucket)
-        except Exception as error:  # one line, whatever the client raised
+        except FileNotFoundError as error:
+            raise InputError(f"{prefix!r}: bucket {bucket!r} does not exist") from error
+        except Exception as error:  # no credentials, no permission, no endpoint: one line, whatever the client raised
             raise InputError(f"{prefix!r}: bucket {bucket!r} cannot be read: {type(error).__name__}: "
                              f"{error}") from error
         raise InputError(f"{prefix!r} holds no .tar shards")
