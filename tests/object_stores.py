@@ -1,14 +1,18 @@
-"""Servers on 127.0.0.1 that tests read shards from: moto's S3 server, and an HTTP file server that can cut
-responses short (moto always sends whole objects, so it cannot show a read that fails halfway)."""
+"""Servers on 127.0.0.1 that tests read shards from: moto's S3 server, gcp-storage-emulator for GCS, and an HTTP
+file server that can cut responses short (moto always sends whole objects, so it cannot show a read that fails
+halfway)."""
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -108,16 +112,20 @@ def s3_server() -> Iterator[str]:
     port = free_port()
     command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
     with running(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as process:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, "moto's server exited at start-up"
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "moto's server did not start within 60 s"
-                time.sleep(0.1)
+        _wait_for_port(process, port, "moto's server")
         yield f"http://127.0.0.1:{port}"
+
+
+def _wait_for_port(process: subprocess.Popen, port: int, name: str) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        assert process.poll() is None, f"{name} exited at start-up"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"{name} did not start within 60 s"
+            time.sleep(0.1)
 
 
 def s3_environment(endpoint: str) -> dict[str, str]:
@@ -137,3 +145,27 @@ def upload(endpoint: str, bucket: str, files: dict[str, bytes]) -> None:
         client.create_bucket(Bucket=bucket)
     for key, data in files.items():
         client.put_object(Bucket=bucket, Key=key, Body=data)
+
+
+@contextmanager
+def gcs_emulator() -> Iterator[str]:
+    """gcp-storage-emulator (a pure-Python GCS JSON API) on 127.0.0.1, in memory; yields its URL."""
+    port = free_port()
+    command = [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(port),
+               "--in-memory"]
+    with running(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as process:
+        _wait_for_port(process, port, "gcp-storage-emulator")
+        yield f"http://127.0.0.1:{port}"
+
+
+def gcs_upload(emulator: str, bucket: str, files: dict[str, bytes]) -> None:
+    """Make `bucket` and put `files` into it through the JSON API with urllib, not with the code under test."""
+    request = urllib.request.Request(f"{emulator}/storage/v1/b?project=test", method="POST",
+                                     data=json.dumps({"name": bucket}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(request).close()
+    for name, data in files.items():
+        query = urllib.parse.urlencode({"uploadType": "media", "name": name})
+        request = urllib.request.Request(f"{emulator}/upload/storage/v1/b/{bucket}/o?{query}", method="POST",
+                                         data=data, headers={"Content-Type": "application/octet-stream"})
+        urllib.request.urlopen(request).close()

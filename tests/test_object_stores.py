@@ -24,7 +24,7 @@ from contrastive.data.remote import RetryPolicy
 from contrastive.errors import InputError
 from tests.conftest import process_env, run, tiny_run_overrides, torchrun
 from tests.data_factory import bad_shard_set, good_samples, write_tar
-from tests.object_stores import faulty_file_server, s3_environment, s3_server, upload
+from tests.object_stores import faulty_file_server, gcs_emulator, gcs_upload, s3_environment, s3_server, upload
 
 TRAIN = ["-m", "contrastive.cli.train"]
 NO_WAIT = RetryPolicy(attempts=3, first_wait_s=0.0)
@@ -160,6 +160,19 @@ def test_missing_bucket_prefix_and_credentials_are_one_line_before_compute(s3_en
     assert result.stderr.strip().splitlines() == [
         "contrastive-train: error: 's3://no-such-bucket/laion/': bucket 'no-such-bucket' does not exist"]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_gs_prefix_lists_reads_and_takes_stats_on_a_gcs_emulator(tmp_path, monkeypatch, capsys):
+    root = shard_dir(tmp_path / "shards", shards=3, per_shard=8)
+    monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # gcsfs's gRPC bucket probe: no emulator has it
+    with gcs_emulator() as emulator:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator)  # gcsfs's own switch to an emulator
+        gcs_upload(emulator, "gbucket", {f"web/{path.name}": path.read_bytes() for path in sorted(root.glob("*.tar"))})
+        assert data_main(["inspect", "gs://gbucket/web/", "--no-progress", "--write-stats"]) == 0
+        output = capsys.readouterr().out
+        listed = count_shard_samples("gs://gbucket/web/2.tar")
+    assert "samples: 24 (24 good)" in output and "wrote gs://gbucket/web/_stats.json (3 shards)" in output
+    assert listed == len(tar_keys(root / "2.tar")) == 8
 
 
 @pytest.mark.distributed
