@@ -17,12 +17,13 @@ import torch
 
 from contrastive.checkpoint_io import list_checkpoints, load_checkpoint
 from contrastive.cli.data import main as data_main
-from contrastive.data import remote
+from contrastive.data import plan, remote
+from contrastive.data.loader import build_sources
 from contrastive.data.plan import count_shard_samples
 from contrastive.data.reader import iter_shard
 from contrastive.data.remote import RetryPolicy
 from contrastive.errors import InputError
-from tests.conftest import process_env, run, tiny_run_overrides, torchrun
+from tests.conftest import compose_config, run, tiny_run_overrides, torchrun
 from tests.data_factory import bad_shard_set, good_samples, write_tar
 from tests.object_stores import faulty_file_server, gcs_emulator, gcs_upload, s3_environment, s3_server, upload
 
@@ -92,6 +93,25 @@ def test_too_many_lost_shards_stop_the_training_run_naming_them(tmp_path):
     assert f"{server.url}/1.tar" in error and f"{server.url}/3.tar" in error and "0.tar" not in error
 
 
+def test_recovered_reads_and_lost_shards_are_counted_apart_in_training_metrics(tmp_path):
+    root = shard_dir(tmp_path / "shards", shards=4, per_shard=16)
+    with faulty_file_server(root) as server:
+        server.cut_gets["1.tar"] = {1}
+        server.broken.add("3.tar")
+        run_dir = tmp_path / "run"
+        overrides = [*tiny_run_overrides(tmp_path, run_dir), f"data.sources.0.shards='{server.url}/{{0..3}}.tar'",
+                     "data.resampled=false", "data.max_skip_fraction=0.25", "data.read_attempts=2",
+                     "data.retry_wait_s=0"]
+        result = run([sys.executable, *TRAIN, *overrides], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = _metrics(run_dir)[-1]
+    # 4 steps of 16 from 48 readable samples per epoch: the 64-sample shuffle buffer reads both epochs whole.
+    assert last["step"] == 4
+    assert last["data_recovered_reads"] == 1  # shard 1's first read only
+    assert last["data_lost_shards"] == last["data_skipped/unreadable_shard"] == 2  # shard 3, once per epoch
+    assert last["data_skipped_samples"] == 2  # no sample was bad; the lost shards are its only entries
+
+
 def test_http_shards_validate_and_a_stats_file_spares_the_plan_any_shard_read(tmp_path, capsys):
     root = shard_dir(tmp_path / "shards", shards=2, per_shard=16)
     with faulty_file_server(root) as server:
@@ -104,6 +124,15 @@ def test_http_shards_validate_and_a_stats_file_spares_the_plan_any_shard_read(tm
         gets = dict(server.gets)
     assert header_count == len(tar_keys(root / "0.tar")) == 16
     assert stats_counts == [16, 16] and gets == {"_stats.json": 2}  # no byte of a shard was read
+
+
+def test_counting_a_remote_shard_without_stats_stops_at_the_read_limit(tmp_path, monkeypatch):
+    root = shard_dir(tmp_path / "shards", shards=1, per_shard=64)
+    monkeypatch.setattr(plan, "PLAN_BLOCK_BYTES", 4096)
+    monkeypatch.setattr(plan, "PLAN_READ_LIMIT_BYTES", 16384)  # a quarter of the shard
+    with faulty_file_server(root) as server, pytest.raises(InputError, match="--write-stats"):
+        plan.count_shard_samples(f"{server.url}/0.tar")
+    assert (root / "0.tar").stat().st_size > 4 * 16384
 
 
 def test_without_the_s3_extra_a_remote_shard_is_one_clear_line(monkeypatch, capsys):
@@ -149,17 +178,20 @@ def test_missing_bucket_prefix_and_credentials_are_one_line_before_compute(s3_en
     assert "s3://no-such-bucket/shards/0.tar cannot be read: FileNotFoundError" in capsys.readouterr().err
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no wait for an instance-metadata endpoint
     monkeypatch.setattr(remote, "_clients", {})
     with pytest.raises(InputError, match="s3://present/shards/0.tar cannot be read: NoCredentialsError"):
         remote.check_remote_shards_readable(["s3://present/shards/0.tar"], "web")
 
-    env = {**process_env(), **s3_environment(s3_env)}
-    overrides = [*tiny_run_overrides(tmp_path, tmp_path / "run"), "data.sources.0.shards='s3://no-such-bucket/laion/'"]
-    result = run([sys.executable, *TRAIN, *overrides], timeout=300, env=env)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        "contrastive-train: error: 's3://no-such-bucket/laion/': bucket 'no-such-bucket' does not exist"]
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setattr(remote, "_clients", {})
+    data = compose_config([*tiny_run_overrides(tmp_path, tmp_path / "run"),
+                           "data.sources.0.shards='s3://no-such-bucket/laion/{0..9}.tar'"]).data
+    with pytest.raises(InputError) as raised:  # what training builds its sources with, before its first step
+        build_sources(data)
+    assert str(raised.value) == ("data source 'fashion-mnist': s3://no-such-bucket/laion/0.tar cannot be read: "
+                                 "FileNotFoundError: The specified bucket does not exist")
 
 
 def test_gs_prefix_lists_reads_and_takes_stats_on_a_gcs_emulator(tmp_path, monkeypatch, capsys):
