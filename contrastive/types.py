@@ -24,7 +24,7 @@ class StreamPosition:
     past_plan: bool  # reading on beyond a finite run's caps (always so for an endless stream)
     past_plan_samples: int  # raw samples read past the plan
     mixer_draws: int  # draws of the source mixer's RNG so far
-    skipped: dict[str, int]  # bad samples and shards by reason
+    skipped: dict[str, int]  # bad samples and lost shards by reason, and remote reads a retry fixed (recovered_read)
     samples_seen: int  # good samples decoded
 
     def to_dict(self) -> dict[str, Any]:

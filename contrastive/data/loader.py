@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from contrastive.config import DataConfig
 from contrastive.data.plan import RunPlan, plan_finite_run
 from contrastive.data.reader import iter_shard
-from contrastive.data.remote import RetryPolicy
+from contrastive.data.remote import RECOVERED_READ, RetryPolicy
 from contrastive.data.shards import check_epoch_mode_slots, check_shards_exist, expand_shards
 from contrastive.data.stream import ImageTextStream, Source, StreamLayout, decode_sample
 from contrastive.data.transforms import BadSample, BatchNormalize, Preprocess, build_train_transform, train_decode_size
@@ -101,6 +101,7 @@ class LabelledShards(IterableDataset):
                     # Skipping would change the denominator of every metric, so evaluation refuses bad data.
                     raise InputError(f"bad evaluation sample {raw['__key__']} in {url}: {bad}") from bad
                 yield image, caption, -1 if label is None else label, str(raw["__key__"])
+        skipped.pop(RECOVERED_READ, None)  # a remote read a retry fixed lost nothing
         if skipped:
             raise InputError(f"evaluation shards are damaged: {dict(skipped)} in {urls}")
 
