@@ -176,7 +176,7 @@ class ImageTextStream(IterableDataset):
             # epoch up to its saved position: the saved counts hold what the reader met by then.
             shard_skips: Counter = Counter()
             counted: Counter = Counter()
-            raw = self._read_shards(source.name, current_epoch, urls, shard_skips)
+            raw = self._read_shards(source.name, current_epoch, worker, urls, shard_skips)
             rng = random.Random(slot_seed(layout.seed, "shuffle", source.name, layout.rank, worker, current_epoch))
             yielded = False
             for index, sample in enumerate(shuffled(raw, layout.shuffle_buffer, rng)):
@@ -194,7 +194,7 @@ class ImageTextStream(IterableDataset):
             if not yielded:
                 raise InputError(f"data source {source.name!r} yielded no samples in a full pass over {urls[:3]}...")
 
-    def _read_shards(self, source_name: str, epoch: int, urls: list[str], shard_skips: Counter):
+    def _read_shards(self, source_name: str, epoch: int, worker: int, urls: list[str], shard_skips: Counter):
         """The raw samples of `urls` in order. More than max_skip_fraction of them lost (unreadable, or cut short
         after the remote reader's retries) stops the run, naming them: checked per (rank, worker) slot and epoch,
         where the count of shards is known up front and a resumed run meets the same shards again."""
@@ -207,9 +207,9 @@ class ImageTextStream(IterableDataset):
             lost.append(url)
             if len(lost) > self.max_skip_fraction * len(urls):
                 raise InputError(
-                    f"data source {source_name!r}: {len(lost)} of the {len(urls)} shards rank {self.layout.rank} "
-                    f"reads in epoch {epoch} were lost, more than data.max_skip_fraction={self.max_skip_fraction}: "
-                    f"{', '.join(lost)}"
+                    f"data source {source_name!r}: {len(lost)} of the {len(urls)} shards that rank {self.layout.rank} "
+                    f"worker {worker} reads in epoch {epoch} were lost, more than data.max_skip_fraction="
+                    f"{self.max_skip_fraction}: {', '.join(lost)}"
                 )
 
     def __iter__(self) -> Iterator[Batch]:
