@@ -63,6 +63,8 @@ def test_unknown_key_and_wrong_type_fail_at_composition():
         ("trainer.precision=fp8", "trainer.precision='fp8'"),
         ("resume=somewhere", "resume must be null, 'latest' or a checkpoint .pt file"),
         ("data.sources=[]", "data.sources is empty"),
+        ("data.read_attempts=0", "data.read_attempts must be at least 1, got 0"),
+        ("data.retry_wait_s=-1", "data.retry_wait_s must be >= 0, got -1"),
         ("model.arch=nonsense", "model.arch='nonsense' is not one of cappa, clip, coca"),
         ("loss.name=nonsense", "loss.name='nonsense' is not one of cappa, clip, coca, siglip"),
     ],
