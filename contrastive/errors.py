@@ -11,6 +11,17 @@ class ConfigError(ValueError):
     """A setting cannot be used: a config key's value, a command-line argument, a combination of them, or the
     environment a setting asks for (dist.device=cuda without a GPU, logger=online without a connection)."""
 
+    def __init__(self, *args: object) -> None:
+        # Raised in a DataLoader worker (too many bad samples or lost shards), the error reaches the main process
+        # re-made by torch from "Caught InputError in DataLoader worker process 0.\nOriginal Traceback ...": keep
+        # the original one-line message (the traceback's last line) and say where it came from.
+        if len(args) == 1 and isinstance(args[0], str) and args[0].startswith("Caught ") \
+                and "\nOriginal Traceback" in args[0]:
+            where = args[0].split("\n", 1)[0].split(" in ", 1)[-1].rstrip(".")
+            message = args[0].rstrip().rsplit("\n", 1)[-1].partition(": ")[2]
+            args = (f"{message} ({where})",)
+        super().__init__(*args)
+
 
 class InputError(ConfigError):
     """A file or data set the run was pointed at cannot be used: a missing or corrupt checkpoint, shards that do

@@ -8,12 +8,27 @@ import ast
 from pathlib import Path
 
 import pytest
+import torch
 
 from contrastive.cli import data as data_cli
 from contrastive.cli import export as export_cli
 from contrastive.errors import ConfigError, InputError, TrainingDiverged
 
 CLI = Path(__file__).resolve().parents[1] / "contrastive" / "cli"
+
+
+class _FailingInWorker(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        raise InputError("data source 'web': 2 of the 4 shards were lost: a.tar, b.tar")
+        yield
+
+
+def test_an_error_from_a_data_loader_worker_keeps_its_one_line():
+    """torch re-makes a worker's exception from its traceback text; the family keeps the original message."""
+    with pytest.raises(InputError) as raised:
+        next(iter(torch.utils.data.DataLoader(_FailingInWorker(), num_workers=1)))
+    assert str(raised.value) == ("data source 'web': 2 of the 4 shards were lost: a.tar, b.tar "
+                                 "(DataLoader worker process 0)")
 
 
 def test_the_family_is_value_errors_under_config_error():

@@ -84,13 +84,15 @@ def test_too_many_lost_shards_stop_the_training_run_naming_them(tmp_path):
         server.broken |= {"1.tar", "3.tar"}
         overrides = [*tiny_run_overrides(tmp_path, tmp_path / "run"),
                      f"data.sources.0.shards='{server.url}/{{0..3}}.tar'", "data.resampled=false",
-                     "data.max_skip_fraction=0.25", "data.read_attempts=2", "data.retry_wait_s=0"]
+                     "data.max_skip_fraction=0.25", "data.read_attempts=2", "data.retry_wait_s=0",
+                     "data.num_workers=1"]  # the error is raised in a data-loader worker
         result = run([sys.executable, *TRAIN, *overrides], timeout=300)
     assert result.returncode == 2, result.stderr[-3000:]
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith("contrastive-train: error: data source")
     assert "more than data.max_skip_fraction=0.25" in error
     assert f"{server.url}/1.tar" in error and f"{server.url}/3.tar" in error and "0.tar" not in error
+    assert error.endswith("(DataLoader worker process 0)") and "Traceback" not in result.stderr
 
 
 def test_recovered_reads_and_lost_shards_are_counted_apart_in_training_metrics(tmp_path):
