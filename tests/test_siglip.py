@@ -46,6 +46,7 @@ SIGLIP_SHAPES = {
     "siglip_so400m14": {"hidden_size": 1152, "num_hidden_layers": 27, "intermediate_size": 4304,
                         "num_attention_heads": 16, "patch_size": 14, "image_size": 224},
 }
+TEXT_MLP_WIDTH = {"siglip_vit_b16": 3072, "siglip_so400m14": 4304}  # the text towers share the image towers' widths
 
 
 @pytest.mark.parametrize("option", sorted(SIGLIP_SHAPES))
@@ -64,14 +65,16 @@ def test_siglip_model_configs_have_the_published_shapes(option):
         reference["width"], reference["layers"], reference["heads"], reference["context_length"])
     assert text.attn_mask is None and text.pool_type == "last" and text.text_projection.bias is not None
     assert text.ln_final.eps == 1e-6 and text.vocab_size == 49408  # open_clip's BPE, not SigLIP's 32k
-    assert text.transformer.resblocks[0].mlp.c_fc.out_features == int(reference["width"]
-                                                                      * reference.get("mlp_ratio", 4.0))
+    assert text.transformer.resblocks[0].mlp.c_fc.out_features == TEXT_MLP_WIDTH[option]
 
 
 @pytest.mark.parametrize("experiment", ["demo_siglip", "siglip_vit_b16"])
 def test_siglip_recipes_use_siglip_towers_with_log10_scale_and_bias_minus_10(experiment):
     cfg = compose_config([f"experiment={experiment}"])
-    assert cfg.loss.name == "siglip" and tower_configs(OmegaConf.to_object(cfg.model))[1]["timm_pool"] == "map"
+    _, vision, text = tower_configs(OmegaConf.to_object(cfg.model))
+    assert cfg.loss.name == "siglip" and vision["timm_pool"] == "map" and vision["timm_proj"] == "none"
+    assert text["no_causal_mask"] and text["pool_type"] == "last" and text["proj_bias"]
+    assert text["norm_kwargs"]["eps"] == 1e-6 and not text.get("hf_tokenizer_name")
     assert cfg.model.init_logit_scale == pytest.approx(math.log(10), abs=1e-6) and cfg.model.init_logit_bias == -10
 
 
@@ -171,3 +174,14 @@ def test_patch_tokens_from_a_chosen_block_equal_transformers_hidden_states_and_f
                                       ("patch_merger", {}, 4)):
         connector = build_connector(name, encoder.hidden_size, 48, **options)
         assert connector(out.patch_tokens).shape == (1, tokens_out, 48), name
+
+
+def test_open_clip_export_of_demo_siglip_loads_once_our_timm_tower_is_registered(siglip_run, tmp_path):
+    assert export_main(["--checkpoint", str(siglip_run), "--format", "open_clip", "--out", str(tmp_path)]) == 0
+    assert "import contrastive.models  # registers the timm tower" in (tmp_path / "README.md").read_text()
+    loaded = open_clip.create_model(f"local-dir:{tmp_path}").eval()  # this process imported contrastive.models
+    ours = load_encoder(siglip_run).model
+    images = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(images), ours.clip.encode_image(images))
+        assert torch.equal(loaded.logit_bias, ours.clip.logit_bias)
