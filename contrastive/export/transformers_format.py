@@ -25,8 +25,8 @@ CROP_NOTE = (
     "`AutoImageProcessor` loads a CLIPImageProcessor that resizes exactly as our evaluation does (shorter side to "
     "{size}, {interpolation}, antialiased). Its centre crop starts at floor((side - {size}) / 2), where ours "
     "(torchvision's, as open_clip's) starts at that value rounded half to even: where the resized longer side "
-    "exceeds {size} by 4k + 3 pixels, the processor's crop sits one pixel further up or left than ours. Square "
-    "images and every other size are preprocessed identically."
+    "exceeds {size} by 4k + 3 pixels, the processor's crop sits one pixel further up or left than ours; for "
+    "every other excess (square images included) both crops coincide."
 )
 
 

@@ -22,8 +22,8 @@ default_cfgs = generate_default_cfgs({
 def vit_tiny_patch7_siglip_28(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """The demo's SigLIP tower for 28x28 images: 16 patches of 7x7, width 128, 4 blocks of 4 heads, MLP 512 (the
     cost of tiny_clip's image tower, plus the attention-pool head). Initialised as big_vision initialises SigLIP
-    (timm's 'jax' mode: Xavier-uniform linears, LeCun-normal patch embedding): in 150-step demo runs, timm's
-    default initialisation left zero-shot accuracy far behind (see the commit that set it)."""
+    (timm's 'jax' mode: Xavier-uniform linears, LeCun-normal patch embedding); timm's own SigLIP entrypoints keep
+    timm's default initialisation."""
     args = dict(img_size=28, patch_size=7, embed_dim=128, depth=4, num_heads=4, mlp_ratio=4.0, class_token=False,
                 global_pool="map", weight_init="jax")
     return _create_vision_transformer("vit_tiny_patch7_siglip_28", pretrained=False, **{**args, **kwargs})
