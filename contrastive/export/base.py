@@ -25,6 +25,7 @@ class Exported:
     format: str
     architecture: str  # one line: what was written and which class loads it
     usage: str  # a short Python snippet that loads the export
+    preprocessing_note: str = ""  # where the format's own preprocessing differs from ours, for the model card
 
 
 Exporter = Callable[[nn.Module, Path], Exported]

@@ -54,6 +54,7 @@ def model_card(exported: Exported, run: dict, preprocess: Preprocess) -> str:
         f"Resize the shorter side to {preprocess.image_size} ({preprocess.interpolation}), centre crop "
         f"{preprocess.image_size}x{preprocess.image_size}, scale to [0, 1], normalise with mean {preprocess.mean} "
         f"and std {preprocess.std}.\n",
+        *([f"{exported.preprocessing_note}\n"] if exported.preprocessing_note else []),
         "## Training\n",
         _table([("loss", loss.get("name")), ("data", sources or "unknown"),
                 ("global batch size", data.get("batch_size")),

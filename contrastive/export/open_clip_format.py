@@ -20,6 +20,7 @@ from torch import nn
 from contrastive.encoders import preprocess_from_config
 from contrastive.errors import ConfigError
 from contrastive.export.base import EXPORT_FORMATS, Exported
+from contrastive.models import timm_towers
 from contrastive.models.towers import tower_configs
 
 CONFIG_FILE = "open_clip_config.json"
@@ -69,6 +70,8 @@ def export_open_clip(model: nn.Module, out: Path) -> Exported:
         format="open_clip",
         architecture=f"open_clip `{type(module).__name__}` (embed_dim {model_cfg['embed_dim']})",
         usage=("import open_clip\n"
-               "model, _, preprocess = open_clip.create_model_and_transforms('local-dir:EXPORT_DIR')\n"
+               + ("import contrastive.models  # registers the timm tower this model uses\n"
+                  if model_cfg["vision_cfg"].get("timm_model_name") in timm_towers.default_cfgs else "")
+               + "model, _, preprocess = open_clip.create_model_and_transforms('local-dir:EXPORT_DIR')\n"
                "tokenizer = open_clip.get_tokenizer('local-dir:EXPORT_DIR')"),
     )

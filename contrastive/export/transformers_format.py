@@ -2,7 +2,9 @@
 with a `preprocessor_config.json` for `AutoImageProcessor`.
 
 The image processor is CLIPImageProcessor for both tower kinds, because it reproduces our eval transform
-(shorter side to image_size, centre crop); SiglipImageProcessor would squash non-square images instead.
+(shorter side to image_size with the same interpolation and antialiasing, centre crop); SiglipImageProcessor would
+squash non-square images instead. One difference no processor setting removes is written into the model card
+(CROP_NOTE).
 """
 
 from __future__ import annotations
@@ -19,6 +21,13 @@ from contrastive.export.hf_towers import clip_vision, siglip_vision
 
 # PIL resampling codes, as transformers' image processors store them.
 _PIL_RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}
+CROP_NOTE = (
+    "`AutoImageProcessor` loads a CLIPImageProcessor that resizes exactly as our evaluation does (shorter side to "
+    "{size}, {interpolation}, antialiased). Its centre crop starts at floor((side - {size}) / 2), where ours "
+    "(torchvision's, as open_clip's) starts at that value rounded half to even: where the resized longer side "
+    "exceeds {size} by 4k + 3 pixels, the processor's crop sits one pixel further up or left than ours; for "
+    "every other excess (square images included) both crops coincide."
+)
 
 
 def _transformers():
@@ -77,6 +86,7 @@ def export_transformers(model: nn.Module, out: Path) -> Exported:
     hf_model = build_hf_vision_model(model.visual)
     hf_model.save_pretrained(out)
     save_image_processor(model, out)
+    preprocess = preprocess_from_config(model.cfg)
     class_name = type(hf_model).__name__
     return Exported(
         format="transformers",
@@ -88,4 +98,5 @@ def export_transformers(model: nn.Module, out: Path) -> Exported:
                f"outputs = model(**processor(images=images, return_tensors='pt'), output_hidden_states=True)\n"
                f"patch_tokens = outputs.hidden_states[-2]{'[:, 1:]' if 'CLIP' in class_name else ''}"
                f"  # LLaVA's choice"),
+        preprocessing_note=CROP_NOTE.format(size=preprocess.image_size, interpolation=preprocess.interpolation),
     )

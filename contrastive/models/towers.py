@@ -1,5 +1,5 @@
 """The open_clip tower configuration every architecture shares (open_clip's base config merged with our overrides),
-the image size it gives, and the square-size check every reader of an image tower's size applies."""
+the image size it gives, and the size checks every reader of an image tower's size applies."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from typing import Any
 
 import open_clip
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+from timm.layers import to_2tuple
+from torch import nn
 
 from contrastive.config import ModelConfig, check_known_keys
 from contrastive.errors import ConfigError
@@ -39,6 +41,17 @@ def tower_configs(cfg: ModelConfig) -> tuple[int, dict[str, Any], dict[str, Any]
         raise ConfigError("model.vision.timm_model_pretrained downloads weights; "
                           "use model.pretrained with a local file")
     return embed_dim, vision, text
+
+
+def check_timm_image_size(visual: nn.Module, vision: dict[str, Any]) -> None:
+    """open_clip's TimmModel builds a timm tower at the size its timm entrypoint fixes and ignores
+    model.vision.image_size; the two must agree, or the preprocessing would feed images the tower refuses."""
+    img_size = getattr(getattr(getattr(visual, "trunk", None), "patch_embed", None), "img_size", None)
+    configured = CLIPVisionCfg(**vision).image_size
+    if img_size is not None and tuple(img_size) != tuple(to_2tuple(configured)):
+        raise ConfigError(f"model.vision.image_size={configured} but the timm tower "
+                          f"{vision.get('timm_model_name')!r} takes {tuple(img_size)} images; set image_size to "
+                          f"{img_size[0]}")
 
 
 def square_side(size: int | Sequence[int], what: str, error: type[ConfigError] = ConfigError) -> int:

@@ -13,7 +13,7 @@ from torch import nn
 from contrastive.config import ModelConfig
 from contrastive.models.build import MODELS
 from contrastive.models.randomness import ModelRandomness, draw_patch_dropout_from
-from contrastive.models.towers import tower_configs
+from contrastive.models.towers import check_timm_image_size, tower_configs
 from contrastive.types import ModelOutput
 
 
@@ -62,6 +62,7 @@ class TwoTowerModel(OpenClipFeatures):
             init_logit_scale=cfg.init_logit_scale,
             init_logit_bias=cfg.init_logit_bias,
         )
+        check_timm_image_size(self.clip.visual, vision)
         self.randomness = ModelRandomness()
         draw_patch_dropout_from(self.clip.visual, self.randomness)
         self.embed_dim = embed_dim
