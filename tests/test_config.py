@@ -61,7 +61,7 @@ def test_unknown_key_and_wrong_type_fail_at_composition():
         ("optim.schedule=exponential", "optim.schedule='exponential' is not one of cosine, linear, constant"),
         ("data.crop_scale=[0.5,1.5]", "data.crop_scale must be [low, high]"),
         ("trainer.precision=fp8", "trainer.precision='fp8'"),
-        ("resume=somewhere", "resume must be null, 'latest' or a checkpoint .pt file"),
+        ("resume=somewhere", "resume must be null, 'latest', a checkpoint .pt file or a sharded checkpoint directory"),
         ("data.sources=[]", "data.sources is empty"),
         ("model.arch=nonsense", "model.arch='nonsense' is not one of cappa, clip, coca"),
         ("loss.name=nonsense", "loss.name='nonsense' is not one of cappa, clip, coca, siglip"),
