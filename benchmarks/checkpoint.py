@@ -1,13 +1,13 @@
 """Checkpoint cost under FSDP2: single file (rank 0 gathers and writes) against sharded DCP (every rank snapshots
 its shards and writes them in the background), same model and optimiser state, same run.
 
-    torchrun --nproc_per_node=2 benchmarks/checkpoint.py --json checkpoint.json  # 325M parameters
+    torchrun --nproc_per_node=2 benchmarks/checkpoint.py --json checkpoint.json  # 318M parameters
     torchrun --nproc_per_node=2 benchmarks/checkpoint.py --model conf/model/test_tiny.yaml  # a quick smoke run
 
-The default model: CLIP with open_clip's ViT-L-14 image tower (304M parameters) and a 2-layer text tower, 325M
-in all (the whole ViT-L-14 needs more host memory than a shared 24 GiB machine has for two ranks). Random weights
-and an AdamW state made by one optimiser step on random gradients, so the state is the size of training's
-(weights + two moments; the gradients stay resident and are not saved). Each format saves `--repeats` times
+The default model: CLIP with open_clip's ViT-L-14 image tower (304M parameters) and a 1-layer, 256-wide text
+tower, 318M in all (the whole ViT-L-14 needs more host memory than a shared 24 GiB machine has for two ranks).
+Random weights and an AdamW state made by one optimiser step on random gradients, so the state is the size of
+training's (weights + two moments; the gradients stay resident and are not saved). Each format saves `--repeats` times
 through the trainer's own `contrastive.train.checkpoint.Checkpointer`, into a fresh directory per save:
 
 - stall: the wall time from the save call until every rank may take its next step (a barrier after the call, as
@@ -145,7 +145,8 @@ def measure(checkpoint_format: str, model, optimizer, env, args, root: Path) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--open-clip-name", default="ViT-L-14", help="open_clip model config (random weights)")
-    parser.add_argument("--text-layers", type=int, default=2, help="text tower depth (the config's when 0)")
+    parser.add_argument("--text-layers", type=int, default=1, help="text tower depth")
+    parser.add_argument("--text-width", type=int, default=256, help="text tower width (heads of 64)")
     parser.add_argument("--model", default=None, help="a conf/model yaml instead of the two above")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--steps-during-write", type=int, default=1, help="DCP: simulated steps while it writes")
@@ -156,7 +157,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     env = init_distributed(args.device, "auto")
-    default = {"open_clip_name": args.open_clip_name, "text": {"layers": args.text_layers} if args.text_layers else {}}
+    text = {"layers": args.text_layers, "width": args.text_width, "heads": args.text_width // 64}
+    default = {"open_clip_name": args.open_clip_name, "text": text}
     cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(args.model) if args.model else default)
     torch.manual_seed(0)
     model = build_model(OmegaConf.to_object(cfg)).to(env.device)
@@ -186,7 +188,7 @@ def main() -> None:
         with open(args.json, "w") as handle:
             json.dump({"command": " ".join(["torchrun", f"--nproc_per_node={env.world_size}", *sys.argv]),
                        "commit": commit, "world_size": env.world_size, "device": env.device.type,
-                       "model": args.model or f"{args.open_clip_name}, text layers {args.text_layers or 'as set'}",
+                       "model": args.model or f"{args.open_clip_name} image tower, text tower {text}",
                        "parameters": parameters,
                        "repeats": args.repeats, "environment": describe_environment(),
                        "targets": {"stall_ratio": STALL_TARGET, "extra_rank0_host_memory_ratio": MEMORY_TARGET},

@@ -107,7 +107,9 @@ def _load_file(path: Path) -> Any:
     if not path.is_file():
         raise InputError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # Memory-mapped: the tensors are pages of the file (copy on write), shared through the page cache by every
+        # rank of a node that reads the same checkpoint, instead of a private copy per rank.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # torch raises many types for truncated or foreign files
         raise InputError(f"checkpoint {path} cannot be read (truncated, corrupt or not a contrastive checkpoint): "
                          f"{str(error).splitlines()[0]}") from error
