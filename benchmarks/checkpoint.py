@@ -15,7 +15,9 @@ through the trainer's own `contrastive.train.checkpoint.Checkpointer`, into a fr
   background write then runs alongside `--steps-during-write` simulated optimiser steps, as training would.
 - extra rank-0 host memory: the peak resident set size of rank 0 (sampled every millisecond from /proc) from the
   save call until the write is complete (committed), minus the resident size just before the call; the maximum
-  over repeats. What was resident before is the training state itself.
+  over repeats. What was resident before is the training state itself. So that the resident size is the memory
+  in use, every block from 64 KiB up is mmap'd and returned to the kernel when freed (glibc's M_MMAP_THRESHOLD):
+  otherwise glibc keeps freed blocks, and a format measured after another would reuse what that one freed.
 - load: the wall time of reading the checkpoint back into the (sharded) model and optimiser, resume's path.
 
 Targets (issue 19): DCP's stall at most 0.25x the single file's, its extra rank-0 memory at most 0.5x.
@@ -24,6 +26,8 @@ Targets (issue 19): DCP's stall at most 0.25x the single file's, its extra rank-
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import os
 import shutil
@@ -49,6 +53,16 @@ from contrastive.train.checkpoint import Checkpointer, load_resume_state
 
 STALL_TARGET, MEMORY_TARGET = 0.25, 0.5
 PAGE = os.sysconf("SC_PAGE_SIZE")
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+
+
+def return_freed_memory_to_the_kernel() -> bool:
+    """Serve blocks from 64 KiB up with their own mmap, unmapped on free (fixed: glibc's threshold otherwise grows
+    up to 32 MiB as blocks are freed), so the resident size counts only memory in use. False where not glibc."""
+    try:
+        return bool(ctypes.CDLL(ctypes.util.find_library("c")).mallopt(M_MMAP_THRESHOLD, 64 * 1024))
+    except (OSError, AttributeError, TypeError):
+        return False
 
 
 class PeakResidentMemory:
@@ -155,6 +169,7 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="where to write the checkpoints (default: a temporary dir)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
+    exact_resident_size = return_freed_memory_to_the_kernel()
     torch.set_num_threads(args.threads)
     env = init_distributed(args.device, "auto")
     text = {"layers": args.text_layers, "width": args.text_width, "heads": args.text_width // 64}
@@ -191,6 +206,7 @@ def main() -> None:
                        "model": args.model or f"{args.open_clip_name} image tower, text tower {text}",
                        "parameters": parameters,
                        "repeats": args.repeats, "environment": describe_environment(),
+                       "freed_memory_returned_to_the_kernel": exact_resident_size,
                        "targets": {"stall_ratio": STALL_TARGET, "extra_rank0_host_memory_ratio": MEMORY_TARGET},
                        "ratios": ratios, "rows": list(rows.values())}, handle, indent=2)
     shutdown_distributed()
