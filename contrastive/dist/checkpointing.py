@@ -9,6 +9,7 @@ tensors; the caller keeps them beside the DCP files, so DCP's files hold tensors
 
 from __future__ import annotations
 
+import warnings
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,9 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, param_group
     target = {"model": model_state, "optimizer": optimizer_state["state"]}
     if ema_shadow is not None:
         target["ema"] = ema_shadow
-    dcp.load(target, storage_reader=dcp.FileSystemReader(directory), process_group=group, no_dist=group is None)
+    with warnings.catch_warnings():  # DCP warns that no process group is initialised: one process is the intent
+        warnings.simplefilter("ignore" if group is None else "default", UserWarning)
+        dcp.load(target, storage_reader=dcp.FileSystemReader(directory), process_group=group, no_dist=group is None)
     set_model_state_dict(model, model_state)
     set_optimizer_state_dict(model, optimizer, {"state": optimizer_state["state"], "param_groups": param_groups})
 
