@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -104,6 +106,12 @@ class OptimConfig:
 
 
 @dataclass
+class EmaConfig:
+    decay: float | None = None  # null: no EMA weights; e.g. 0.9999 (contrastive.models.ema)
+    warmup: bool = True  # decay min(decay, (1 + n) / (10 + n)) after n updates
+
+
+@dataclass
 class TrainerConfig:
     max_steps: int = 1000
     log_every: int = 10
@@ -121,6 +129,10 @@ class TrainerConfig:
     reuse_freed_host_memory: bool = True
     peak_flops_per_device: float | None = None  # FLOP/s of one device at the run's precision; enables the mfu metric
     compile: bool = False  # torch.compile each transformer block (slow first steps; worth it on GPU)
+    # auto (dcp under dist.strategy=fsdp, else single) | single (one torch.save file by rank 0) | dcp (sharded,
+    # each rank writes its own shards in the background; contrastive.checkpoint_io)
+    checkpoint_format: str = "auto"
+    ema: EmaConfig = field(default_factory=EmaConfig)
 
 
 @dataclass
@@ -187,7 +199,7 @@ class TrainConfig:
     name: str = "default"
     run_dir: str = "runs/${name}"
     seed: int = 0
-    resume: str | None = None  # None | latest | path to a checkpoint file
+    resume: str | None = None  # None | latest | path to a checkpoint file or sharded checkpoint directory
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -276,6 +288,9 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, model_archs: Collection[s
             "trainer.keep_every_steps must be positive or null")
     require(trainer.max_nonfinite_steps > 0, "trainer.max_nonfinite_steps must be positive")
     _require_choice(trainer.precision, "trainer.precision", ("auto", "fp32", "bf16"))
+    _require_choice(trainer.checkpoint_format, "trainer.checkpoint_format", ("auto", "single", "dcp"))
+    require(trainer.ema.decay is None or 0 < trainer.ema.decay < 1,
+            f"trainer.ema.decay must be within (0, 1) or null, got {trainer.ema.decay}")
     require(trainer.accumulation_steps > 0,
             f"trainer.accumulation_steps must be positive, got {trainer.accumulation_steps}")
     require(data.batch_size % (world_size * trainer.accumulation_steps) == 0,
@@ -293,5 +308,7 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, model_archs: Collection[s
     _require_choice(cfg.dist.strategy, "dist.strategy", ("ddp", "fsdp"))
     _require_choice(cfg.logger.wandb.mode, "logger.wandb.mode", ("offline", "online", "disabled"))
     require(cfg.eval.every_steps >= 0, "eval.every_steps must be >= 0")
-    require(cfg.resume in (None, "latest") or cfg.resume.endswith(".pt"),
-            f"resume must be null, 'latest' or a checkpoint .pt file, got {cfg.resume!r}")
+    require(cfg.resume in (None, "latest") or cfg.resume.endswith(".pt")
+            or re.fullmatch(r"step_\d+", Path(cfg.resume.rstrip("/")).name) is not None,
+            f"resume must be null, 'latest', a checkpoint .pt file or a sharded checkpoint directory step_N, "
+            f"got {cfg.resume!r}")

@@ -65,7 +65,7 @@ def test_unknown_key_and_wrong_type_fail_at_composition():
         ("optim.schedule=exponential", "optim.schedule='exponential' is not one of cosine, linear, constant"),
         ("data.crop_scale=[0.5,1.5]", "data.crop_scale must be [low, high]"),
         ("trainer.precision=fp8", "trainer.precision='fp8'"),
-        ("resume=somewhere", "resume must be null, 'latest' or a checkpoint .pt file"),
+        ("resume=somewhere", "resume must be null, 'latest', a checkpoint .pt file or a sharded checkpoint directory"),
         ("data.sources=[]", "data.sources is empty"),
         ("data.read_attempts=0", "data.read_attempts must be at least 1, got 0"),
         ("data.retry_wait_s=-1", "data.retry_wait_s must be >= 0, got -1"),

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from contrastive.checkpoint_io import checkpoint_path, load_checkpoint
+from contrastive.checkpoint_io import SHARDED_PARTS, list_checkpoints, load_checkpoint
 from contrastive.dist import init_distributed
 from contrastive.dist.parallel import parallelize, transformer_blocks
 from contrastive.losses import build_loss
@@ -23,8 +23,13 @@ COMMON = ["trainer.max_steps=4", "trainer.checkpoint_every=2", "trainer.keep_las
 TINY_MODELS = {"clip": "test_tiny", "cappa": "tiny_cappa", "coca": "tiny_coca"}
 
 
+def _checkpoint(run_dir: Path, step: int) -> Path:
+    """A single file under DDP, a sharded directory under FSDP (trainer.checkpoint_format=auto)."""
+    return dict(list_checkpoints(run_dir))[step]
+
+
 def _weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
-    return load_checkpoint(checkpoint_path(run_dir, step))["model"]
+    return load_checkpoint(_checkpoint(run_dir, step))["model"]
 
 
 def _assert_weights_close(actual: dict, expected: dict, atol: float) -> None:
@@ -46,12 +51,12 @@ def test_fsdp_trains_like_ddp_and_checkpoints_cross_strategies_and_world_sizes(d
     _assert_weights_close(_weights(fsdp_dir, 4), ddp_final, atol=1e-5)
 
     torchrun([*TRAIN, *tiny_run_overrides(demo_root, crossed_dir), *COMMON, *fsdp,
-              f"resume={checkpoint_path(ddp_dir, 2)}"])
+              f"resume={_checkpoint(ddp_dir, 2)}"])
     _assert_weights_close(_weights(crossed_dir, 4), ddp_final, atol=1e-5)
 
-    fsdp_state = load_checkpoint(checkpoint_path(fsdp_dir, 4))
+    fsdp_state = load_checkpoint(_checkpoint(fsdp_dir, 4), sharded_parts=SHARDED_PARTS)
     cfg = compose_config([*tiny_run_overrides(demo_root, tmp_path / "one"), *COMMON,
-                          f"resume={checkpoint_path(fsdp_dir, 4)}"])
+                          f"resume={_checkpoint(fsdp_dir, 4)}"])
     trainer = Trainer(cfg)
     assert trainer.step == 4
     _assert_weights_close(trainer.model.state_dict(), fsdp_state["model"], atol=0)

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from contrastive.encoders import load_encoder
+from contrastive.encoders.ours import WEIGHTS
 from contrastive.errors import ConfigError
 from contrastive.eval.captioning import caption_dataset, named_class
 from contrastive.eval.datasets import open_classification_dataset
@@ -91,7 +92,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise ConfigError("--output names one result file; with several models or datasets use --output-dir")
     records = []
     for path, open_clip_name in specs:
-        encoder = load_encoder(path, open_clip_name, device)
+        encoder = load_encoder(path, open_clip_name, device, args.weights if open_clip_name is None else "model")
         for evaluator in evaluators:
             metrics = evaluator.run(encoder, device)
             # clip_benchmark's `model` / `pretrained` fields: the model's name and the weights it was read from.
@@ -117,7 +118,7 @@ def _caption(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    encoder = load_encoder(args.checkpoint, device=device)
+    encoder = load_encoder(args.checkpoint, device=device, weights=args.weights)
     dataset = open_classification_dataset(args.dataset_root, args.split)
     loader = dataset.loader(encoder.preprocess, args.batch_size, args.workers)
     records = caption_dataset(encoder.model, encoder.tokenizer, loader, device, args.count,
@@ -150,7 +151,13 @@ def _add_caption_command(commands) -> None:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    _add_weights_argument(parser)
     parser.set_defaults(run=_caption)
+
+
+def _add_weights_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", default="model", choices=WEIGHTS,
+                        help="of checkpoints of ours: the trained weights (model) or their moving average (ema)")
 
 
 def _add_evaluation_command(commands, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -169,6 +176,7 @@ def _add_evaluation_command(commands, name: str, help_text: str) -> argparse.Arg
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_weights_argument(parser)
     parser.set_defaults(run=_evaluate)
     return parser
 

@@ -1,8 +1,9 @@
 """How the model is laid out over ranks: DDP or FSDP2 per transformer block, activation checkpointing, compile.
 
-Checkpoints hold full (unsharded) state dicts keyed by parameter name, for the model and the optimiser alike, so a
-checkpoint written under one strategy and world size loads under any other. Gathering and scattering them are
-collectives under FSDP: every rank calls `full_state` and `load_full_state`.
+Single-file checkpoints hold full (unsharded) state dicts keyed by parameter name, for the model and the optimiser
+alike, so a checkpoint written under one strategy and world size loads under any other. Gathering and scattering
+them are collectives under FSDP: every rank calls `full_state` and `load_full_state`. Sharded checkpoints, which
+need neither, are in contrastive.dist.checkpointing.
 """
 
 from __future__ import annotations

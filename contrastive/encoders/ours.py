@@ -12,6 +12,7 @@ from contrastive.checkpoint_io import apply_model_state, load_checkpoint, resolv
 from contrastive.config import ModelConfig
 from contrastive.data.transforms import Preprocess
 from contrastive.encoders.encoder import LoadedEncoder, parameter_value
+from contrastive.errors import InputError
 from contrastive.models import build_model, build_tokenizer
 from contrastive.models.towers import model_image_size
 
@@ -39,13 +40,24 @@ def encoder_from_model(model: nn.Module, name: str = "model", source: str = "",
     )
 
 
-def load_checkpoint_encoder(path: str | Path, device: torch.device) -> LoadedEncoder:
-    """A checkpoint file, or a run directory (its newest checkpoint)."""
+WEIGHTS = ("model", "ema")  # a checkpoint's trained weights, or their exponential moving average
+
+
+def load_checkpoint_encoder(path: str | Path, device: torch.device, weights: str = "model") -> LoadedEncoder:
+    """A checkpoint file or sharded checkpoint directory, or a run directory (its newest checkpoint); `weights`
+    one of WEIGHTS."""
+    if weights not in WEIGHTS:
+        raise InputError(f"weights={weights!r} is not one of {', '.join(WEIGHTS)}")
     path = resolve_checkpoint(path)
     state = load_checkpoint(path)
+    if weights == "ema":
+        if "ema" not in state:
+            raise InputError(f"{path} holds no EMA weights (the run had trainer.ema.decay=null)")
+        state["model"] = {**state["model"], **state["ema"]}  # trained weights averaged; frozen ones and buffers kept
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), state["config"]["model"]))
     cfg.pretrained = None  # the checkpoint holds every weight; the run's starting point may not exist here
     model = build_model(cfg)
     apply_model_state(model, state["model"], path)
-    run_config = {**state["config"], "step": state["step"], "checkpoint": str(path)}
-    return encoder_from_model(model.to(device).eval(), str(run_config.get("name", "model")), str(path), run_config)
+    run_config = {**state["config"], "step": state["step"], "checkpoint": str(path), "weights": weights}
+    name = str(run_config.get("name", "model")) + ("-ema" if weights == "ema" else "")
+    return encoder_from_model(model.to(device).eval(), name, str(path), run_config)

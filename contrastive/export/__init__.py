@@ -22,14 +22,16 @@ def list_formats() -> list[str]:
     return EXPORT_FORMATS.names()
 
 
-def export_checkpoint(checkpoint: str | Path, format: str, out: str | Path, overwrite: bool = False) -> Exported:
-    """Checkpoint file or run directory -> `out` in the chosen format, with a model card."""
+def export_checkpoint(checkpoint: str | Path, format: str, out: str | Path, overwrite: bool = False,
+                      weights: str = "model") -> Exported:
+    """Checkpoint file, sharded checkpoint directory or run directory -> `out` in the chosen format, with a model
+    card. `weights`: the trained weights ("model") or their exponential moving average ("ema")."""
     exporter = EXPORT_FORMATS.get(format)
     kind = detect_kind(Path(checkpoint))
     if kind != "contrastive":
         raise InputError(f"{checkpoint} holds a model in {kind} format; export takes checkpoints of ours (a .pt "
                          f"file or a run directory)")
-    encoder = load_encoder(checkpoint)
+    encoder = load_encoder(checkpoint, weights=weights)
     model, run = encoder.model, encoder.run_config
     created = not Path(out).exists()
     out = prepare_output_dir(out, overwrite)

@@ -59,7 +59,8 @@ def model_card(exported: Exported, run: dict, preprocess: Preprocess) -> str:
         _table([("loss", loss.get("name")), ("data", sources or "unknown"),
                 ("global batch size", data.get("batch_size")),
                 ("optimizer", f"{optim.get('optimizer')} lr {optim.get('lr')} wd {optim.get('weight_decay')}"),
-                ("steps", run.get("step")), ("checkpoint", f"`{run['checkpoint']}`")]) + "\n",
+                ("steps", run.get("step")), ("checkpoint", f"`{run['checkpoint']}`"),
+                ("weights", "exponential moving average" if run.get("weights") == "ema" else "trained")]) + "\n",
         "## Evaluation\n",
     ]
     if results:

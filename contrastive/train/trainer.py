@@ -26,11 +26,12 @@ from contrastive.data.loader import build_train_loader, plan_run
 from contrastive.data.remote import RECOVERED_READ
 from contrastive.data.stream import SHARD_LOSS_REASONS, SKIP_REASONS
 from contrastive.dist import DistEnv, init_distributed
-from contrastive.dist.parallel import full_state, gather_model_state, is_sharded, load_full_state, parallelize
+from contrastive.dist.parallel import gather_model_state, is_sharded, parallelize
 from contrastive.encoders import encoder_from_model, preprocess_from_config
 from contrastive.errors import ConfigError, TrainingDiverged
 from contrastive.losses import build_loss, list_losses
 from contrastive.models import build_model, build_tokenizer, list_models
+from contrastive.models.ema import ExponentialMovingAverage
 from contrastive.models.locking import apply_locks
 from contrastive.models.randomness import random_state, restore_random_state
 from contrastive.train import checkpoint as ckpt
@@ -114,6 +115,11 @@ class Trainer:
             cfg.trainer.max_steps = min(cfg.trainer.max_steps, plan.steps)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
+        self.ema = None if cfg.trainer.ema.decay is None else \
+            ExponentialMovingAverage(self.model, cfg.trainer.ema.decay, cfg.trainer.ema.warmup)
+        self.checkpointer = ckpt.Checkpointer(
+            self.run_dir, ckpt.resolve_format(cfg.trainer.checkpoint_format, cfg.dist.strategy), self.env,
+            cfg.trainer.keep_last_checkpoints, cfg.trainer.keep_every_steps)
         if self.env.is_main:
             log.info("%s", describe(self.model, cfg.optim, cfg.trainer.max_steps))
 
@@ -173,6 +179,8 @@ class Trainer:
                 self.nonfinite.record(stepped)
                 self.scheduler.step()
                 self.step += 1
+                if self.ema is not None:
+                    self.ema.update(self.step)
                 self.logger.advance()
                 if self.step % cfg.trainer.log_every == 0 or self.step == cfg.trainer.max_steps:
                     metrics, preempted = self._log(result, grad_norm, batch)
@@ -183,6 +191,7 @@ class Trainer:
                     self.evaluate()
         finally:
             self._restore_signal_handlers()
+        self.checkpointer.close()  # the last checkpoint is committed before the run reports its end
         if preempted:
             log.warning("stopped for preemption at step %d; resume=latest continues from here", self.step)
         eval_metrics = self.evaluate() if cfg.eval.at_end and not preempted else {}
@@ -286,14 +295,9 @@ class Trainer:
         positions = self.env.collectives.all_gather_object(
             {worker: position.to_dict() for worker, position in self.data_positions.items()})
         rng = self.env.collectives.all_gather_object(random_state(self.model.randomness))
-        # Full, name-keyed states, so the checkpoint loads under either strategy and any world size.
-        model_state, optimizer_state = full_state(self.model, self.optimizer)
         self.saved_step = self.step
-        if not self.env.is_main:
-            return
+        # Name-keyed states (whole in a single file, sharded in DCP's): either loads under any strategy and world size.
         state = {
-            "model": model_state,
-            "optimizer": optimizer_state,
             "scheduler": self.scheduler.state_dict(),
             "step": self.step,
             "samples_seen": self.step * self.cfg.data.batch_size,
@@ -303,12 +307,10 @@ class Trainer:
             "config": self.config_dict,
             "git_commit": ckpt.git_commit(),
         }
-        ckpt.save_checkpoint(state, checkpoint_io.checkpoint_path(self.run_dir, self.step),
-                             self.cfg.trainer.keep_last_checkpoints, self.cfg.trainer.keep_every_steps)
+        self.checkpointer.save(self.step, state, self.model, self.optimizer, self.ema)
 
     def _restore(self, path: Path, state: dict[str, Any]) -> None:
-        checkpoint_io.check_model_state(self.model, state["model"], path)
-        load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
+        self.checkpointer.restore(path, state, self.model, self.optimizer, self.ema)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = self.saved_step = state["step"]
         if state["world_size"] == self.env.world_size:
