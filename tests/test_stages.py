@@ -32,8 +32,8 @@ def _run(demo_root: Path, run_dir: Path, *overrides: str) -> list[tuple[list[str
 
     trainer.forward_backward = recording
     trainer.train()
-    del trainer
-    gc.collect()  # the trainer's reference cycles hold its loader, whose worker stops when it is collected
+    trainer.loader = None  # its data-loader worker stops when the loader is collected
+    gc.collect()
     return seen
 
 
