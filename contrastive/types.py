@@ -26,6 +26,9 @@ class StreamPosition:
     mixer_draws: int  # draws of the source mixer's RNG so far
     skipped: dict[str, int]  # bad samples and shards by reason
     samples_seen: int  # good samples decoded
+    # Length bucketing (data.length_bucketing): batches of the current window already yielded; the fields above
+    # then hold the window's start, where a resume reads the window again.
+    bucket_batches_taken: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -37,6 +40,7 @@ class StreamPosition:
             "mixer_draws": self.mixer_draws,
             "skipped": dict(self.skipped),
             "samples_seen": self.samples_seen,
+            "bucket_batches_taken": self.bucket_batches_taken,
         }
 
     @classmethod
@@ -52,6 +56,7 @@ class StreamPosition:
             mixer_draws=saved["mixer_draws"],
             skipped=dict(saved["skipped"]),
             samples_seen=saved["samples_seen"],
+            bucket_batches_taken=saved.get("bucket_batches_taken", 0),
         )
 
 
