@@ -1,10 +1,11 @@
 """Staged training (trainer.stages) against a fixed-size run at equal steps: zero-shot accuracy and total FLOPs.
 
-    python benchmarks/stages_quality.py --json benchmarks/results/stages_quality.json   # the full run, ~25 min CPU
+    python benchmarks/stages_quality.py --json benchmarks/results/stages_quality.json   # the full run (2-core CPU)
     python benchmarks/stages_quality.py --smoke --json /tmp/stages_smoke.json             # what CI runs
 
 The 28 px demo has only 16 patches, so this benchmark builds an upsampled variant of it (Fashion-MNIST at
---image-size px, bicubic; `contrastive-data demo --image-size`) and trains the demo's tiny CLIP on patches of
+--image-size px, bicubic; `contrastive-data demo --image-size`) and trains the demo's tiny CLIP (its image tower
+cut to --vision-width and --vision-layers, so that 3 seeds x 2 arms fit a shared 2-core CPU) on patches of
 --patch-size (112 px / 14 = 64 patches). Each seed trains two arms from the same seed, for the same steps and
 batches: `fixed` at the full size throughout, and `staged` at --stage-image-size px and --stage-context-length
 tokens for the first --stage-until of the steps, then at full size (CLIPA's and Perception Encoder's recipe).
@@ -45,8 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--work-dir", type=Path, default=REPO / "runs" / "stages_quality")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=240)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--train-samples", type=int, default=30000, help="first N Fashion-MNIST train images")
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument("--patch-size", type=int, default=14)
@@ -54,12 +55,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stage-image-size", type=int, default=56)
     parser.add_argument("--stage-context-length", type=int, default=12)
     parser.add_argument("--model", default="tiny_clip", help="a conf/model/ file")
+    parser.add_argument("--vision-width", type=int, default=64)
+    parser.add_argument("--vision-layers", type=int, default=2)
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes (CI): 2 seeds x 4 steps of the test model on 28 px, 256 samples")
     args = parser.parse_args(argv)
     if args.smoke:
         args.seeds, args.steps, args.batch_size, args.train_samples = 2, 4, 32, 256
         args.image_size, args.patch_size, args.stage_image_size, args.model = 28, 7, 14, "test_tiny"
+        args.vision_width, args.vision_layers = 32, 1
     return args
 
 
@@ -68,6 +72,7 @@ def run_overrides(args: argparse.Namespace, data_root: Path, arm: str, seed: int
         "experiment=demo", f"model={args.model}", f"name=stages_{arm}_{seed}",
         f"run_dir={args.work_dir / 'runs' / f'{arm}_seed{seed}'}", f"seed={seed}",
         f"model.vision.image_size={args.image_size}", f"model.vision.patch_size={args.patch_size}",
+        f"model.vision.width={args.vision_width}", f"model.vision.layers={args.vision_layers}",
         f"data.sources.0.shards={data_root / 'train'}", f"data.batch_size={args.batch_size}",
         f"trainer.max_steps={args.steps}", f"trainer.checkpoint_every={args.steps}",
         f"trainer.log_every={1 if args.smoke else 10}", f"optim.warmup_steps={max(1, args.steps // 10)}",
