@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
               f"({result['text_tower_speedup']:.2f}x full padding)")
     report = {
         "benchmark": "length_bucketing", "commit": git_commit(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": " ".join(["python", f"benchmarks/{Path(__file__).name}",
+                             *(sys.argv[1:] if argv is None else argv)]),
         "settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
         "results": results,
     }

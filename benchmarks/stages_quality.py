@@ -58,10 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vision-width", type=int, default=64)
     parser.add_argument("--vision-layers", type=int, default=2)
     parser.add_argument("--smoke", action="store_true",
-                        help="tiny sizes (CI): 2 seeds x 4 steps of the test model on 28 px, 256 samples")
+                        help="tiny sizes (CI): 1 seed x 4 steps of the test model on 28 px, 256 samples")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.seeds, args.steps, args.batch_size, args.train_samples = 2, 4, 32, 256
+        args.seeds, args.steps, args.batch_size, args.train_samples = 1, 4, 32, 256
         args.image_size, args.patch_size, args.stage_image_size, args.model = 28, 7, 14, "test_tiny"
         args.vision_width, args.vision_layers = 32, 1
     return args
@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{summary['staged_seconds_over_fixed']:.3f}x the time")
     report = {
         "benchmark": "stages_quality", "commit": git_commit(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": " ".join(["python", f"benchmarks/{Path(__file__).name}",
+                             *(sys.argv[1:] if argv is None else argv)]),
         "settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
         "runs": runs, "summary": summary,
     }

@@ -25,9 +25,9 @@ def test_stages_quality_smoke_run_reports_both_arms_with_flops_commit_and_comman
     report_path = tmp_path / "stages.json"
     assert _benchmark("stages_quality").main(["--smoke", "--work-dir", str(tmp_path), "--json", str(report_path)]) == 0
     report = json.loads(report_path.read_text())
-    assert re.match(r"[0-9a-f]{40}|unknown", report["commit"]) and "--smoke" in report["command"]
-    assert sorted((run["arm"], run["seed"]) for run in report["runs"]) == [
-        ("fixed", 0), ("fixed", 1), ("staged", 0), ("staged", 1)]
+    assert re.match(r"[0-9a-f]{40}|unknown", report["commit"])
+    assert report["command"].startswith("python benchmarks/stages_quality.py --smoke")
+    assert [(run["arm"], run["seed"]) for run in report["runs"]] == [("fixed", 0), ("staged", 0)]
     for run in report["runs"]:
         sizes = [(stage["image_size"], stage["context_length"]) for stage in run["stages"]]
         assert sizes == ([(14, 12), (28, 16)] if run["arm"] == "staged" else [(28, 16)])
@@ -35,7 +35,8 @@ def test_stages_quality_smoke_run_reports_both_arms_with_flops_commit_and_comman
             stage["flops_per_sample"] * (stage["steps"][1] - stage["steps"][0]) * 32 for stage in run["stages"]))
     summary = report["summary"]
     assert summary["staged_flops_over_fixed"] < 1  # the small stage costs less, whatever it scores
-    assert all(summary[arm]["seeds"] == 2 and summary[arm]["zeroshot_acc1_std"] >= 0 for arm in ("fixed", "staged"))
+    assert all(summary[arm]["seeds"] == 1 and 0 <= summary[arm]["zeroshot_acc1_mean"] <= 1
+               for arm in ("fixed", "staged"))
 
 
 def test_length_bucketing_smoke_run_reports_padding_and_text_tower_time(tmp_path):
