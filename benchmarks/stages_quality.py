@@ -135,6 +135,7 @@ def git_commit() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    commit = git_commit()  # the code that runs, before any later checkout changes it
     logging.basicConfig(level=logging.WARNING)
     register_configs()
     data_root = build_demo_dataset(args.work_dir / f"fashion-mnist-{args.image_size}px-{args.train_samples}",
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"staged / fixed: {summary['staged_flops_over_fixed']:.3f}x the FLOPs, "
           f"{summary['staged_seconds_over_fixed']:.3f}x the time")
     report = {
-        "benchmark": "stages_quality", "commit": git_commit(),
+        "benchmark": "stages_quality", "commit": commit,
         "command": " ".join(["python", f"benchmarks/{Path(__file__).name}",
                              *(sys.argv[1:] if argv is None else argv)]),
         "settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
