@@ -9,7 +9,7 @@ cut to --vision-width and --vision-layers, so that 3 seeds x 2 arms fit a shared
 --patch-size (112 px / 14 = 64 patches). Each seed trains two arms from the same seed, for the same steps and
 batches: `fixed` at the full size throughout, and `staged` at --stage-image-size px and --stage-context-length
 tokens for the first --stage-until of the steps, then at full size (CLIPA's and Perception Encoder's recipe).
-Both are scored zero-shot on the 10000 held-out test images at full size. Total FLOPs are model FLOPs
+Both are scored zero-shot at full size on the first --test-samples held-out test images. Total FLOPs are model FLOPs
 (forward + backward, contrastive.train.flops) per sample of each stage, counted by the trainer at that stage's
 sizes, times the samples trained in it. Training runs in this process, one run after another.
 
@@ -46,9 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--work-dir", type=Path, default=REPO / "runs" / "stages_quality")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--train-samples", type=int, default=30000, help="first N Fashion-MNIST train images")
+    parser.add_argument("--test-samples", type=int, default=2000, help="first N Fashion-MNIST test images")
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument("--patch-size", type=int, default=14)
     parser.add_argument("--stage-until", type=float, default=0.6)
@@ -61,13 +62,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="tiny sizes (CI): 1 seed x 4 steps of the test model on 28 px, 256 samples")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.seeds, args.steps, args.batch_size, args.train_samples = 1, 4, 32, 256
+        args.seeds, args.steps, args.batch_size, args.train_samples, args.test_samples = 1, 4, 32, 256, 256
         args.image_size, args.patch_size, args.stage_image_size, args.model = 28, 7, 14, "test_tiny"
         args.vision_width, args.vision_layers = 32, 1
     return args
 
 
-def run_overrides(args: argparse.Namespace, data_root: Path, arm: str, seed: int) -> list[str]:
+def run_overrides(args: argparse.Namespace, data_root: Path, eval_root: Path, arm: str, seed: int) -> list[str]:
     overrides = [
         "experiment=demo", f"model={args.model}", f"name=stages_{arm}_{seed}",
         f"run_dir={args.work_dir / 'runs' / f'{arm}_seed{seed}'}", f"seed={seed}",
@@ -78,7 +79,7 @@ def run_overrides(args: argparse.Namespace, data_root: Path, arm: str, seed: int
         f"trainer.log_every={1 if args.smoke else 10}", f"optim.warmup_steps={max(1, args.steps // 10)}",
         "trainer.progress_bar=false", "logger.wandb.mode=disabled", f"data.num_workers={0 if args.smoke else 1}",
         f"data.shuffle_buffer={64 if args.smoke else 5000}",
-        f"eval.zeroshot.0.root={data_root}",
+        f"eval.zeroshot.0.root={eval_root}",
     ]
     if arm == "staged":
         overrides.append(f"trainer.stages=[{{until: {args.stage_until}, image_size: {args.stage_image_size}, "
@@ -86,9 +87,9 @@ def run_overrides(args: argparse.Namespace, data_root: Path, arm: str, seed: int
     return overrides
 
 
-def train_one(args: argparse.Namespace, data_root: Path, arm: str, seed: int) -> dict:
+def train_one(args: argparse.Namespace, data_root: Path, eval_root: Path, arm: str, seed: int) -> dict:
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=run_overrides(args, data_root, arm, seed))
+        cfg = compose("train", overrides=run_overrides(args, data_root, eval_root, arm, seed))
     started = time.perf_counter()
     trainer = Trainer(cfg, evaluators=build_evaluators(cfg.eval))
     result = trainer.train()
@@ -138,13 +139,16 @@ def main(argv: list[str] | None = None) -> int:
     commit = git_commit()  # the code that runs, before any later checkout changes it
     logging.basicConfig(level=logging.WARNING)
     register_configs()
-    data_root = build_demo_dataset(args.work_dir / f"fashion-mnist-{args.image_size}px-{args.train_samples}",
-                                   samples_per_shard=max(2, args.train_samples // 4), limit=args.train_samples,
-                                   image_size=args.image_size).root
+    def demo_dataset(samples: int) -> Path:  # the first `samples` images of each split, upsampled
+        return build_demo_dataset(args.work_dir / f"fashion-mnist-{args.image_size}px-{samples}",
+                                  samples_per_shard=max(2, samples // 4), limit=samples,
+                                  image_size=args.image_size).root
+
+    data_root, eval_root = demo_dataset(args.train_samples), demo_dataset(args.test_samples)
     runs = []
     for seed in range(args.seeds):
         for arm in ARMS:
-            runs.append(train_one(args, data_root, arm, seed))
+            runs.append(train_one(args, data_root, eval_root, arm, seed))
             run = runs[-1]
             print(f"seed {seed} {arm:6s}: zero-shot acc1 {run['zeroshot_acc1']:.4f}, "
                   f"{run['total_flops']:.3e} FLOPs, {run['seconds']:.0f} s", flush=True)
