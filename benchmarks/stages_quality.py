@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import statistics
 import subprocess
 import sys
@@ -90,6 +91,7 @@ def run_overrides(args: argparse.Namespace, data_root: Path, eval_root: Path, ar
 def train_one(args: argparse.Namespace, data_root: Path, eval_root: Path, arm: str, seed: int) -> dict:
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=run_overrides(args, data_root, eval_root, arm, seed))
+    shutil.rmtree(cfg.run_dir, ignore_errors=True)  # every run starts afresh, whatever an earlier one left
     started = time.perf_counter()
     trainer = Trainer(cfg, evaluators=build_evaluators(cfg.eval))
     result = trainer.train()
