@@ -31,7 +31,7 @@ class StreamPosition:
     bucket_batches_taken: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        saved = {
             "worker": self.worker,
             "sources": {name: list(position) for name, position in self.sources.items()},
             "exhausted": list(self.exhausted),
@@ -40,8 +40,10 @@ class StreamPosition:
             "mixer_draws": self.mixer_draws,
             "skipped": dict(self.skipped),
             "samples_seen": self.samples_seen,
-            "bucket_batches_taken": self.bucket_batches_taken,
         }
+        if self.bucket_batches_taken:  # only inside a length-bucketing window; other positions keep the old layout
+            saved["bucket_batches_taken"] = self.bucket_batches_taken
+        return saved
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> StreamPosition:

@@ -14,6 +14,7 @@ import torch
 from contrastive.data.loader import build_train_loader
 from contrastive.encoders import preprocess_from_config
 from contrastive.models import build_tokenizer
+from contrastive.types import StreamPosition
 from tests.conftest import compose_config, tiny_run_overrides
 
 WINDOW = 4  # data.bucket_batches
@@ -58,7 +59,7 @@ def test_resume_inside_a_window_continues_with_the_same_batches(demo_root):
     bucketing = ["data.length_bucketing=true", f"data.bucket_batches={WINDOW}"]
     straight = _batches(demo_root, 2 * WINDOW + 2, *bucketing)
     for resume_after in (1, WINDOW - 1, WINDOW + 2):  # the second batch of a window, its last, one in the next
-        position = straight[resume_after].stream_position
+        position = StreamPosition.from_dict(straight[resume_after].stream_position.to_dict())  # as checkpointed
         resumed = _batches(demo_root, 3, *bucketing, positions={position.worker: position})
         for got, expected in zip(resumed, straight[resume_after + 1:]):
             assert got.keys == expected.keys
