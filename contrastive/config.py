@@ -73,6 +73,10 @@ class DataConfig:
     retry_wait_s: float = 0.5  # before the second try of a remote read; doubled before each further one (max 30 s)
     epochs: int | None = None  # a finite run: passes over every source; None: loop forever (trainer.max_steps)
     min_image_size: int = 8  # pixels; a smaller side is a bad sample (wrong_image_size)
+    # Sort each window of `bucket_batches` local batches by caption token count and pad every batch only to its
+    # own longest caption (two-tower models with causal text towers: their features do not change)
+    length_bucketing: bool = False
+    bucket_batches: int = 8
 
 
 @dataclass
@@ -112,6 +116,16 @@ class EmaConfig:
 
 
 @dataclass
+class StageConfig:
+    """Training steps before `until` x trainer.max_steps (after the previous stage's) use these input sizes;
+    null keeps the model's own. Steps after the last stage use the model's own sizes."""
+
+    until: float = 1.0
+    image_size: int | None = None  # pixels, a multiple of the patch size
+    context_length: int | None = None  # tokens, at most the model's context length
+
+
+@dataclass
 class TrainerConfig:
     max_steps: int = 1000
     log_every: int = 10
@@ -133,6 +147,7 @@ class TrainerConfig:
     # each rank writes its own shards in the background; contrastive.checkpoint_io)
     checkpoint_format: str = "auto"
     ema: EmaConfig = field(default_factory=EmaConfig)
+    stages: list[StageConfig] = field(default_factory=list)  # lower resolution / shorter texts early (CLIPA, PE)
 
 
 @dataclass
@@ -296,6 +311,13 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, model_archs: Collection[s
     require(data.batch_size % (world_size * trainer.accumulation_steps) == 0,
             f"data.batch_size={data.batch_size} is not divisible by world size {world_size} x "
             f"trainer.accumulation_steps={trainer.accumulation_steps}")
+    for index, stage in enumerate(trainer.stages):
+        previous = trainer.stages[index - 1].until if index else 0.0
+        require(previous < stage.until <= 1, f"trainer.stages[{index}].until must be in ({previous}, 1] (increasing "
+                f"fractions of trainer.max_steps), got {stage.until}")
+    require(cfg.model.arch == "clip" or not (trainer.stages or data.length_bucketing),
+            f"trainer.stages and data.length_bucketing need model.arch=clip, got {cfg.model.arch!r}")
+    require(data.bucket_batches > 0, f"data.bucket_batches must be positive, got {data.bucket_batches}")
     require(trainer.peak_flops_per_device is None or trainer.peak_flops_per_device > 0,
             "trainer.peak_flops_per_device must be positive or null")
     for tower in ("image", "text"):

@@ -26,9 +26,12 @@ class StreamPosition:
     mixer_draws: int  # draws of the source mixer's RNG so far
     skipped: dict[str, int]  # bad samples and lost shards by reason, and remote reads a retry fixed (recovered_read)
     samples_seen: int  # good samples decoded
+    # Length bucketing (data.length_bucketing): batches of the current window already yielded; the fields above
+    # then hold the window's start, where a resume reads the window again.
+    bucket_batches_taken: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        saved = {
             "worker": self.worker,
             "sources": {name: list(position) for name, position in self.sources.items()},
             "exhausted": list(self.exhausted),
@@ -38,6 +41,9 @@ class StreamPosition:
             "skipped": dict(self.skipped),
             "samples_seen": self.samples_seen,
         }
+        if self.bucket_batches_taken:  # only inside a length-bucketing window; other positions keep the old layout
+            saved["bucket_batches_taken"] = self.bucket_batches_taken
+        return saved
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> StreamPosition:
@@ -52,6 +58,7 @@ class StreamPosition:
             mixer_draws=saved["mixer_draws"],
             skipped=dict(saved["skipped"]),
             samples_seen=saved["samples_seen"],
+            bucket_batches_taken=saved.get("bucket_batches_taken", 0),
         )
 
 

@@ -1,6 +1,6 @@
 """``contrastive-data``: dataset tools on the command line, one subcommand each.
 
-    contrastive-data demo [--source DIR] [--out DIR] [--samples-per-shard N] [--seed S] [--limit N]
+    contrastive-data demo [--source DIR] [--out DIR] [--samples-per-shard N] [--seed S] [--limit N] [--image-size PX]
     contrastive-data inspect SHARDS [--min-image-size N] [--json PATH] [--write-stats]
     contrastive-data validate SHARDS [--min-image-size N]
 
@@ -48,6 +48,8 @@ def _add_demo_command(subcommands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for choosing each caption's template")
     parser.add_argument("--limit", type=int, default=None, help="keep only the first N samples of each split")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="upsample every image to this square side (bicubic); default: the source's 28 px")
     parser.set_defaults(run=_run_demo)
 
 
@@ -58,6 +60,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         samples_per_shard=args.samples_per_shard,
         seed=args.seed,
         limit=args.limit,
+        image_size=args.image_size,
     )
     if dataset.fell_back:
         print(

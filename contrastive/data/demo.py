@@ -206,13 +206,15 @@ def build_demo_dataset(
     samples_per_shard: int = 5000,
     seed: int = 0,
     limit: int | None = None,
+    image_size: int | None = None,
 ) -> DemoDataset:
     """Write the demo shards to `out_dir`, or return the existing build made with the same parameters.
 
     `source` is a directory holding the four idx files, DIGITS_SOURCE, or None for the first of
     `default_fashion_mnist_dirs()` that holds them, with the digits as fallback. Test shards hold half as many
     samples as train shards.
-    `limit` keeps the first N samples of each split.
+    `limit` keeps the first N samples of each split. `image_size` upsamples every image to that square side
+    (bicubic), for models whose patch grid needs more pixels than the source has (benchmarks/stages_quality.py).
     """
     if samples_per_shard < 2:
         raise ConfigError(f"samples_per_shard must be at least 2 (test shards hold half), got {samples_per_shard}")
@@ -220,6 +222,8 @@ def build_demo_dataset(
         raise ConfigError(f"seed must be non-negative, got {seed}")
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be a positive number of samples per split, got {limit}")
+    if image_size is not None and image_size < 1:
+        raise ConfigError(f"image_size must be a positive number of pixels, got {image_size}")
     root = Path(out_dir).expanduser().resolve()
     source_name, source_path, fell_back = _resolve_source(source)
     parameters = {
@@ -229,6 +233,7 @@ def build_demo_dataset(
         "samples_per_shard": samples_per_shard,
         "seed": seed,
         "limit": limit,
+        "image_size": image_size,  # None (the source's size) in builds from before this parameter
     }
     if root.exists():
         if not root.is_dir():
@@ -340,7 +345,7 @@ def _write_dataset(root: Path, data: SourceData, parameters: dict, fell_back: bo
         # One generator per split, so the test captions do not depend on how many train samples were drawn.
         rng = np.random.default_rng([parameters["seed"], split_number])
         count, shards = _write_split(
-            root / split, split, arrays, data, templates[split], shard_sizes[split], rng
+            root / split, split, arrays, data, templates[split], shard_sizes[split], rng, parameters["image_size"]
         )
         splits_info[split] = {
             "count": count,
@@ -372,6 +377,7 @@ def _write_split(
     templates: list[str],
     samples_per_shard: int,
     rng: np.random.Generator,
+    image_size: int | None = None,
 ) -> tuple[int, int]:
     """Write one split's shards and nshards.txt; returns (samples written, shards written)."""
     split_dir.mkdir()
@@ -387,6 +393,8 @@ def _write_split(
         for image, label, source_index, template_choice in zip(
             arrays.images, arrays.labels, arrays.source_indices, template_choices
         ):
+            if image_size is not None:
+                image = np.asarray(Image.fromarray(image).resize((image_size, image_size), Image.BICUBIC))
             key = f"{split}_{source_index:09d}"
             classname = data.classnames[label]
             caption = templates[template_choice].format(c=classname)

@@ -73,6 +73,7 @@ def build_train_loader(
         decode_size=train_decode_size(image_size, tuple(data.crop_scale)), min_image_size=data.min_image_size,
         start_step=start_step, positions=positions,
         retry=RetryPolicy(attempts=data.read_attempts, first_wait_s=data.retry_wait_s),
+        bucket_batches=data.bucket_batches if data.length_bucketing else None,
     )
     return DataLoader(
         stream, batch_size=None, num_workers=data.num_workers, pin_memory=pin_memory,

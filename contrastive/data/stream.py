@@ -6,6 +6,10 @@ counts). Resuming at step k gives DataLoader worker i the stream of logical work
 its recorded position: the DataLoader's round-robin then yields exactly the batches an uninterrupted run would.
 Skipping happens on raw bytes, before any decoding.
 
+With length bucketing, each window of `bucket_batches` local batches is sorted by caption token count, cut into
+batches padded only to their own longest caption, and yielded in a shuffled order. A batch inside a window carries
+the window's start and how many of its batches came before; a resume reads the window again and skips those.
+
 Sources are mixed per sample by weight. A capped source (epochs, max_samples) leaves the mix at its cap; when
 every source is capped the run is finite and contrastive.data.plan computes its last step. Workers then
 yield uint8 crops normalised per batch in place (straight into shared memory inside DataLoader workers).
@@ -18,7 +22,7 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -142,6 +146,7 @@ class ImageTextStream(IterableDataset):
         start_step: int = 0,
         positions: dict[int, StreamPosition] | None = None,
         retry: RetryPolicy = DEFAULT_RETRY,
+        bucket_batches: int | None = None,  # length bucketing over windows of this many local batches; None: off
     ) -> None:
         super().__init__()
         self.sources = sources
@@ -157,6 +162,7 @@ class ImageTextStream(IterableDataset):
         self.start_step = start_step
         self.positions = positions or {}
         self.retry = retry
+        self.bucket_batches = bucket_batches
 
     def _source_samples(self, source: Source, worker: int, position: tuple[int, int, int], skipped: Counter,
                         capped: bool):
@@ -242,7 +248,9 @@ class ImageTextStream(IterableDataset):
 
         augment = torch.Generator()
         size = self.image_size
-        images = torch.empty((self.local_batch_size, 3, size, size), dtype=torch.uint8)
+        window = self.local_batch_size * (self.bucket_batches or 1)  # samples gathered before batches are cut
+        window_start, skip_batches = replace(position, bucket_batches_taken=0), position.bucket_batches_taken
+        images = torch.empty((window, 3, size, size), dtype=torch.uint8)
         captions, labels, keys = [], [], []
         while True:
             active = [s.name for s in self.sources if s.name not in exhausted]
@@ -278,20 +286,46 @@ class ImageTextStream(IterableDataset):
             captions.append(caption)
             labels.append(-1 if label is None else label)
             keys.append(str(raw["__key__"]))
-            if len(keys) < self.local_batch_size:
+            if len(keys) < window:
                 continue
-            yield Batch(
-                images=self.normalize(images, out=_batch_tensor(images.shape, in_worker=info is not None)),
-                tokens=self.tokenizer(captions),
-                keys=keys,
-                labels=torch.tensor(labels),
-                stream_position=StreamPosition(
-                    worker=worker, sources=dict(source_positions), exhausted=tuple(sorted(exhausted)),
-                    past_plan=past_plan, past_plan_samples=past_plan_samples, mixer_draws=mixer_draws,
-                    skipped=dict(skipped), samples_seen=seen,
-                ),
+            window_end = StreamPosition(
+                worker=worker, sources=dict(source_positions), exhausted=tuple(sorted(exhausted)),
+                past_plan=past_plan, past_plan_samples=past_plan_samples, mixer_draws=mixer_draws,
+                skipped=dict(skipped), samples_seen=seen,
             )
+            if self.bucket_batches is None:
+                yield Batch(
+                    images=self.normalize(images, out=_batch_tensor(images.shape, in_worker=info is not None)),
+                    tokens=self.tokenizer(captions), keys=keys, labels=torch.tensor(labels),
+                    stream_position=window_end,
+                )
+            else:
+                yield from self._length_buckets(images, captions, labels, keys, window_start, window_end,
+                                                skip_batches, in_worker=info is not None)
+            window_start, skip_batches = window_end, 0
             captions, labels, keys = [], [], []
+
+    def _length_buckets(self, images: torch.Tensor, captions: list[str], labels: list[int], keys: list[str],
+                        start: StreamPosition, end: StreamPosition, skip: int, in_worker: bool) -> Iterator[Batch]:
+        """A window's samples as batches of similar caption lengths, each padded to its own longest caption."""
+        tokens = self.tokenizer(captions)  # (window, L), 0 = padding
+        lengths = (tokens != 0).sum(dim=1)
+        order = sorted(range(len(keys)), key=lambda index: (int(lengths[index]), index))
+        batches = [order[i:i + self.local_batch_size] for i in range(0, len(order), self.local_batch_size)]
+        # Shuffled, so that no run of steps sees only short or only long captions.
+        random.Random(slot_seed(self.layout.seed, "buckets", self.layout.rank, end.worker, start.samples_seen,
+                                start.mixer_draws)).shuffle(batches)
+        for number, members in enumerate(batches):
+            if number < skip:
+                continue
+            rows = torch.tensor(members)
+            width = int(lengths[rows].max())
+            yield Batch(
+                images=self.normalize(images[rows], out=_batch_tensor(images[rows].shape, in_worker)),
+                tokens=tokens[rows, :width].contiguous(), keys=[keys[i] for i in members],
+                labels=torch.tensor([labels[i] for i in members]),
+                stream_position=end if number == len(batches) - 1 else replace(start, bucket_batches_taken=number + 1),
+            )
 
     def _check_skip_rate(self, skipped: Counter, seen: int, raw: RawSample, bad: BadSample) -> None:
         total_skipped = sum(skipped[reason] for reason in SKIP_REASONS)

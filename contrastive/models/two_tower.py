@@ -12,6 +12,7 @@ from torch import nn
 
 from contrastive.config import ModelConfig
 from contrastive.models.build import MODELS
+from contrastive.models.input_size import allow_any_image_size, encode_image_any_size, encode_text_any_length
 from contrastive.models.randomness import ModelRandomness, draw_patch_dropout_from
 from contrastive.models.towers import check_timm_image_size, tower_configs
 from contrastive.types import ModelOutput
@@ -25,7 +26,8 @@ def capped_logit_scale(log_logit_scale: torch.Tensor, max_logit_scale: float) ->
 
 class OpenClipFeatures(nn.Module):
     """An open_clip model held as `clip` (its state dict stays loadable by open_clip under `clip.`), encoding
-    images and texts to features, L2-normalised in fp32 by default."""
+    images and texts to features, L2-normalised in fp32 by default. Images may have any multiple of the patch size
+    and texts any length up to the context length (contrastive.models.input_size)."""
 
     clip: nn.Module
 
@@ -34,12 +36,12 @@ class OpenClipFeatures(nn.Module):
         return self.clip.visual
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        features = self.clip.encode_image(images)  # (B, D)
+        features = encode_image_any_size(self.clip.visual, images)  # (B, D)
         # In fp32: bf16 keeps ~3 digits, and an error of 0.004 in a cosine is 0.4 in a logit at temperature 100.
         return F.normalize(features.float(), dim=-1) if normalize else features
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        features = self.clip.encode_text(tokens)  # (B, D)
+        features = encode_text_any_length(self.clip, tokens)  # (B, D)
         return F.normalize(features.float(), dim=-1) if normalize else features
 
 
@@ -65,6 +67,7 @@ class TwoTowerModel(OpenClipFeatures):
         check_timm_image_size(self.clip.visual, vision)
         self.randomness = ModelRandomness()
         draw_patch_dropout_from(self.clip.visual, self.randomness)
+        allow_any_image_size(self.clip.visual)
         self.embed_dim = embed_dim
         self.context_length = text_cfg.context_length
 

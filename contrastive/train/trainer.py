@@ -46,6 +46,7 @@ from contrastive.train.optim import (
     describe,
     optimizer_step,
 )
+from contrastive.train.stages import build_stages, stage_at
 from contrastive.train.step import build_forward_backward
 from contrastive.types import Evaluator, StreamPosition
 
@@ -109,7 +110,7 @@ class Trainer:
         self.forward_backward = build_forward_backward(self.parallel_model, self.objective, self.env.collectives,
                                                        cfg.trainer.accumulation_steps,
                                                        self._autocast, randomness=self.model.randomness)
-        self.flops_per_sample: float | None = None
+        self.flops_per_sample: dict[int, float] = {}  # stage index -> model FLOPs per sample at its sizes
         plan = plan_run(cfg.data, world_size=self.env.world_size, seed=cfg.seed)  # None for an endless stream
         if plan is not None:  # every rank computes the same last step, so none waits in a collective
             cfg.trainer.max_steps = min(cfg.trainer.max_steps, plan.steps)
@@ -120,6 +121,7 @@ class Trainer:
         self.checkpointer = ckpt.Checkpointer(
             self.run_dir, ckpt.resolve_format(cfg.trainer.checkpoint_format, cfg.dist.strategy), self.env,
             cfg.trainer.keep_last_checkpoints, cfg.trainer.keep_every_steps)
+        self.stages = build_stages(cfg)
         if self.env.is_main:
             log.info("%s", describe(self.model, cfg.optim, cfg.trainer.max_steps))
 
@@ -127,17 +129,24 @@ class Trainer:
         self.data_positions: dict[int, StreamPosition] = {}  # logical data worker -> its latest position
         if resume_from is not None:
             self._restore(*resume_from)
-        preprocess = preprocess_from_config(cfg.model)
-        self.loader = build_train_loader(
-            cfg.data, preprocess, self.tokenizer, rank=self.env.rank, world_size=self.env.world_size,
-            seed=cfg.seed, start_step=self.step, positions=self.data_positions,
-            pin_memory=self.env.device.type == "cuda",
-        )
+        self.stage = stage_at(self.stages, self.step)
+        self.loader = self._build_loader()
         self.evaluators = list(evaluators)
         self.config_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
         self.logger = MetricsLogger(
             cfg.logger, self.run_dir, cfg.name, self.config_dict, enabled=self.env.is_main,
             total_steps=cfg.trainer.max_steps, start_step=self.step, progress_bar=cfg.trainer.progress_bar,
+        )
+
+    def _build_loader(self):
+        """The data loader of the current stage, continuing the stream from the positions reached so far."""
+        if len(self.stages) > 1 and self.env.is_main:
+            log.info("%s", self.stage.describe())
+        return build_train_loader(
+            self.cfg.data, self.stage.preprocess(preprocess_from_config(self.cfg.model)),
+            self.stage.tokenizer(self.tokenizer), rank=self.env.rank, world_size=self.env.world_size,
+            seed=self.cfg.seed, start_step=self.step, positions=self.data_positions,
+            pin_memory=self.env.device.type == "cuda",
         )
 
     def _autocast(self):
@@ -172,6 +181,11 @@ class Trainer:
         preempted, metrics = False, {}
         try:
             while self.step < cfg.trainer.max_steps and not preempted:
+                if self.step >= self.stage.end_step:  # a new stage: new sizes, the stream where it stands
+                    self.stage = stage_at(self.stages, self.step)
+                    del batches  # stops its workers; their prefetched batches are read again at the new size
+                    self.loader = self._build_loader()
+                    batches = iter(self.loader)
                 batch = next(batches).to(env.device)
                 self.data_positions[batch.stream_position.worker] = batch.stream_position
                 result = self.forward_backward(batch)
@@ -211,9 +225,13 @@ class Trainer:
         return metrics, preempted
 
     def _throughput(self, batch, samples_per_second: float) -> dict[str, float]:
-        if self.flops_per_sample is None:  # counted once, on the model as built
-            self.flops_per_sample = flops_per_sample(self.model, self.objective, batch, autocast=self._autocast)
-        return throughput_metrics(self.flops_per_sample, samples_per_second, self.env.world_size,
+        if self.stage.index not in self.flops_per_sample:  # counted once per stage, at its input sizes
+            self.flops_per_sample[self.stage.index] = flops_per_sample(self.model, self.objective, batch,
+                                                                       autocast=self._autocast)
+            if len(self.stages) > 1 and self.env.is_main:
+                log.info("stage %d: %.4g model FLOPs per sample", self.stage.index,
+                         self.flops_per_sample[self.stage.index])
+        return throughput_metrics(self.flops_per_sample[self.stage.index], samples_per_second, self.env.world_size,
                                   self.cfg.trainer.peak_flops_per_device)
 
     def _log_step_reduction(self, result, grad_norm: torch.Tensor,
