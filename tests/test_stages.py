@@ -53,6 +53,9 @@ def test_stage_boundaries_are_fractions_of_the_run_and_bad_sizes_are_refused():
         build_stages(compose_config(["model=test_tiny", "trainer.stages=[{until: 0.5, image_size: 20}]"]))
     with pytest.raises(ConfigError, match="must be in \\[1, 16\\]"):
         build_stages(compose_config(["model=test_tiny", "trainer.stages=[{until: 0.5, context_length: 32}]"]))
+    with pytest.raises(ConfigError, match="length_bucketing needs a causal text tower"):
+        build_stages(compose_config(["model=tiny_siglip", "data.length_bucketing=true"]))
+    assert len(build_stages(compose_config(["model=tiny_clip", "data.length_bucketing=true"]))) == 1
 
 
 def test_stages_switch_sizes_keep_the_stream_and_resume_in_the_right_stage(demo_root, tmp_path):

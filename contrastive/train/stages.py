@@ -48,6 +48,11 @@ def build_stages(cfg: TrainConfig) -> list[Stage]:
     _, vision, text = tower_configs(cfg.model)
     vision_cfg, text_cfg = CLIPVisionCfg(**vision), CLIPTextCfg(**text)
     model_size = square_side(vision_cfg.image_size, "model.vision.image_size")
+    # Cutting padding leaves a text feature unchanged only when no real token sees the padding (a causal mask) and
+    # the feature is read at the end-of-text token; SigLIP's towers (no mask, pooled at the last position) are not.
+    require(not cfg.data.length_bucketing or (not text_cfg.no_causal_mask and text_cfg.pool_type == "argmax"),
+            "data.length_bucketing needs a causal text tower pooled at its end-of-text token (pool_type=argmax); "
+            f"this one has no_causal_mask={text_cfg.no_causal_mask}, pool_type={text_cfg.pool_type!r}")
     max_steps = cfg.trainer.max_steps
     stages, first_step = [], 0
     for index, stage in enumerate(cfg.trainer.stages):
