@@ -1,0 +1,114 @@
+"""The curation subcommands of ``contrastive-data``: score, filter, dedup, balance (logic in contrastive.curation).
+
+    torchrun --nproc_per_node=2 -m contrastive.cli.data score data/demo/fashion-mnist/train --model runs/demo \\
+        --out curation/scores.parquet
+    contrastive-data filter data/demo/fashion-mnist/train --scores curation/scores.parquet \\
+        --where "similarity >= 0.25 and language == 'en'" --out curation/filtered
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from contrastive.curation import filtering, scoring
+from contrastive.data.shards import check_shards_exist, expand_shards
+from contrastive.dist import init_distributed, shutdown_distributed
+from contrastive.encoders import load_encoder
+from contrastive.errors import ConfigError
+
+
+def command_line() -> str:
+    return shlex.join(["contrastive-data", *sys.argv[1:]])
+
+
+def _shards(pattern: str) -> list[str]:
+    urls = expand_shards(pattern)
+    check_shards_exist(urls, pattern)
+    return urls
+
+
+def _add_score_command(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser(
+        "score", help="score every sample with an encoder: similarity, token count, language (Parquet)",
+        description="Write one Parquet table keyed by shard and sample key. Under torchrun each rank scores its "
+        "share of the shards; a killed run resumes without rescoring finished shards.",
+    )
+    parser.add_argument("shards", help="directory, brace pattern, pipe: command or URL; several joined with '::'")
+    parser.add_argument("--model", required=True, help="anything load_encoder reads: a run directory or checkpoint "
+                        "of ours, an open_clip or transformers directory, or a weights file with --open-clip-name")
+    parser.add_argument("--open-clip-name", default=None, help="open_clip model config that --model's weights fit")
+    parser.add_argument("--out", type=Path, required=True, help="the Parquet file to write")
+    parser.add_argument("--embeddings", action="store_true", help="also store each image embedding")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--min-image-size", type=int, default=8)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (each rank its LOCAL_RANK's GPU)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(run=_run_score)
+
+
+def _run_score(args: argparse.Namespace) -> int:
+    from contrastive.curation.extra import require  # one line naming the extra, before any process group starts
+
+    for module in ("pyarrow", "py3langid"):
+        require(module)
+    urls = _shards(args.shards)
+    env = init_distributed(args.device)
+    try:
+        encoder = load_encoder(args.model, args.open_clip_name, env.device)
+        options = scoring.ScoreOptions(args.batch_size, args.embeddings, args.min_image_size)
+        result = scoring.score_shards(urls, encoder, args.out, rank=env.rank, world_size=env.world_size,
+                                      barrier=env.collectives.barrier, device=env.device, options=options,
+                                      progress=not args.no_progress)
+        print(f"rank {env.rank}: scored {result['scored']} shards, {result['resumed']} already done; "
+              f"bad samples: {dict(result['skipped']) or 'none'}")
+        if env.is_main:
+            print(f"wrote {args.out}")
+    finally:
+        shutdown_distributed()
+    return 0
+
+
+def _add_filter_command(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser(
+        "filter", help="keep samples by their scores; write new shards (or a key list) and a manifest",
+        description="Keep the samples that pass every --where rule and, with --top-fraction, rank in the best "
+        "fraction by similarity; write them as evened-out img2dataset shards with the similarity in each json.",
+    )
+    parser.add_argument("shards", help="the shards that were scored")
+    parser.add_argument("--scores", type=Path, required=True, help="Parquet file from `contrastive-data score`")
+    parser.add_argument("--where", default=None,
+                        help="rules over the score columns, e.g. \"similarity >= 0.28 and language == 'en'\"")
+    parser.add_argument("--top-fraction", type=float, default=None,
+                        help="keep only this best fraction of the scored pool by similarity (DataComp's baseline)")
+    parser.add_argument("--out", type=Path, required=True, help="output directory (empty or new)")
+    parser.add_argument("--samples-per-shard", type=int, default=10000, help="at most this many per output shard")
+    parser.add_argument("--keep-list", action="store_true",
+                        help="write only the kept keys (keep.txt) and the manifest, no shards")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(run=_run_filter)
+
+
+def _run_filter(args: argparse.Namespace) -> int:
+    table, metadata = scoring.read_scores(args.scores)
+    if args.where is None and args.top_fraction is None:
+        raise ConfigError("give --where, --top-fraction or both")
+    selection = filtering.select(table, args.where, args.top_fraction)
+    provenance = {"command": command_line(), "scores": str(args.scores), "model": metadata.get("model"),
+                  "model_sha256": metadata.get("model_sha256"), "where": args.where,
+                  "top_fraction": args.top_fraction}
+    manifest = filtering.filter_shards(_shards(args.shards), selection, args.out,
+                                       samples_per_shard=args.samples_per_shard, keep_list=args.keep_list,
+                                       provenance=provenance, progress=not args.no_progress)
+    print(f"kept {manifest['kept']} of {manifest['scored']} scored samples")
+    for rule in manifest["rules"]:
+        print(f"  {rule['rule']}: dropped {rule['dropped']}")
+    print(json.dumps(manifest["shards_out"]) if manifest["shards_out"] else f"wrote {manifest['keep_list']}")
+    print(f"manifest: {args.out / filtering.MANIFEST_FILE}")
+    return 0
+
+
+COMMANDS = (_add_score_command, _add_filter_command)
