@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import sys
 from pathlib import Path
 
 from contrastive.curation import filtering, scoring
@@ -21,8 +20,8 @@ from contrastive.encoders import load_encoder
 from contrastive.errors import ConfigError
 
 
-def command_line() -> str:
-    return shlex.join(["contrastive-data", *sys.argv[1:]])
+def command_line(args: argparse.Namespace) -> str:
+    return shlex.join(["contrastive-data", *args.argv])
 
 
 def _shards(pattern: str) -> list[str]:
@@ -97,7 +96,7 @@ def _run_filter(args: argparse.Namespace) -> int:
     if args.where is None and args.top_fraction is None:
         raise ConfigError("give --where, --top-fraction or both")
     selection = filtering.select(table, args.where, args.top_fraction)
-    provenance = {"command": command_line(), "scores": str(args.scores), "model": metadata.get("model"),
+    provenance = {"command": command_line(args), "scores": str(args.scores), "model": metadata.get("model"),
                   "model_sha256": metadata.get("model_sha256"), "where": args.where,
                   "top_fraction": args.top_fraction}
     manifest = filtering.filter_shards(_shards(args.shards), selection, args.out,

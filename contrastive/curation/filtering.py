@@ -52,7 +52,7 @@ def select(table, where: str | None, top_fraction: float | None) -> Selection:
         # DataComp's CLIP-score baseline: the best fraction of the whole scored pool; ties go to the smaller key.
         order = np.lexsort((columns["key"], -columns["similarity"].astype(np.float64)))
         best = np.zeros(rows, dtype=bool)
-        best[order[:math.ceil(top_fraction * rows)]] = True
+        best[order[:math.ceil(round(top_fraction * rows, 6))]] = True  # 0.3 * 30 is 9.000000000000002: keep 9
         rules.append((f"top {top_fraction:g} by similarity", best))
     for _, mask in rules:
         passing &= mask

@@ -78,30 +78,40 @@ class _Parser:
         token = self.peek()
         return token is not None and token == ("word", word)
 
-    def conjunction(self) -> list[tuple[int, int, Predicate]]:
-        """The top-level `and` terms with their token spans."""
+    def rules(self) -> list[tuple[int, int, Predicate]]:
+        """The top-level `and` terms with their token spans; an expression with a top-level `or` is one rule."""
+        terms = self.and_terms()
+        if not self.at_word("or"):
+            return terms
+        alternatives = [self._all(terms)]
+        while self.at_word("or"):
+            self.take("or")
+            alternatives.append(self._all(self.and_terms()))
+        return [(0, self.position, lambda cols: np.logical_or.reduce([a(cols) for a in alternatives]))]
+
+    def or_expr(self) -> Predicate:
+        alternatives = [self._all(self.and_terms())]
+        while self.at_word("or"):
+            self.take("or")
+            alternatives.append(self._all(self.and_terms()))
+        return alternatives[0] if len(alternatives) == 1 else (
+            lambda cols: np.logical_or.reduce([a(cols) for a in alternatives]))
+
+    def and_terms(self) -> list[tuple[int, int, Predicate]]:
         terms = []
         while True:
             start = self.position
-            terms.append((start, None, self.not_expr()))
-            terms[-1] = (start, self.position, terms[-1][2])
+            predicate = self.not_expr()
+            terms.append((start, self.position, predicate))
             if not self.at_word("and"):
                 return terms
             self.take("and")
 
-    def or_expr(self) -> Predicate:
-        terms = [self.and_expr()]
-        while self.at_word("or"):
-            self.take("or")
-            terms.append(self.and_expr())
-        return terms[0] if len(terms) == 1 else (lambda cols: np.logical_or.reduce([t(cols) for t in terms]))
-
-    def and_expr(self) -> Predicate:
-        terms = [self.not_expr()]
-        while self.at_word("and"):
-            self.take("and")
-            terms.append(self.not_expr())
-        return terms[0] if len(terms) == 1 else (lambda cols: np.logical_and.reduce([t(cols) for t in terms]))
+    @staticmethod
+    def _all(terms: list[tuple[int, int, Predicate]]) -> Predicate:
+        predicates = [predicate for _, _, predicate in terms]
+        return predicates[0] if len(predicates) == 1 else (
+            lambda cols: np.logical_and.reduce([p(cols) for p in predicates]))
 
     def not_expr(self) -> Predicate:
         if self.at_word("not"):
@@ -151,7 +161,7 @@ def parse_where(text: str, columns: set[str]) -> list[Rule]:
     parser = _Parser(text, columns)
     if not parser.tokens:
         raise ConfigError("--where is empty")
-    terms = parser.conjunction()
+    terms = parser.rules()
     if parser.peek() is not None:
         raise ConfigError(f"--where {text!r}: unexpected {parser.peek()[1]!r}")
     rules = []

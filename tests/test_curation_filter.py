@@ -1,0 +1,146 @@
+"""`contrastive-data filter` on hand-made scores: exact kept and dropped counts per rule, every member of a kept
+sample written with its similarity added to json, shard sizes evened out, the key list, the manifest; and the
+`--where` grammar, which evaluates comparisons and refuses code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from contrastive.cli.data import main
+from contrastive.curation.where import parse_where
+from contrastive.errors import ConfigError
+from tests.curation_helpers import read_members
+from tests.data_factory import png, write_tar
+
+SHARDS, PER_SHARD = 3, 10
+
+
+def sample_files(index: int) -> dict[str, bytes]:
+    files = {"png": png(), "txt": f"caption {index}".encode()}
+    if index % 3 == 0:  # some samples carry img2dataset's json (with a field to keep), some do not
+        files["json"] = json.dumps({"url": f"http://x/{index}"}).encode()
+    if index % 4 == 0:
+        files["cls"] = str(index % 10).encode()
+    return files
+
+
+@pytest.fixture
+def scored(tmp_path) -> tuple[list[str], Path, list[dict]]:
+    """Three shards of ten samples and a scores table: similarity index / 30, language en for even indices."""
+    urls, rows = [], []
+    for shard in range(SHARDS):
+        samples = []
+        for position in range(PER_SHARD):
+            index = shard * PER_SHARD + position
+            samples.append((f"s{index:03d}", sample_files(index)))
+            rows.append({"shard": str(tmp_path / f"{shard}.tar"), "key": f"s{index:03d}", "similarity": index / 30,
+                         "caption_tokens": 4 + index % 5, "language": "en" if index % 2 == 0 else "de"})
+        urls.append(str(write_tar(tmp_path / f"{shard}.tar", samples)))
+    scores = tmp_path / "scores.parquet"
+    table = pa.Table.from_pylist(rows).replace_schema_metadata({"model": "tiny.pt", "model_sha256": "abc"})
+    pq.write_table(table, scores)
+    return urls, scores, rows
+
+
+def run_filter(urls, scores, out, *extra) -> int:
+    return main(["filter", "::".join(urls), "--scores", str(scores), "--out", str(out), "--no-progress", *extra])
+
+
+def written_samples(out: Path) -> dict[str, dict[str, bytes]]:
+    samples: dict[str, dict[str, bytes]] = {}
+    for shard in sorted(out.glob("*.tar")):
+        for name, data in read_members(shard).items():
+            key, _, extension = name.partition(".")
+            samples.setdefault(key, {})[extension] = data
+    return samples
+
+
+def test_exact_counts_members_scores_and_even_shards(tmp_path, scored):
+    urls, scores, rows = scored
+    out = tmp_path / "out"
+    assert run_filter(urls, scores, out, "--where", "similarity >= 0.2 and language == 'en'",
+                      "--samples-per-shard", "5") == 0
+    kept = [row for row in rows if row["similarity"] >= 0.2 and row["language"] == "en"]
+    assert len(kept) == 12  # even indices 6..28
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["scored"], manifest["kept"], manifest["dropped"]) == (30, 12, 18)
+    assert manifest["rules"] == [{"rule": "similarity >= 0.2", "dropped": 6},
+                                 {"rule": "language == 'en'", "dropped": 15}]
+    assert (manifest["model"], manifest["model_sha256"], manifest["shards_in"]) == ("tiny.pt", "abc", urls)
+    assert manifest["command"].startswith("contrastive-data filter")
+    sizes = [len(read_members(shard)) and len({n.split(".")[0] for n in read_members(shard)})
+             for shard in sorted(out.glob("*.tar"))]
+    assert sizes == [4, 4, 4]  # 12 at most 5 a shard: three shards of four, not 5, 5, 2
+    samples = written_samples(out)
+    assert sorted(samples) == [row["key"] for row in kept]
+    for row in kept:
+        index = int(row["key"][1:])
+        original = sample_files(index)
+        written = samples[row["key"]]
+        assert set(written) == set(original) | {"json"}
+        assert all(written[ext] == data for ext, data in original.items() if ext != "json")
+        metadata = json.loads(written["json"])
+        assert metadata["similarity"] == pytest.approx(index / 30)
+        assert metadata.get("url") == (f"http://x/{index}" if index % 3 == 0 else None)
+    assert json.loads((out / "_stats.json").read_text())["samples"] == {
+        "000000.tar": 4, "000001.tar": 4, "000002.tar": 4}
+
+
+def test_top_fraction_and_keep_list(tmp_path, scored):
+    urls, scores, rows = scored
+    out = tmp_path / "keys"
+    assert run_filter(urls, scores, out, "--top-fraction", "0.3", "--where", "caption_tokens != 4",
+                      "--keep-list") == 0
+    best = sorted(rows, key=lambda row: -row["similarity"])[:9]  # 0.3 of 30: indices 21..29
+    expected = sorted(row["key"] for row in best if row["caption_tokens"] != 4)
+    assert (out / "keep.txt").read_text().split() == expected
+    assert not list(out.glob("*.tar"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["rules"] == [{"rule": "caption_tokens != 4", "dropped": 6},
+                                 {"rule": "top 0.3 by similarity", "dropped": 21}]
+    assert manifest["kept"] == len(expected) == 8  # not 25
+
+
+def test_where_evaluates_as_written():
+    columns = {"similarity": np.array([0.1, 0.3, 0.5, 0.7]), "language": np.array(["en", "de", "en", "fr"]),
+               "caption_tokens": np.array([3, 9, 12, 5])}
+
+    def evaluate(text):
+        return np.logical_and.reduce([rule.predicate(columns) for rule in parse_where(text, set(columns))]).tolist()
+
+    assert evaluate("similarity > 0.2 and language == 'en'") == [False, False, True, False]
+    assert evaluate("not (similarity < .2 or language in ('de', \"fr\"))") == [False, False, True, False]
+    assert evaluate("caption_tokens >= 5 and caption_tokens <= 9 or similarity == 0.1") == [True, True, False, True]
+    assert evaluate("language != 'en' and similarity >= 3e-1") == [False, True, False, True]
+
+
+CODE = [
+    "__import__('os').system('touch {marker}')",
+    "similarity > 0 and open('{marker}', 'w')",
+    "similarity.__class__ > 0",
+    "similarity > 0; import os",
+    "[x for x in ()]",
+    "lambda: 0",
+    "similarity > `id`",
+    "exec('1')",
+    "similarity > 0 or",
+    "similarity + 1 > 0",
+]
+
+
+@pytest.mark.parametrize("expression", CODE)
+def test_where_refuses_code(tmp_path, scored, capsys, expression):
+    urls, scores, _ = scored
+    marker = tmp_path / "marker"
+    with pytest.raises(ConfigError):
+        parse_where(expression.format(marker=marker), {"similarity", "language"})
+    assert run_filter(urls, scores, tmp_path / "out", "--where", expression.format(marker=marker)) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("contrastive-data filter: error: --where") and "\n" not in error
+    assert not marker.exists() and not (tmp_path / "out" / "manifest.json").exists()
