@@ -84,10 +84,7 @@ def _add_filter_command(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--top-fraction", type=float, default=None,
                         help="keep only this best fraction of the scored pool by similarity (DataComp's baseline)")
     parser.add_argument("--out", type=Path, required=True, help="output directory (empty or new)")
-    parser.add_argument("--samples-per-shard", type=int, default=10000, help="at most this many per output shard")
-    parser.add_argument("--keep-list", action="store_true",
-                        help="write only the kept keys (keep.txt) and the manifest, no shards")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_output_arguments(parser)
     parser.set_defaults(run=_run_filter)
 
 
@@ -96,18 +93,74 @@ def _run_filter(args: argparse.Namespace) -> int:
     if args.where is None and args.top_fraction is None:
         raise ConfigError("give --where, --top-fraction or both")
     selection = filtering.select(table, args.where, args.top_fraction)
-    provenance = {"command": command_line(args), "scores": str(args.scores), "model": metadata.get("model"),
+    provenance = {"scores": str(args.scores), "model": metadata.get("model"),
                   "model_sha256": metadata.get("model_sha256"), "where": args.where,
                   "top_fraction": args.top_fraction}
-    manifest = filtering.filter_shards(_shards(args.shards), selection, args.out,
-                                       samples_per_shard=args.samples_per_shard, keep_list=args.keep_list,
-                                       provenance=provenance, progress=not args.no_progress)
-    print(f"kept {manifest['kept']} of {manifest['scored']} scored samples")
+    _write_selection(args, _shards(args.shards), selection, provenance)
+    return 0
+
+
+def _add_dedup_command(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser(
+        "dedup", help="drop exact and near duplicates, and copies of an evaluation set's images",
+        description="Exact duplicates by image content hash; near duplicates through a faiss HNSW index over "
+        "image embeddings, at a threshold calibrated on planted transformed copies unless --threshold is given.",
+    )
+    parser.add_argument("shards", help="directory, brace pattern, pipe: command or URL; several joined with '::'")
+    parser.add_argument("--out", type=Path, required=True, help="output directory (empty or new)")
+    parser.add_argument("--eval-shards", default=None, help="evaluation shards whose images must not be trained on")
+    parser.add_argument("--model", default=None, help="embed with this encoder (load_encoder) instead of "
+                        "the default thumbnail descriptor")
+    parser.add_argument("--threshold", type=float, default=None, help="cosine similarity at or above which two "
+                        "images are copies; default: calibrated on planted copies")
+    parser.add_argument("--calibration-samples", type=int, default=512, help="images copied for calibration")
+    parser.add_argument("--seed", type=int, default=0)
+    _add_output_arguments(parser)
+    parser.set_defaults(run=_run_dedup)
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--samples-per-shard", type=int, default=10000, help="at most this many per output shard")
+    parser.add_argument("--keep-list", action="store_true",
+                        help="write only the kept keys (keep.txt) and the manifest, no shards")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _write_selection(args: argparse.Namespace, urls: list[str], selection, provenance: dict) -> dict:
+    manifest = filtering.filter_shards(urls, selection, args.out, samples_per_shard=args.samples_per_shard,
+                                       keep_list=args.keep_list, provenance={"command": command_line(args),
+                                                                             **provenance},
+                                       progress=not args.no_progress)
+    print(f"kept {manifest['kept']} of {manifest['scored']} samples")
     for rule in manifest["rules"]:
         print(f"  {rule['rule']}: dropped {rule['dropped']}")
     print(json.dumps(manifest["shards_out"]) if manifest["shards_out"] else f"wrote {manifest['keep_list']}")
     print(f"manifest: {args.out / filtering.MANIFEST_FILE}")
+    return manifest
+
+
+def _run_dedup(args: argparse.Namespace) -> int:
+    from contrastive.curation import dedup
+
+    urls = _shards(args.shards)
+    eval_urls = _shards(args.eval_shards) if args.eval_shards else None
+    if args.model:
+        encoder = load_encoder(args.model)
+        embed, model = dedup.encoder_embedding(encoder), {"model": encoder.source,
+                                                          "model_sha256": scoring.model_hash(encoder.source)}
+    else:
+        embed, model = dedup.thumbnail_embedding, {"model": f"thumbnail {dedup.THUMBNAIL_SIZE}x{dedup.THUMBNAIL_SIZE}"}
+    selection, report = dedup.deduplicate(urls, embed, eval_urls=eval_urls, threshold=args.threshold,
+                                          calibration_samples=args.calibration_samples, seed=args.seed,
+                                          progress=not args.no_progress)
+    if "calibration" in report:
+        calibration = report["calibration"]
+        print(f"threshold {calibration['threshold']:.6f} from {calibration['planted']} planted copies: precision "
+              f"{calibration['precision']:.3f}, recall {calibration['recall']:.3f}, false-positive rate on "
+              f"unplanted pairs {calibration['false_positive_rate']:.2e}; recall by transformation "
+              f"{json.dumps({k: round(v, 3) for k, v in calibration['recall_by_transform'].items()})}")
+    _write_selection(args, urls, selection, {**model, "eval_shards": eval_urls, "dedup": report})
     return 0
 
 
-COMMANDS = (_add_score_command, _add_filter_command)
+COMMANDS = (_add_score_command, _add_filter_command, _add_dedup_command)

@@ -29,7 +29,7 @@ KEEP_LIST_FILE = "keep.txt"
 class Selection:
     """Which scored samples are kept: keyed by (shard URL, sample key), with what each rule dropped."""
 
-    kept: dict[tuple[str, str], float]  # (shard, key) -> similarity
+    kept: dict[tuple[str, str], dict]  # (shard, key) -> fields added to the sample's json
     scored: int
     rules: list[dict] = field(default_factory=list)  # {"rule", "dropped"}: samples failing it (they may fail several)
 
@@ -56,7 +56,7 @@ def select(table, where: str | None, top_fraction: float | None) -> Selection:
         rules.append((f"top {top_fraction:g} by similarity", best))
     for _, mask in rules:
         passing &= mask
-    kept = {(shard, key): float(similarity) for shard, key, similarity, keep
+    kept = {(shard, key): {"similarity": float(similarity)} for shard, key, similarity, keep
             in zip(columns["shard"], columns["key"], columns["similarity"], passing) if keep}
     return Selection(kept, rows, [{"rule": text, "dropped": int((~mask).sum())} for text, mask in rules])
 
@@ -69,15 +69,17 @@ def _evaluate(rule: Rule, columns: dict[str, np.ndarray], rows: int) -> np.ndarr
     return np.broadcast_to(np.asarray(mask, dtype=bool), (rows,)).copy()
 
 
-def _add_score(sample: dict, similarity: float) -> dict:
+def _add_fields(sample: dict, fields: dict) -> dict:
+    if not fields:
+        return sample
     metadata = json.loads(sample["json"]) if "json" in sample else {}
-    metadata["similarity"] = similarity
-    return {**sample, "json": json.dumps(metadata).encode()}
+    return {**sample, "json": json.dumps({**metadata, **fields}).encode()}
 
 
 def filter_shards(urls: list[str], selection: Selection, out: Path, *, samples_per_shard: int, keep_list: bool,
                   provenance: dict, progress: bool = True) -> dict:
-    """Write the kept samples as evened-out shards (or, with keep_list, only their keys) and the manifest."""
+    """Write the kept samples as evened-out shards (or, with keep_list, only their keys) and the manifest. The
+    dedup and balance commands write their selections through here too."""
     if samples_per_shard < 1:
         raise ConfigError(f"--samples-per-shard must be at least 1, got {samples_per_shard}")
     out.mkdir(parents=True, exist_ok=True)
@@ -98,9 +100,9 @@ def filter_shards(urls: list[str], selection: Selection, out: Path, *, samples_p
         for url in tqdm(urls, desc="filtering", unit="shard", disable=not progress):
             for sample in iter_shard(url, read):
                 read["samples"] += 1
-                similarity = selection.kept.get((url, sample["__key__"]))
-                if similarity is not None:
-                    writer.write(_add_score(sample, similarity))
+                fields = selection.kept.get((url, sample["__key__"]))
+                if fields is not None:
+                    writer.write(_add_fields(sample, fields))
                     read["kept"] += 1
         writer.close()
         written = writer.written
