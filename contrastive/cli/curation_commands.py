@@ -163,4 +163,34 @@ def _run_dedup(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = (_add_score_command, _add_filter_command, _add_dedup_command)
+def _add_balance_command(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser(
+        "balance", help="MetaCLIP balancing: match captions to metadata entries, sample each down to about t",
+        description="Substring-match every caption to the entries (Aho-Corasick); keep a pair when one of its "
+        "entries is drawn with probability min(1, t / N_entry); drop pairs that match no entry.",
+    )
+    parser.add_argument("shards", help="directory, brace pattern, pipe: command or URL; several joined with '::'")
+    parser.add_argument("--metadata", type=Path, required=True, help="text file, one entry a line")
+    parser.add_argument("--t", type=float, required=True, help="pairs an entry keeps on average (MetaCLIP: 20k)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True, help="output directory (empty or new)")
+    _add_output_arguments(parser)
+    parser.set_defaults(run=_run_balance)
+
+
+def _run_balance(args: argparse.Namespace) -> int:
+    from contrastive.curation import balance
+
+    urls = _shards(args.shards)
+    entries = balance.read_entries(args.metadata)
+    result = balance.balance(urls, entries, args.t, args.seed, progress=not args.no_progress)
+    counts = balance.histogram(result, entries)
+    for entry, (before, after) in list(counts.items())[:10]:
+        print(f"  {entry!r}: {before} -> {after}")
+    _write_selection(args, urls, result.selection, {
+        "metadata": str(args.metadata), "entries": len(entries), "t": args.t, "seed": args.seed,
+        "entry_histogram": counts})
+    return 0
+
+
+COMMANDS = (_add_score_command, _add_filter_command, _add_dedup_command, _add_balance_command)
