@@ -5,6 +5,7 @@ sample written with its similarity added to json, shard sizes evened out, the ke
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -144,3 +145,16 @@ def test_where_refuses_code(tmp_path, scored, capsys, expression):
     error = capsys.readouterr().err.strip()
     assert error.startswith("contrastive-data filter: error: --where") and "\n" not in error
     assert not marker.exists() and not (tmp_path / "out" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize(("command", "module", "package"), [
+    (["score", "SHARDS", "--model", "m", "--out", "s.parquet"], "py3langid", "py3langid"),
+    (["filter", "SHARDS", "--scores", "s.parquet", "--top-fraction", "0.5", "--out", "o"], "pyarrow", "pyarrow"),
+    (["dedup", "SHARDS", "--out", "o"], "faiss", "faiss-cpu"),
+    (["balance", "SHARDS", "--metadata", "m.txt", "--t", "2", "--out", "o"], "ahocorasick", "pyahocorasick"),
+])
+def test_without_the_extra_each_command_says_so_in_one_line(monkeypatch, capsys, command, module, package):
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError
+    assert main(command) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and f"{package} is missing: install the curation extra" in error

@@ -14,6 +14,7 @@ import shlex
 from pathlib import Path
 
 from contrastive.curation import filtering, scoring
+from contrastive.curation.extra import require
 from contrastive.data.shards import check_shards_exist, expand_shards
 from contrastive.dist import init_distributed, shutdown_distributed
 from contrastive.encoders import load_encoder
@@ -50,8 +51,6 @@ def _add_score_command(subcommands: argparse._SubParsersAction) -> None:
 
 
 def _run_score(args: argparse.Namespace) -> int:
-    from contrastive.curation.extra import require  # one line naming the extra, before any process group starts
-
     for module in ("pyarrow", "py3langid"):
         require(module)
     urls = _shards(args.shards)
@@ -89,6 +88,7 @@ def _add_filter_command(subcommands: argparse._SubParsersAction) -> None:
 
 
 def _run_filter(args: argparse.Namespace) -> int:
+    require("pyarrow")
     table, metadata = scoring.read_scores(args.scores)
     if args.where is None and args.top_fraction is None:
         raise ConfigError("give --where, --top-fraction or both")
@@ -142,6 +142,7 @@ def _write_selection(args: argparse.Namespace, urls: list[str], selection, prove
 def _run_dedup(args: argparse.Namespace) -> int:
     from contrastive.curation import dedup
 
+    require("faiss")
     urls = _shards(args.shards)
     eval_urls = _shards(args.eval_shards) if args.eval_shards else None
     if args.model:
@@ -181,6 +182,7 @@ def _add_balance_command(subcommands: argparse._SubParsersAction) -> None:
 def _run_balance(args: argparse.Namespace) -> int:
     from contrastive.curation import balance
 
+    require("ahocorasick")
     urls = _shards(args.shards)
     entries = balance.read_entries(args.metadata)
     result = balance.balance(urls, entries, args.t, args.seed, progress=not args.no_progress)
