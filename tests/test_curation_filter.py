@@ -158,3 +158,25 @@ def test_without_the_extra_each_command_says_so_in_one_line(monkeypatch, capsys,
     assert main(command) == 2
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and f"{package} is missing: install the curation extra" in error
+
+
+def test_image_based_filter_keeps_the_clusters_the_reference_falls_in(tmp_path, scored):
+    """Embeddings in three tight groups, one per shard (directions e0, e1, e2); the reference images lie near e1
+    only, so with three clusters the second shard's samples are kept, the others dropped."""
+    urls, _, rows = scored
+    rng = np.random.default_rng(0)
+    group_of = [int(row["key"][1:]) // PER_SHARD for row in rows]
+    pool = np.eye(8, dtype=np.float32)[group_of] + rng.normal(0, 0.05, (len(rows), 8)).astype(np.float32)
+    scores, reference = tmp_path / "with_embeddings.parquet", tmp_path / "reference.parquet"
+    pq.write_table(pa.Table.from_pylist([{**row, "image_embedding": list(map(float, vector))}
+                                         for row, vector in zip(rows, pool)]), scores)
+    near_e1 = np.eye(8, dtype=np.float32)[[1] * 5] + rng.normal(0, 0.05, (5, 8)).astype(np.float32)
+    pq.write_table(pa.Table.from_pylist([{"shard": "ref", "key": f"r{i}", "similarity": 0.0, "caption_tokens": 1,
+                                          "language": "en", "image_embedding": list(map(float, vector))}
+                                         for i, vector in enumerate(near_e1)]), reference)
+    out = tmp_path / "out"
+    assert run_filter(urls, scores, out, "--image-reference", str(reference), "--clusters", "3",
+                      "--where", "language == 'en'", "--keep-list") == 0
+    assert (out / "keep.txt").read_text().split() == [f"s{index:03d}" for index in range(10, 20, 2)]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["rules"][1] == {"rule": "image cluster holds a reference image (3 clusters)", "dropped": 20}

@@ -82,6 +82,11 @@ def _add_filter_command(subcommands: argparse._SubParsersAction) -> None:
                         help="rules over the score columns, e.g. \"similarity >= 0.28 and language == 'en'\"")
     parser.add_argument("--top-fraction", type=float, default=None,
                         help="keep only this best fraction of the scored pool by similarity (DataComp's baseline)")
+    parser.add_argument("--image-reference", type=Path, default=None,
+                        help="scores (with --embeddings, same model) of a reference set, e.g. ImageNet's training "
+                        "images: DataComp's image-based filter keeps samples whose k-means cluster holds one")
+    parser.add_argument("--clusters", type=int, default=100000, help="k-means clusters for --image-reference")
+    parser.add_argument("--seed", type=int, default=0, help="k-means seed")
     parser.add_argument("--out", type=Path, required=True, help="output directory (empty or new)")
     _add_output_arguments(parser)
     parser.set_defaults(run=_run_filter)
@@ -90,12 +95,17 @@ def _add_filter_command(subcommands: argparse._SubParsersAction) -> None:
 def _run_filter(args: argparse.Namespace) -> int:
     require("pyarrow")
     table, metadata = scoring.read_scores(args.scores)
-    if args.where is None and args.top_fraction is None:
-        raise ConfigError("give --where, --top-fraction or both")
-    selection = filtering.select(table, args.where, args.top_fraction)
+    if args.where is None and args.top_fraction is None and args.image_reference is None:
+        raise ConfigError("give --where, --top-fraction, --image-reference or several")
+    reference = scoring.read_scores(args.image_reference)[0] if args.image_reference else None
+    if reference is not None:
+        require("faiss")
+    selection = filtering.select(table, args.where, args.top_fraction, reference, args.clusters, args.seed)
     provenance = {"scores": str(args.scores), "model": metadata.get("model"),
                   "model_sha256": metadata.get("model_sha256"), "where": args.where,
-                  "top_fraction": args.top_fraction}
+                  "top_fraction": args.top_fraction,
+                  "image_reference": str(args.image_reference) if args.image_reference else None,
+                  "clusters": args.clusters if args.image_reference else None}
     _write_selection(args, _shards(args.shards), selection, provenance)
     return 0
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from contrastive.curation.extra import require
 from contrastive.curation.scoring import EMBEDDING_COLUMN
 from contrastive.curation.shard_writer import EvenShardWriter
 from contrastive.curation.where import Rule, parse_where
@@ -39,7 +40,33 @@ def score_columns(table) -> dict[str, np.ndarray]:
             for name in table.column_names if name != EMBEDDING_COLUMN}
 
 
-def select(table, where: str | None, top_fraction: float | None) -> Selection:
+def embedding_matrix(table, what: str) -> np.ndarray:
+    """(N, D) float32 from the image_embedding column."""
+    if EMBEDDING_COLUMN not in table.column_names:
+        raise InputError(f"{what} has no {EMBEDDING_COLUMN} column: score it with --embeddings")
+    column = table.column(EMBEDDING_COLUMN).combine_chunks()
+    return np.asarray(column.flatten(), dtype=np.float32).reshape(len(table), -1)
+
+
+def image_cluster_mask(pool: np.ndarray, reference: np.ndarray, clusters: int, seed: int = 0) -> np.ndarray:
+    """DataComp's image-based filter: k-means over the pool's image embeddings; keep the samples whose cluster is
+    the nearest for at least one reference image (DataComp: ImageNet's training images, 100k clusters)."""
+    faiss = require("faiss")
+    if pool.shape[1] != reference.shape[1]:
+        raise InputError(f"the reference embeddings have {reference.shape[1]} dimensions, the pool's "
+                         f"{pool.shape[1]}: score both with the same model")
+    if not 1 <= clusters <= len(pool):
+        raise ConfigError(f"--clusters must be between 1 and the {len(pool)} scored samples, got {clusters}")
+    kmeans = faiss.Kmeans(pool.shape[1], clusters, niter=20, seed=seed, spherical=True)
+    kmeans.train(np.ascontiguousarray(pool))
+    _, pool_clusters = kmeans.index.search(np.ascontiguousarray(pool), 1)
+    _, reference_clusters = kmeans.index.search(np.ascontiguousarray(reference), 1)
+    return np.isin(pool_clusters[:, 0], np.unique(reference_clusters[:, 0]))
+
+
+def select(table, where: str | None, top_fraction: float | None, image_reference=None, clusters: int = 0,
+           seed: int = 0) -> Selection:
+    """`image_reference`: a scores table with embeddings of the reference set, for the image-based filter."""
     columns = score_columns(table)
     rows = len(columns["key"])
     passing = np.ones(rows, dtype=bool)
@@ -54,6 +81,10 @@ def select(table, where: str | None, top_fraction: float | None) -> Selection:
         best = np.zeros(rows, dtype=bool)
         best[order[:math.ceil(round(top_fraction * rows, 6))]] = True  # 0.3 * 30 is 9.000000000000002: keep 9
         rules.append((f"top {top_fraction:g} by similarity", best))
+    if image_reference is not None:
+        near = image_cluster_mask(embedding_matrix(table, "the scores"),
+                                  embedding_matrix(image_reference, "the image reference"), clusters, seed)
+        rules.append((f"image cluster holds a reference image ({clusters} clusters)", near))
     for _, mask in rules:
         passing &= mask
     kept = {(shard, key): {"similarity": float(similarity)} for shard, key, similarity, keep
