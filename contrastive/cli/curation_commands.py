@@ -54,7 +54,8 @@ def _run_score(args: argparse.Namespace) -> int:
     for module in ("pyarrow", "py3langid"):
         require(module)
     urls = _shards(args.shards)
-    env = init_distributed(args.device)
+    # Ranks meet only at the end, and a resumed run may leave one rank most of the work: wait up to a day there.
+    env = init_distributed(args.device, timeout_minutes=24 * 60)
     try:
         encoder = load_encoder(args.model, args.open_clip_name, env.device)
         options = scoring.ScoreOptions(args.batch_size, args.embeddings, args.min_image_size)

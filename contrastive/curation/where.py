@@ -83,14 +83,10 @@ class _Parser:
         terms = self.and_terms()
         if not self.at_word("or"):
             return terms
-        alternatives = [self._all(terms)]
-        while self.at_word("or"):
-            self.take("or")
-            alternatives.append(self._all(self.and_terms()))
-        return [(0, self.position, lambda cols: np.logical_or.reduce([a(cols) for a in alternatives]))]
+        return [(0, len(self.tokens), self.or_expr(first=self._all(terms)))]
 
-    def or_expr(self) -> Predicate:
-        alternatives = [self._all(self.and_terms())]
+    def or_expr(self, first: Predicate | None = None) -> Predicate:
+        alternatives = [first or self._all(self.and_terms())]
         while self.at_word("or"):
             self.take("or")
             alternatives.append(self._all(self.and_terms()))
