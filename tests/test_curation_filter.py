@@ -12,10 +12,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from omegaconf import OmegaConf
 
 from contrastive.cli.data import main
 from contrastive.curation.where import parse_where
+from contrastive.data.loader import build_sources
+from contrastive.data.stream import ImageTextStream, StreamLayout
+from contrastive.data.transforms import BatchNormalize, build_train_transform
 from contrastive.errors import ConfigError
+from contrastive.models import build_tokenizer
+from tests.conftest import compose_config
 from tests.curation_helpers import read_members
 from tests.data_factory import png, write_tar
 
@@ -180,3 +186,26 @@ def test_image_based_filter_keeps_the_clusters_the_reference_falls_in(tmp_path, 
     assert (out / "keep.txt").read_text().split() == [f"s{index:03d}" for index in range(10, 20, 2)]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["rules"][1] == {"rule": "image cluster holds a reference image (3 clusters)", "dropped": 20}
+
+
+def test_training_stream_reads_only_the_keep_list(tmp_path, scored):
+    """The key list `filter --keep-list` writes, given as data.sources.N.keep_list: the stream yields those samples
+    and no others, from the unchanged shards; an epoch-mode run refuses it with one line."""
+    urls, scores, _ = scored
+    out = tmp_path / "keys"
+    assert run_filter(urls, scores, out, "--where", "similarity >= 0.5", "--keep-list") == 0
+    kept = {f"s{index:03d}" for index in range(15, 30)}
+    data = compose_config(["model=test_tiny", f"data.sources.0.shards={'::'.join(urls)}", "data.resampled=true",
+                           f"+data.sources.0.keep_list={out / 'keep.txt'}"]).data
+    data = OmegaConf.to_object(data)
+    sources = build_sources(data)
+    layout = StreamLayout(rank=0, world_size=1, num_workers=1, seed=0, resampled=True, shuffle_buffer=4)
+    tokenizer = build_tokenizer(compose_config(["model=test_tiny"]).model)
+    stream = ImageTextStream(sources, layout, build_train_transform(28), BatchNormalize([0.5] * 3, [0.5] * 3),
+                             tokenizer, 28, 5, min_image_size=8)
+    iterator = iter(stream)
+    seen = [key for _ in range(20) for key in next(iterator).keys]
+    assert set(seen) == kept
+    data.resampled = False
+    with pytest.raises(ConfigError, match="keep_list needs data.resampled=true"):
+        build_sources(data)
