@@ -19,7 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from contrastive.curation.extra import require
-from contrastive.curation.filtering import Selection
+from contrastive.curation.filtering import Selection, shard_id
 from contrastive.curation.scoring import caption_text
 from contrastive.data.reader import iter_shard
 from contrastive.data.transforms import BadSample
@@ -83,7 +83,7 @@ def balance(urls: list[str], entries: list[str], t: float, seed: int = 0, progre
             pairs += 1
             found = matcher(caption)
             if found:
-                matched[(url, sample["__key__"])] = found
+                matched[(shard_id(url), sample["__key__"])] = found
     before = Counter(entry for found in matched.values() for entry in found)
     kept, after = {}, Counter()
     for (url, key), found in matched.items():

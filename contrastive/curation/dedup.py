@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from contrastive.curation.extra import require
-from contrastive.curation.filtering import Selection
+from contrastive.curation.filtering import Selection, shard_id
 from contrastive.curation.scoring import image_bytes
 from contrastive.data.reader import iter_shard
 from contrastive.data.transforms import BadSample, decode_image
@@ -93,7 +93,7 @@ def embed_shards(urls: list[str], embed: Embed, batch_size: int = 256, progress:
             except BadSample as bad:
                 result.skipped[bad.reason] += 1
                 continue
-            result.ids.append((url, sample["__key__"]))
+            result.ids.append((shard_id(url), sample["__key__"]))
             result.hashes.append(hashlib.sha256(data).hexdigest())
             pending.append(image)
             if len(kept_images) < keep_images:

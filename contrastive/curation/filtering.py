@@ -20,6 +20,7 @@ from contrastive.curation.shard_writer import EvenShardWriter
 from contrastive.curation.where import Rule, parse_where
 from contrastive.data.reader import iter_shard
 from contrastive.data.remote import write_stats_file
+from contrastive.data.shards import is_local
 from contrastive.errors import ConfigError, InputError
 
 MANIFEST_FILE = "manifest.json"
@@ -33,6 +34,12 @@ class Selection:
     kept: dict[tuple[str, str], dict]  # (shard, key) -> fields added to the sample's json
     scored: int
     rules: list[dict] = field(default_factory=list)  # {"rule", "dropped"}: samples failing it (they may fail several)
+
+
+def shard_id(url: str) -> str:
+    """A shard's name for matching scores to shards: local paths made absolute, so `demo/train` given to filter
+    finds the rows `score` wrote for `/data/demo/train`."""
+    return os.path.abspath(url) if is_local(url) else url
 
 
 def score_columns(table) -> dict[str, np.ndarray]:
@@ -87,7 +94,7 @@ def select(table, where: str | None, top_fraction: float | None, image_reference
         rules.append((f"image cluster holds a reference image ({clusters} clusters)", near))
     for _, mask in rules:
         passing &= mask
-    kept = {(shard, key): {"similarity": float(similarity)} for shard, key, similarity, keep
+    kept = {(shard_id(shard), key): {"similarity": float(similarity)} for shard, key, similarity, keep
             in zip(columns["shard"], columns["key"], columns["similarity"], passing) if keep}
     return Selection(kept, rows, [{"rule": text, "dropped": int((~mask).sum())} for text, mask in rules])
 
@@ -116,7 +123,7 @@ def filter_shards(urls: list[str], selection: Selection, out: Path, *, samples_p
     out.mkdir(parents=True, exist_ok=True)
     if any(out.glob("*.tar")):
         raise InputError(f"{out} already holds shards; filter into an empty directory")
-    unknown = {shard for shard, _ in selection.kept} - set(urls)
+    unknown = {shard for shard, _ in selection.kept} - {shard_id(url) for url in urls}
     if unknown:
         raise InputError(f"the scores name {len(unknown)} shards not in SHARDS, e.g. {sorted(unknown)[0]}; "
                          "pass the shards that were scored")
@@ -129,9 +136,10 @@ def filter_shards(urls: list[str], selection: Selection, out: Path, *, samples_p
         writer = EvenShardWriter(out, len(selection.kept), samples_per_shard)
         read: Counter = Counter()
         for url in tqdm(urls, desc="filtering", unit="shard", disable=not progress):
+            shard = shard_id(url)
             for sample in iter_shard(url, read):
                 read["samples"] += 1
-                fields = selection.kept.get((url, sample["__key__"]))
+                fields = selection.kept.get((shard, sample["__key__"]))
                 if fields is not None:
                     writer.write(_add_fields(sample, fields))
                     read["kept"] += 1
