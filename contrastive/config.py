@@ -56,6 +56,9 @@ class SourceConfig:
     weight: float = 1.0  # relative share of the mixed stream
     epochs: int | None = None  # passes over this source's shards (upsample/cap); None: data.epochs
     max_samples: int | None = None  # cap on the samples this source gives in the whole run, over all ranks
+    # A file of sample keys, one a line (`contrastive-data filter --keep-list`): only these samples are read, the
+    # shards stay as they are. Needs data.resampled=true (epoch plans count whole shards).
+    keep_list: str | None = None
 
 
 @dataclass

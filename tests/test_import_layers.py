@@ -28,7 +28,8 @@ LAYERS = (
     # the trainer's evaluators and other consumers of a trained encoder take.
     ("encoders",),
     # What is done with the blocks. export reads checkpoints and models, and needs neither training nor evaluation.
-    ("train", "eval", "export"),
+    # curation scores, filters, deduplicates and balances shards with an encoder; it needs none of the other three.
+    ("train", "eval", "export", "curation"),
     ("cli",),
 )
 LAYER_OF = {component: index for index, layer in enumerate(LAYERS) for component in layer}

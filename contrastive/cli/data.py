@@ -3,6 +3,10 @@
     contrastive-data demo [--source DIR] [--out DIR] [--samples-per-shard N] [--seed S] [--limit N] [--image-size PX]
     contrastive-data inspect SHARDS [--min-image-size N] [--json PATH] [--write-stats]
     contrastive-data validate SHARDS [--min-image-size N]
+    [torchrun ...] contrastive-data score SHARDS --model PATH --out SCORES [--embeddings] [--batch-size N]
+    contrastive-data filter SHARDS --scores SCORES [--where EXPR] [--top-fraction F] --out DIR [--keep-list]
+    contrastive-data dedup SHARDS --scores SCORES --out DIR [--eval-shards SHARDS] [--threshold T]
+    contrastive-data balance SHARDS --metadata ENTRIES --t T --out DIR [--seed S]
 
 SHARDS is what data.sources.N.shards takes: a directory or an s3:// / gs:// prefix, a brace pattern, `pipe:`
 commands, or s3:// gs:// http(s):// URLs (the `s3` extra), several joined with '::'.
@@ -21,6 +25,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from contrastive.cli import curation_commands
 from contrastive.data import demo
 from contrastive.data.remote import check_remote_shards_readable, write_stats_file
 from contrastive.data.shard_report import ShardReport, inspect_shards
@@ -138,7 +143,7 @@ def _run_validate(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-_COMMANDS = (_add_demo_command, _add_inspect_command, _add_validate_command)
+_COMMANDS = (_add_demo_command, _add_inspect_command, _add_validate_command, *curation_commands.COMMANDS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the command as given, for provenance records
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -16,10 +17,25 @@ from contrastive.data.remote import RECOVERED_READ, RetryPolicy
 from contrastive.data.shards import check_epoch_mode_slots, check_shards_exist, expand_shards
 from contrastive.data.stream import ImageTextStream, Source, StreamLayout, decode_sample
 from contrastive.data.transforms import BadSample, BatchNormalize, Preprocess, build_train_transform, train_decode_size
-from contrastive.errors import InputError
+from contrastive.errors import ConfigError, InputError
 from contrastive.types import StreamPosition
 
 log = logging.getLogger(__name__)
+
+
+def read_keep_list(path: str | None, source_name: str, resampled: bool) -> frozenset[str] | None:
+    if path is None:
+        return None
+    if not resampled:
+        raise ConfigError(f"data source {source_name!r}: keep_list needs data.resampled=true (an epoch plan counts "
+                          "whole shards); for epoch passes write the kept samples as shards (contrastive-data filter)")
+    try:
+        keys = frozenset(line.strip() for line in Path(path).read_text().splitlines() if line.strip())
+    except OSError as error:
+        raise InputError(f"data source {source_name!r}: cannot read keep_list {path}: {error}") from None
+    if not keys:
+        raise InputError(f"data source {source_name!r}: keep_list {path} holds no keys")
+    return keys
 
 
 def build_sources(data: DataConfig) -> list[Source]:
@@ -28,7 +44,8 @@ def build_sources(data: DataConfig) -> list[Source]:
         urls = expand_shards(source.shards)
         check_shards_exist(urls, source.name)
         epochs = source.epochs if source.epochs is not None else data.epochs
-        sources.append(Source(source.name, urls, source.weight, epochs, source.max_samples))
+        sources.append(Source(source.name, urls, source.weight, epochs, source.max_samples,
+                              read_keep_list(source.keep_list, source.name, data.resampled)))
     return sources
 
 

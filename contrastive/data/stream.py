@@ -52,6 +52,7 @@ class Source:
     weight: float
     epochs: int | None = None  # passes over the shards, then the source leaves the mix
     max_samples: int | None = None  # raw samples over all (rank, worker) slots, then it leaves the mix
+    keep_keys: frozenset[str] | None = None  # only samples with these keys are read (a curation keep list)
 
     @property
     def capped(self) -> bool:
@@ -183,6 +184,8 @@ class ImageTextStream(IterableDataset):
             shard_skips: Counter = Counter()
             counted: Counter = Counter()
             raw = self._read_shards(source.name, current_epoch, worker, urls, shard_skips)
+            if source.keep_keys is not None:
+                raw = (sample for sample in raw if sample["__key__"] in source.keep_keys)
             rng = random.Random(slot_seed(layout.seed, "shuffle", source.name, layout.rank, worker, current_epoch))
             yielded = False
             for index, sample in enumerate(shuffled(raw, layout.shuffle_buffer, rng)):
