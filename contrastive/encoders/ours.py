@@ -47,5 +47,6 @@ def load_checkpoint_encoder(path: str | Path, device: torch.device) -> LoadedEnc
     cfg.pretrained = None  # the checkpoint holds every weight; the run's starting point may not exist here
     model = build_model(cfg)
     apply_model_state(model, state["model"], path)
-    run_config = {**state["config"], "step": state["step"], "checkpoint": str(path)}
+    run_config = {**state["config"], "step": state["step"], "checkpoint": str(path),
+                  **{key: state[key] for key in ("samples_seen", "git_commit") if key in state}}
     return encoder_from_model(model.to(device).eval(), str(run_config.get("name", "model")), str(path), run_config)
