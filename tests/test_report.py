@@ -24,6 +24,8 @@ from contrastive.cli.eval import main as eval_main
 from contrastive.cli.export import main as export_main
 from contrastive.config import ModelConfig
 from contrastive.data.demo import build_demo_dataset
+from contrastive.encoders import load_encoder
+from contrastive.eval.patch_maps import patch_embeddings
 from contrastive.eval.report import training_rows
 from contrastive.models import build_model
 from tests.conftest import compose_config, run, tiny_run_overrides
@@ -119,9 +121,9 @@ def clip_run(small_root, tmp_path_factory) -> Path:
     return run_dir
 
 
-def untrained_checkpoint(experiment: str, out: Path) -> Path:
+def untrained_checkpoint(experiment: str, out: Path, overrides: tuple[str, ...] = ()) -> Path:
     """A checkpoint file of the experiment's model at its initialisation, in the layout training writes."""
-    config = OmegaConf.to_container(compose_config([f"experiment={experiment}"]), resolve=True)
+    config = OmegaConf.to_container(compose_config([f"experiment={experiment}", *overrides]), resolve=True)
     torch.manual_seed(0)
     model = build_model(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), config["model"])))
     path = out / "checkpoints" / "step_00000000.pt"
@@ -202,6 +204,36 @@ def test_open_clip_export_report_compared_with_its_checkpoint(clip_run, small_ro
     parser = ReportParser()
     parser.feed(text)
     assert text.count("class='model'") == 2 * len(parser.sections)
+
+
+def test_maskclip_patch_embeddings_equal_the_last_block_attending_each_token_only_to_itself(tmp_path):
+    """Independent route: open_clip's own last block input, its nn.MultiheadAttention with a diagonal mask (each
+    token's output is then exactly its projected value), the final norm and the projection."""
+    checkpoint = untrained_checkpoint("demo", tmp_path / "run", ("model.vision.image_size=56",))
+    visual = load_encoder(checkpoint).model.visual
+    images = torch.randn(2, 3, 56, 56)
+    last = visual.transformer.resblocks[-1]
+    inputs = []
+    handle = last.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    with torch.no_grad():
+        visual(images)
+        handle.remove()
+        normed = last.ln_1(inputs[0])
+        length = normed.shape[1]
+        diagonal = torch.full((length, length), float("-inf")).fill_diagonal_(0.0)
+        attended = last.attn(normed, normed, normed, attn_mask=diagonal, need_weights=False)[0]
+        expected = torch.nn.functional.normalize(visual.ln_post(last.ls_1(attended)[:, 1:]) @ visual.proj, dim=-1)
+    assert torch.allclose(patch_embeddings(visual, images).view(2, 64, -1), expected, atol=1e-5)
+
+
+def test_report_draws_patch_maps_for_a_fine_enough_grid(small_root, tmp_path):
+    checkpoint = untrained_checkpoint("demo", tmp_path / "run", ("model.vision.image_size=56",))  # 8x8 patches
+    out = tmp_path / "report.html"
+    assert eval_main(["report", "--checkpoint", str(checkpoint), "--dataset-root", str(small_root),
+                      "--out", str(out)]) == 0
+    check_self_contained(out)
+    text = out.read_text()
+    assert "MaskCLIP-style" in text and 'alt="patch maps"' in text and "too coarse" not in text
 
 
 def browser() -> str:

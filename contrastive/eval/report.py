@@ -22,21 +22,27 @@ from contrastive.errors import InputError
 from contrastive.eval import report_figures as figures
 from contrastive.eval.captioning import caption_dataset
 from contrastive.eval.datasets import EvalDataset
-from contrastive.eval.patch_maps import patch_map_note
+from contrastive.eval.patch_maps import METHOD, patch_embeddings, patch_map_note
 from contrastive.eval.retrieval import ZeroShotRetrieval, retrieval_metrics
-from contrastive.eval.zeroshot import ZeroShotClassification, classification_metrics
+from contrastive.eval.zeroshot import ZeroShotClassification, build_classifier, classification_metrics
 
 CONFUSED_PAIRS = 5
 EXAMPLES_PER_PAIR = 4
 RETRIEVAL_QUERIES = 4
 TOP_K = 5
 CAPTIONS = 8
+PATCH_MAPS = 4
+# open_clip's top-level module names -> the tower they belong to; other names are shown as they are.
+TOWERS = {"visual": "image tower", "transformer": "text tower", "token_embedding": "text tower",
+          "positional_embedding": "text tower", "ln_final": "text tower", "text_projection": "text tower",
+          "text": "text tower", "text_decoder": "caption decoder", "logit_scale": "logit scale and bias",
+          "logit_bias": "logit scale and bias"}
 STYLE = """
 body { font-family: sans-serif; margin: 1.5em; color: #222; }
 h2 { border-bottom: 1px solid #ccc; }
 table { border-collapse: collapse; margin: 0.5em 0; }
 td, th { border: 1px solid #ddd; padding: 2px 6px; font-size: 13px; text-align: left; vertical-align: top; }
-.cols { display: flex; gap: 2em; } .cols > div { flex: 1; min-width: 0; }
+.cols { display: flex; gap: 2em; } .cols > div { flex: 1; min-width: 0; overflow-x: auto; }
 img.thumb { border: 3px solid transparent; image-rendering: pixelated; }
 img.hit, td.hit { border-color: #2a2; background: #dfd; } img.miss { border-color: #c33; }
 img.plot { max-width: 100%; } .note { color: #666; font-style: italic; }
@@ -101,7 +107,8 @@ def facts_section(encoder: LoadedEncoder) -> str:
     root = next(iter(inner.values())) if len(inner) == 1 else model  # our wrappers hold one open_clip module
     counts: dict[str, int] = {}
     for name, parameter in root.named_parameters():
-        counts[name.split(".")[0]] = counts.get(name.split(".")[0], 0) + parameter.numel()
+        tower = TOWERS.get(name.split(".")[0], name.split(".")[0])
+        counts[tower] = counts.get(tower, 0) + parameter.numel()
     config = encoder.run_config
     facts = {"name": encoder.name, "format": encoder.kind, "source": encoder.source,
              "model class": type(model).__name__, "logit scale": encoder.logit_scale, "logit bias": encoder.logit_bias,
@@ -109,7 +116,7 @@ def facts_section(encoder: LoadedEncoder) -> str:
              "git commit": config.get("git_commit"), "total parameters": sum(counts.values())}
     rows = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in facts.items() if v is not None)
     towers = "".join(f"<tr><th>{_esc(k)}</th><td>{v:,}</td></tr>" for k, v in counts.items())
-    body = f"<table>{rows}</table><h3>Parameters per tower (top-level module)</h3><table>{towers}</table>"
+    body = f"<table>{rows}</table><h3>Parameters per tower</h3><table>{towers}</table>"
     if config:
         shown = {k: v for k, v in config.items() if k not in ("step", "samples_seen", "git_commit")}
         body += f"<details><summary>run config</summary><pre>{_esc(json.dumps(shown, indent=1))}</pre></details>"
@@ -208,6 +215,20 @@ def captions_section(encoder: LoadedEncoder, dataset: EvalDataset, device: torch
     return f"<table><tr><th>image</th><th>generated (greedy)</th><th>true caption</th></tr>{rows}</table>"
 
 
+def patch_maps_section(encoder: LoadedEncoder, dataset: EvalDataset, device: torch.device) -> str:
+    """Maps for the first PATCH_MAPS images against their true class's prompt-ensemble text embedding."""
+    note = patch_map_note(encoder.model)
+    if note is not None:
+        return _note(note)
+    classifier = build_classifier(encoder.model, encoder.tokenizer, dataset.classnames, dataset.templates, device)
+    images, _, labels, _ = next(iter(dataset.loader(encoder.preprocess, PATCH_MAPS)))
+    patches = patch_embeddings(encoder.model.visual, images.to(device))  # (B, grid, grid, D)
+    maps = [(patches[i] @ classifier[int(label)].float()).cpu() for i, label in enumerate(labels.tolist())]
+    titles = [dataset.classnames[int(label)] for label in labels]
+    return (_note(f"Method: {METHOD}. Each image against its true class.")
+            + _img(figures.patch_maps_uri(list(images), maps, titles, encoder.preprocess), "plot", "patch maps"))
+
+
 def build_model_report(path: str, dataset_root: str, split: str = "test", device: torch.device | None = None,
                        batch_size: int = 256) -> ModelReport:
     device = device or torch.device("cpu")
@@ -229,7 +250,7 @@ def build_model_report(path: str, dataset_root: str, split: str = "test", device
             report.sections["Retrieval"] = _note(str(error))
     if hasattr(encoder.model, "decode"):
         report.sections["Generated captions"] = captions_section(encoder, zeroshot.dataset, device, batch_size)
-    report.sections["Patch-text similarity maps"] = _note(patch_map_note(encoder.model))
+    report.sections["Patch-text similarity maps"] = patch_maps_section(encoder, zeroshot.dataset, device)
     return report
 
 

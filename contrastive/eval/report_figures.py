@@ -90,3 +90,22 @@ def per_class_uri(accuracies: np.ndarray, classnames: list[str]) -> str:
     axis.set_ylim(0, 1)
     axis.set_ylabel("top-1 accuracy")
     return figure_uri(figure)
+
+
+def patch_maps_uri(images: list[torch.Tensor], maps: list[torch.Tensor], titles: list[str],
+                   preprocess: Preprocess) -> str:
+    """Each image (3, H, W) as the model saw it, its (grid, grid) cosine map laid over it."""
+    figure = Figure(figsize=(2.4 * len(images), 2.6))
+    axes = np.atleast_1d(figure.subplots(1, len(images)))
+    mean = torch.tensor(preprocess.mean).view(3, 1, 1)
+    std = torch.tensor(preprocess.std).view(3, 1, 1)
+    for axis, image, similarity, title in zip(axes, images, maps, titles):
+        pixels = (image.float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+        height, width = pixels.shape[:2]
+        axis.imshow(pixels)
+        shown = axis.imshow(similarity.numpy(), cmap="jet", alpha=0.45, extent=(0, width, height, 0),
+                            interpolation="nearest")
+        figure.colorbar(shown, ax=axis, fraction=0.046, label="cosine")
+        axis.set_title(title, fontsize=8)
+        axis.axis("off")
+    return figure_uri(figure)
