@@ -84,7 +84,7 @@ def parse_report(path: Path) -> ReportParser:
     return parser
 
 
-def check_self_contained(path: Path) -> ReportParser:
+def check_self_contained(path: Path, images_expected: bool = True) -> ReportParser:
     """Parses; every <img> is a PNG data URI PIL decodes; no scripts, links, frames or URLs outside the file."""
     assert path.stat().st_size <= SIZE_BUDGET_BYTES
     text = path.read_text()
@@ -93,7 +93,7 @@ def check_self_contained(path: Path) -> ReportParser:
     report = parse_report(path)
     assert not [tag for tag, _ in report.tags if tag in ("script", "link", "iframe", "object", "embed")]
     images = [attributes for tag, attributes in report.tags if tag == "img"]
-    assert images
+    assert bool(images) == images_expected
     for attributes in images:
         prefix = "data:image/png;base64,"
         assert attributes["src"].startswith(prefix)
@@ -234,6 +234,17 @@ def test_report_draws_patch_maps_for_a_fine_enough_grid(small_root, tmp_path):
     check_self_contained(out)
     text = out.read_text()
     assert "MaskCLIP-style" in text and 'alt="patch maps"' in text and "too coarse" not in text
+
+
+def test_image_only_transformers_export_gets_its_facts_and_says_what_it_cannot_show(clip_run, small_root, tmp_path):
+    export = tmp_path / "hf"
+    assert export_main(["--checkpoint", str(clip_run), "--format", "transformers", "--out", str(export)]) == 0
+    out = tmp_path / "report.html"
+    assert eval_main(["report", "--checkpoint", str(export), "--dataset-root", str(small_root),
+                      "--out", str(out)]) == 0
+    report = check_self_contained(out, images_expected=False)
+    assert "Zero-shot classification" in report.sections and not report.metrics
+    assert "is image-only: no text tower" in out.read_text() and "total parameters" in out.read_text()
 
 
 def browser() -> str:

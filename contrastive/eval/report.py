@@ -237,6 +237,10 @@ def build_model_report(path: str, dataset_root: str, split: str = "test", device
     report = ModelReport(f"{encoder.name} ({encoder.source})")
     report.sections["Model facts"] = facts_section(encoder)
     report.sections["Training curves"] = curves_section(encoder)
+    if encoder.tokenizer is None:  # an image-only export: nothing to compare images with
+        for title in ("Zero-shot classification", "Retrieval", "Patch-text similarity maps"):
+            report.sections[title] = _note(f"{encoder.name} ({encoder.kind}) is image-only: no text tower")
+        return report
     report.sections["Zero-shot classification"] = zeroshot_section(encoder, zeroshot, device, batch_size)
     if not hasattr(encoder.model, "encode_text"):
         report.sections["Retrieval"] = _note(f"{type(encoder.model).__name__} has no text embedding to retrieve with")
