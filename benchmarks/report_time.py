@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--dataset-root", required=True)
     parser.add_argument("--json", default=None, help="write the figures here")
+    parser.add_argument("--out", default=None, help="keep the report here (default: a scratch directory)")
     args = parser.parse_args()
     common = ["--checkpoint", args.checkpoint, "--dataset-root", args.dataset_root]
     with tempfile.TemporaryDirectory() as scratch:
@@ -42,8 +43,9 @@ def main() -> None:
         quiet = ["--workers", "0", "--no-progress"]
         zeroshot = timed(["zeroshot", *common, "--output", str(scratch / "zs.json"), *quiet])
         retrieval = timed(["retrieval", *common, "--output", str(scratch / "rt.json"), *quiet])
-        report = timed(["report", *common, "--out", str(scratch / "report.html")])
-        size = (scratch / "report.html").stat().st_size
+        html = Path(args.out) if args.out else scratch / "report.html"
+        report = timed(["report", *common, "--out", str(html)])
+        size = html.stat().st_size
     evaluations = zeroshot + retrieval
     result = {
         "report_s": report, "evaluations_s": evaluations, "zeroshot_s": zeroshot, "retrieval_s": retrieval,
