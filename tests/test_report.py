@@ -164,12 +164,13 @@ def test_report_figures_equal_the_eval_json_and_the_shards_labels(clip_run, clip
     assert torch.tensor(np.trace(confusion) / len(labels), dtype=torch.float32).item() == acc1
 
 
-def test_steps_repeated_after_a_resume_keep_their_last_line(tmp_path):
+def test_steps_repeated_after_a_resume_keep_their_last_line_and_a_cut_line_is_skipped(tmp_path):
     lines = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 9.0},
              {"step": 2, "loss": 2.5}, {"step": 3, "loss": 1.5}, {"step": 4, "loss": 1.0}]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    rows, count = training_rows(tmp_path)
-    assert count == 6
+    cut_short = '{"step": 5, "lo'  # a run killed mid-write
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines) + cut_short)
+    rows, count, unreadable = training_rows(tmp_path)
+    assert (count, unreadable) == (7, 1)
     assert [(row["step"], row["loss"]) for row in rows] == [(1, 3.0), (2, 2.5), (3, 1.5), (4, 1.0)]
 
 

@@ -91,14 +91,19 @@ def fetch_images(dataset: EvalDataset, encoder: LoadedEncoder, indices: Iterable
     return found
 
 
-def training_rows(run_dir: Path) -> tuple[list[dict], int]:
-    """(one row per step from metrics.jsonl, the last one logged for a step repeated after a resume; line count)."""
+def training_rows(run_dir: Path) -> tuple[list[dict], int, int]:
+    """(one row per step from metrics.jsonl, the last one logged for a step repeated after a resume; line count;
+    unreadable lines, such as one cut short when a run was killed mid-write, which are skipped)."""
     lines = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     by_step: dict[int, dict] = {}
+    unreadable = 0
     for line in lines:
-        row = json.loads(line)
-        by_step[row["step"]] = row
-    return [by_step[step] for step in sorted(by_step)], len(lines)
+        try:
+            row = json.loads(line)
+            by_step[int(row["step"])] = row
+        except (ValueError, KeyError, TypeError):
+            unreadable += 1
+    return [by_step[step] for step in sorted(by_step)], len(lines), unreadable
 
 
 def facts_section(encoder: LoadedEncoder) -> str:
@@ -128,9 +133,12 @@ def curves_section(encoder: LoadedEncoder) -> str:
     run_dir = Path(checkpoint).parent.parent if checkpoint else None
     if run_dir is None or not (run_dir / "metrics.jsonl").is_file():
         return _note(f"no metrics.jsonl beside {encoder.source} (training curves exist for runs of ours)")
-    rows, lines = training_rows(run_dir)
+    rows, lines, unreadable = training_rows(run_dir)
+    if not rows:
+        return _note(f"{run_dir / 'metrics.jsonl'} holds no readable step")
+    skipped = f"; {unreadable} unreadable line(s) skipped" if unreadable else ""
     return (_note(f"{run_dir / 'metrics.jsonl'}: {lines} lines, {len(rows)} steps after keeping the last line of "
-                  f"each step (steps repeated after a resume)")
+                  f"each step (steps repeated after a resume){skipped}")
             + _img(figures.curves_uri(rows), "plot", "training curves"))
 
 
