@@ -8,7 +8,7 @@ NPROC ?= 2
 DEMO_DATA ?= data/demo/fashion-mnist
 BIN := $(VENV)/bin
 
-.PHONY: setup demo demo-data test test-fast lint clean-demo gpu-check
+.PHONY: setup demo demo-data browser test test-fast lint clean-demo gpu-check
 
 # PYTHON names the interpreter that creates the venv. Given on the command line to `make gpu-check`, it is instead
 # the environment to check as it is (e.g. a node's own CUDA-matched torch): no venv, nothing installed, the package
@@ -39,8 +39,15 @@ demo: demo-data
 	$(BIN)/torchrun --nproc_per_node=$(NPROC) -m contrastive.cli.train experiment=demo resume=latest
 	$(BIN)/contrastive-eval zeroshot --checkpoint runs/demo --dataset-root $(DEMO_DATA) \
 		--output runs/demo/zeroshot.json
+	$(BIN)/contrastive-eval report --checkpoint runs/demo --dataset-root $(DEMO_DATA) --out runs/demo/report.html
 
-test: setup lint
+# Headless Chromium for the report's render test (tests/test_report.py): Debian's package, installed when missing.
+# Without root or apt this fails here with apt's own message, and the test then fails naming this target.
+browser:
+	command -v chromium >/dev/null || command -v chromium-headless-shell >/dev/null || \
+		{ apt-get update -q && apt-get install -y -q chromium; }
+
+test: setup lint browser
 	$(BIN)/python -m pytest
 
 lint: setup

@@ -7,6 +7,7 @@
     contrastive-eval retrieval --checkpoint runs/demo --dataset-root data/flickr30k --output-dir results/
     contrastive-eval probe --checkpoint runs/demo --dataset-root data/demo/fashion-mnist --train-split train
     contrastive-eval caption --checkpoint runs/demo_cappa --dataset-root data/demo/fashion-mnist --count 100
+    contrastive-eval report --checkpoint runs/demo --dataset-root data/demo/fashion-mnist --out runs/demo/report.html
 
 Models: --checkpoint takes checkpoint files or run directories (their newest checkpoint), open_clip directories
 (open_clip_config.json + weights) or transformers directories (config.json + preprocessor_config.json; image-only
@@ -36,6 +37,7 @@ from contrastive.errors import ConfigError
 from contrastive.eval.captioning import caption_dataset, named_class
 from contrastive.eval.datasets import open_classification_dataset
 from contrastive.eval.linear_probe import LinearProbeEvaluation
+from contrastive.eval.report import write_report
 from contrastive.eval.retrieval import ZeroShotRetrieval
 from contrastive.eval.zeroshot import ZeroShotClassification, result_record, write_result
 
@@ -137,6 +139,32 @@ def _caption(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    """One self-contained HTML file: model facts, training curves, zero-shot, retrieval, captions (see eval/report)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = write_report(args.checkpoint, args.dataset_root, args.out, args.compare, args.split, device,
+                       args.batch_size)
+    print(f"report written to {out} ({out.stat().st_size / 1e3:.0f} kB)")
+    return 0
+
+
+def _add_report_command(commands) -> None:
+    parser = commands.add_parser("report", help="a self-contained HTML report of a model (or two, side by side)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint file, run directory, open_clip or transformers directory")
+    parser.add_argument("--compare", default=None, help="a second model, shown beside the first")
+    parser.add_argument("--dataset-root", required=True,
+                        help="labelled dataset directory; shards with captions also give retrieval")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--out", required=True, help="the HTML file to write")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    parser.set_defaults(run=_report)
+
+
 def _add_caption_command(commands) -> None:
     parser = commands.add_parser("caption", help="generate captions with a captioning checkpoint (CapPa, CoCa)")
     parser.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
@@ -192,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     probe = _add_evaluation_command(commands, "probe", "linear probe fitted on --train-split, scored on --split")
     probe.add_argument("--train-split", default="train")
     _add_caption_command(commands)
+    _add_report_command(commands)
     return parser
 
 

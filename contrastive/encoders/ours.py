@@ -58,6 +58,7 @@ def load_checkpoint_encoder(path: str | Path, device: torch.device, weights: str
     cfg.pretrained = None  # the checkpoint holds every weight; the run's starting point may not exist here
     model = build_model(cfg)
     apply_model_state(model, state["model"], path)
-    run_config = {**state["config"], "step": state["step"], "checkpoint": str(path), "weights": weights}
+    run_config = {**state["config"], "step": state["step"], "checkpoint": str(path), "weights": weights,
+                  **{key: state[key] for key in ("samples_seen", "git_commit") if key in state}}
     name = str(run_config.get("name", "model")) + ("-ema" if weights == "ema" else "")
     return encoder_from_model(model.to(device).eval(), name, str(path), run_config)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from contrastive.encoders import LoadedEncoder
 from contrastive.errors import InputError
 from contrastive.eval.datasets import open_retrieval_dataset
-from contrastive.eval.features import encode_images
+from contrastive.eval.features import ImageFeatures, encode_images
 from contrastive.eval.zeroshot import require_text_tower, require_tokenizer
 
 RECALL_KS = (1, 5, 10)
@@ -84,12 +84,19 @@ class ZeroShotRetrieval:
         self.num_workers = num_workers
         self.progress = progress
 
-    @torch.no_grad()
     def run(self, encoder: LoadedEncoder, device: torch.device) -> dict[str, float]:
+        images, text_features, _, text_to_image = self.features(encoder, device)
+        return retrieval_metrics(images.features, text_features, text_to_image)
+
+    @torch.no_grad()
+    def features(self, encoder: LoadedEncoder,
+                 device: torch.device) -> tuple[ImageFeatures, torch.Tensor, list[str], torch.Tensor]:
+        """(image features, text features (T, D), the captions, text_to_image (T,)): what the metrics (and reports)
+        are computed from."""
         require_tokenizer(encoder, "retrieval")
         require_text_tower(encoder.model, "retrieval")
         loader = self.dataset.loader(encoder.preprocess, self.batch_size, self.num_workers)
         images = encode_images(encoder.model, loader, device, progress=self.progress, desc=f"retrieval {self.name}")
         texts, text_to_image = split_captions(images.captions, images.keys)
         text_features = encode_texts(encoder.model, encoder.tokenizer, texts, device, self.batch_size, self.progress)
-        return retrieval_metrics(images.features, text_features, text_to_image)
+        return images, text_features, texts, text_to_image

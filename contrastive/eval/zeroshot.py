@@ -77,14 +77,18 @@ class ZeroShotClassification:
         self.num_workers = num_workers
         self.progress = progress
 
-    @torch.no_grad()
     def run(self, encoder: LoadedEncoder, device: torch.device) -> dict[str, float]:
+        return classification_metrics(*self.scores(encoder, device))
+
+    @torch.no_grad()
+    def scores(self, encoder: LoadedEncoder, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class scores (N, C), labels (N,)) in dataset order: what the metrics (and reports) are computed from."""
         require_tokenizer(encoder, "zero-shot classification")
         model, tokenizer = encoder.model, encoder.tokenizer
         loader = self.dataset.loader(encoder.preprocess, self.batch_size, self.num_workers)
         if not hasattr(model, "encode_text"):  # a captioner (CapPa): classes ranked by caption log-likelihood
-            return classification_metrics(*caption_classification_scores(
-                model, tokenizer, self.dataset.classnames, self.dataset.templates, loader, device, self.progress))
+            return caption_classification_scores(model, tokenizer, self.dataset.classnames, self.dataset.templates,
+                                                 loader, device, self.progress)
         classifier = build_classifier(model, tokenizer, self.dataset.classnames, self.dataset.templates, device,
                                       self.progress)
         images = encode_images(model, loader, device, progress=self.progress, desc=f"zero-shot {self.name}")
@@ -92,7 +96,7 @@ class ZeroShotClassification:
         if (labels < 0).any() or (labels >= len(self.dataset.classnames)).any():
             raise InputError(f"{self.name}: labels outside 0..{len(self.dataset.classnames) - 1}; "
                              f"do the class names and the shards' .cls files match?")
-        return classification_metrics(images.features @ classifier.float().cpu().T, labels)
+        return images.features @ classifier.float().cpu().T, labels
 
 
 def result_record(dataset: str, model: str, metrics: dict[str, float], pretrained: str | None = None,
