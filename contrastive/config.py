@@ -40,6 +40,24 @@ class ModelConfig:
 
 
 @dataclass
+class SelfDistillationConfig:
+    """SigLIP 2's late self-distillation terms (conf/loss/siglip2.yaml states the sources of each default)."""
+
+    enabled: bool = False
+    start: float = 0.8  # fraction of trainer.max_steps at which the terms switch on
+    prototypes: int = 1024  # K, the heads' output width
+    head_hidden: int = 512
+    head_bottleneck: int = 128
+    teacher_temp: float = 0.04
+    student_temp: float = 0.1
+    centre_momentum: float = 0.9
+    teacher_momentum: float = 0.996  # EMA momentum at the switch, raised to 1 by the end along a cosine
+    mask_ratio: float = 0.5
+    local_weight: float = 1.0
+    masked_weight: float = 0.25
+
+
+@dataclass
 class LossConfig:
     name: str = "clip"  # registry name, see contrastive.losses.list_losses()
     block_size: int | None = None  # contrastive losses: score logits in blocks of this many columns (memory)
@@ -47,6 +65,7 @@ class LossConfig:
     clip_weight: float = 1.0  # CoCa: weight of the contrastive term
     caption_weight: float = 2.0  # CoCa: weight of the captioning term
     label_smoothing: float = 0.0  # captioning cross-entropy
+    self_distillation: SelfDistillationConfig = field(default_factory=SelfDistillationConfig)
 
 
 @dataclass
@@ -73,6 +92,13 @@ class DataConfig:
     retry_wait_s: float = 0.5  # before the second try of a remote read; doubled before each further one (max 30 s)
     epochs: int | None = None  # a finite run: passes over every source; None: loop forever (trainer.max_steps)
     min_image_size: int = 8  # pixels; a smaller side is a bad sample (wrong_image_size)
+    # Extra augmented views per sample for self-distillation (the plain view still feeds the other losses):
+    global_views: int = 0
+    global_view_size: int | None = None  # pixels; null: the model's image size
+    global_view_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
+    local_views: int = 0
+    local_view_size: int = 14
+    local_view_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
 
 
 @dataclass
@@ -261,6 +287,20 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, model_archs: Collection[s
     require(data.shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0, got {data.shuffle_buffer}")
     require(len(data.crop_scale) == 2 and 0 < data.crop_scale[0] <= data.crop_scale[1] <= 1,
             f"data.crop_scale must be [low, high] with 0 < low <= high <= 1, got {list(data.crop_scale)}")
+    for kind in ("global", "local"):
+        scale = getattr(data, f"{kind}_view_scale")
+        require(getattr(data, f"{kind}_views") >= 0, f"data.{kind}_views must be >= 0")
+        require(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1,
+                f"data.{kind}_view_scale must be [low, high] with 0 < low <= high <= 1, got {list(scale)}")
+    distill = cfg.loss.self_distillation
+    if distill.enabled:
+        require(data.global_views > 0 and data.local_views > 0, "loss.self_distillation.enabled needs "
+                "data.global_views and data.local_views above 0 (the teacher's and the local student's views)")
+        require(0 <= distill.start < 1, f"loss.self_distillation.start must be in [0, 1), got {distill.start}")
+        require(0 < distill.mask_ratio < 1, "loss.self_distillation.mask_ratio must be in (0, 1)")
+        require(distill.teacher_temp > 0 and distill.student_temp > 0, "self-distillation temperatures must be > 0")
+        require(0 <= distill.centre_momentum < 1 and 0 <= distill.teacher_momentum <= 1,
+                "loss.self_distillation momenta must be in [0, 1)")
     require(0 <= data.max_skip_fraction <= 1, "data.max_skip_fraction must be within [0, 1]")
     require(data.read_attempts >= 1, f"data.read_attempts must be at least 1, got {data.read_attempts}")
     require(data.retry_wait_s >= 0, f"data.retry_wait_s must be >= 0, got {data.retry_wait_s}")
