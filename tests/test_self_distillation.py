@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from contrastive.checkpoint_io import list_checkpoints, load_checkpoint
+from contrastive.checkpoint_io import SHARDED_PARTS, list_checkpoints, load_checkpoint
 from contrastive.config import SelfDistillationConfig
 from contrastive.dist.collectives import LocalCollectives
 from contrastive.losses.self_distillation import WithSelfDistillation
@@ -83,20 +83,22 @@ def test_the_terms_equal_a_hand_computation():
 
 DEMO = ["experiment=demo_siglip2", "debug=tiny", "model=tiny_siglip", "trainer.max_steps=4",
         "trainer.checkpoint_every=2", "loss.self_distillation.start=0.75", "dist.strategy=fsdp",
-        "trainer.checkpoint_format=single", "trainer.deterministic=true", "trainer.keep_last_checkpoints=10"]
+        "trainer.deterministic=true", "trainer.keep_last_checkpoints=10"]  # checkpoints: DCP (auto under FSDP)
 
 
 @pytest.mark.distributed
 def test_demo_siglip2_switches_on_at_its_step_on_two_ranks_and_resumes_across_it_bit_for_bit(demo_root, tmp_path):
     """demo_siglip2 on 2 FSDP ranks, 4 steps, start 0.75: the terms are logged at step 4 (the 4th step, index 3)
     and not before; the heads take no optimiser state before it. A run killed after its step-2 checkpoint and
-    resumed across the switch ends with the uninterrupted run's weights, teacher, heads, centres, optimiser state."""
+    resumed across the switch ends with the uninterrupted run's weights, teacher, heads, centres, optimiser state.
+    Both write sharded (DCP) checkpoints; tests/test_checkpoint_sharded.py shows those equal single files."""
     reference_dir, resumed_dir = tmp_path / "reference", tmp_path / "resumed"
     torchrun([*TRAIN, *tiny_run_overrides(demo_root, reference_dir), *DEMO])
     logged = [json.loads(line) for line in (reference_dir / "metrics.jsonl").read_text().splitlines()]
     assert [("distill/masked_loss" in row) for row in logged] == [False] * 3 + [True]
     assert all("distill/local_loss" in row for row in logged[3:])
-    reference = {step: load_checkpoint(path) for step, path in list_checkpoints(reference_dir)}
+    reference = {step: load_checkpoint(path, sharded_parts=SHARDED_PARTS)
+                 for step, path in list_checkpoints(reference_dir)}
     heads = [k for k in reference[4]["model"] if k.startswith("self_distillation.")
              and not k.startswith("self_distillation.teacher.") and "centre" not in k]
     assert heads and not set(heads) & set(reference[2]["optimizer"]["state"])
@@ -108,13 +110,13 @@ def test_demo_siglip2_switches_on_at_its_step_on_two_ranks_and_resumes_across_it
     shutil.copytree(reference_dir, resumed_dir)
     for step, path in list_checkpoints(resumed_dir):  # as if killed right after the step-2 commit
         if step > 2:
-            path.unlink()
+            shutil.rmtree(path)
     metrics = resumed_dir / "metrics.jsonl"
     metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines()
                                if json.loads(line)["step"] <= 2))
     torchrun([*TRAIN, *tiny_run_overrides(demo_root, resumed_dir), *DEMO, "resume=latest"])
     for step, path in list_checkpoints(resumed_dir):
-        state = load_checkpoint(path)
+        state = load_checkpoint(path, sharded_parts=SHARDED_PARTS)
         for part in ("model", "optimizer", "data_positions", "step"):
             _assert_equal(state[part], reference[step][part], f"step {step} {part}")
 
