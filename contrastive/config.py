@@ -296,6 +296,10 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, model_archs: Collection[s
     if distill.enabled:
         require(data.global_views > 0 and data.local_views > 0, "loss.self_distillation.enabled needs "
                 "data.global_views and data.local_views above 0 (the teacher's and the local student's views)")
+        # DDP needs every trainable parameter in every backward (the heads take none before the switch), and its
+        # search for unused ones does not look inside ModelOutput; FSDP2 reduces what has a gradient.
+        require(world_size == 1 or cfg.dist.strategy == "fsdp",
+                "loss.self_distillation on several ranks needs dist.strategy=fsdp")
         require(0 <= distill.start < 1, f"loss.self_distillation.start must be in [0, 1), got {distill.start}")
         require(0 < distill.mask_ratio < 1, "loss.self_distillation.mask_ratio must be in (0, 1)")
         require(distill.teacher_temp > 0 and distill.student_temp > 0, "self-distillation temperatures must be > 0")

@@ -110,9 +110,7 @@ def parallelize(model: nn.Module, env: DistEnv, strategy: str = "ddp", activatio
         set_model_state_dict(model, initial, options=_FROM_RANK0)
         return model
     device_ids = [env.device.index] if env.device.type == "cuda" else None
-    # Self-distillation's heads and mask token take no part before its switch step.
-    unused = getattr(model, "self_distillation", None) is not None
-    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=unused)
+    return DistributedDataParallel(model, device_ids=device_ids)
 
 
 def is_sharded(model: nn.Module) -> bool:
