@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from contrastive.checkpoint_io import SHARDED_PARTS, list_checkpoints, load_checkpoint
 from contrastive.config import SelfDistillationConfig
 from contrastive.dist.collectives import LocalCollectives
+from contrastive.encoders import load_encoder
 from contrastive.losses.self_distillation import WithSelfDistillation
 from contrastive.models import build_model
 from contrastive.models.self_distillation import vit_tokens
@@ -91,7 +92,8 @@ def test_demo_siglip2_switches_on_at_its_step_on_two_ranks_and_resumes_across_it
     """demo_siglip2 on 2 FSDP ranks, 4 steps, start 0.75: the terms are logged at step 4 (the 4th step, index 3)
     and not before; the heads take no optimiser state before it. A run killed after its step-2 checkpoint and
     resumed across the switch ends with the uninterrupted run's weights, teacher, heads, centres, optimiser state.
-    Both write sharded (DCP) checkpoints; tests/test_checkpoint_sharded.py shows those equal single files."""
+    Both write sharded (DCP) checkpoints; tests/test_checkpoint_sharded.py shows those equal single files. The last
+    one loads as an encoder for evaluation and export, without the training-only parts."""
     reference_dir, resumed_dir = tmp_path / "reference", tmp_path / "resumed"
     torchrun([*TRAIN, *tiny_run_overrides(demo_root, reference_dir), *DEMO])
     logged = [json.loads(line) for line in (reference_dir / "metrics.jsonl").read_text().splitlines()]
@@ -119,6 +121,9 @@ def test_demo_siglip2_switches_on_at_its_step_on_two_ranks_and_resumes_across_it
         state = load_checkpoint(path, sharded_parts=SHARDED_PARTS)
         for part in ("model", "optimizer", "data_positions", "step"):
             _assert_equal(state[part], reference[step][part], f"step {step} {part}")
+    # Evaluation and export load the towers alone: heads, mask token and teacher serve training only.
+    encoder = load_encoder(resumed_dir)
+    assert encoder.run_config["step"] == 4 and encoder.model.self_distillation is None
 
 
 # Floor for the entropy of the teacher's batch-mean distribution: a teacher collapsed onto one prototype has 0;
