@@ -40,6 +40,24 @@ class ModelConfig:
 
 
 @dataclass
+class SelfDistillationConfig:
+    """SigLIP 2's late self-distillation terms (conf/loss/siglip2.yaml states the sources of each default)."""
+
+    enabled: bool = False
+    start: float = 0.8  # fraction of trainer.max_steps at which the terms switch on
+    prototypes: int = 1024  # K, the heads' output width
+    head_hidden: int = 512
+    head_bottleneck: int = 128
+    teacher_temp: float = 0.04
+    student_temp: float = 0.1
+    centre_momentum: float = 0.9
+    teacher_momentum: float = 0.996  # EMA momentum at the switch, raised to 1 by the end along a cosine
+    mask_ratio: float = 0.5
+    local_weight: float = 1.0
+    masked_weight: float = 0.25
+
+
+@dataclass
 class LossConfig:
     name: str = "clip"  # registry name, see contrastive.losses.list_losses()
     block_size: int | None = None  # contrastive losses: score logits in blocks of this many columns (memory)
@@ -47,6 +65,7 @@ class LossConfig:
     clip_weight: float = 1.0  # CoCa: weight of the contrastive term
     caption_weight: float = 2.0  # CoCa: weight of the captioning term
     label_smoothing: float = 0.0  # captioning cross-entropy
+    self_distillation: SelfDistillationConfig = field(default_factory=SelfDistillationConfig)
 
 
 @dataclass
@@ -80,6 +99,13 @@ class DataConfig:
     # own longest caption (two-tower models with causal text towers: their features do not change)
     length_bucketing: bool = False
     bucket_batches: int = 8
+    # Extra augmented views per sample for self-distillation (the plain view still feeds the other losses):
+    global_views: int = 0
+    global_view_size: int | None = None  # pixels; null: the model's image size
+    global_view_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
+    local_views: int = 0
+    local_view_size: int = 14
+    local_view_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
 
 
 @dataclass
@@ -279,6 +305,24 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, model_archs: Collection[s
     require(data.shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0, got {data.shuffle_buffer}")
     require(len(data.crop_scale) == 2 and 0 < data.crop_scale[0] <= data.crop_scale[1] <= 1,
             f"data.crop_scale must be [low, high] with 0 < low <= high <= 1, got {list(data.crop_scale)}")
+    for kind in ("global", "local"):
+        scale = getattr(data, f"{kind}_view_scale")
+        require(getattr(data, f"{kind}_views") >= 0, f"data.{kind}_views must be >= 0")
+        require(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1,
+                f"data.{kind}_view_scale must be [low, high] with 0 < low <= high <= 1, got {list(scale)}")
+    distill = cfg.loss.self_distillation
+    if distill.enabled:
+        require(data.global_views > 0 and data.local_views > 0, "loss.self_distillation.enabled needs "
+                "data.global_views and data.local_views above 0 (the teacher's and the local student's views)")
+        # DDP needs every trainable parameter in every backward (the heads take none before the switch), and its
+        # search for unused ones does not look inside ModelOutput; FSDP2 reduces what has a gradient.
+        require(world_size == 1 or cfg.dist.strategy == "fsdp",
+                "loss.self_distillation on several ranks needs dist.strategy=fsdp")
+        require(0 <= distill.start < 1, f"loss.self_distillation.start must be in [0, 1), got {distill.start}")
+        require(0 < distill.mask_ratio < 1, "loss.self_distillation.mask_ratio must be in (0, 1)")
+        require(distill.teacher_temp > 0 and distill.student_temp > 0, "self-distillation temperatures must be > 0")
+        require(0 <= distill.centre_momentum < 1 and 0 <= distill.teacher_momentum <= 1,
+                "loss.self_distillation momenta must be in [0, 1)")
     require(0 <= data.max_skip_fraction <= 1, "data.max_skip_fraction must be within [0, 1]")
     require(data.read_attempts >= 1, f"data.read_attempts must be at least 1, got {data.read_attempts}")
     require(data.retry_wait_s >= 0, f"data.retry_wait_s must be >= 0, got {data.retry_wait_s}")
@@ -321,6 +365,9 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, model_archs: Collection[s
     require(cfg.model.arch == "clip" or not (trainer.stages or data.length_bucketing),
             f"trainer.stages and data.length_bucketing need model.arch=clip, got {cfg.model.arch!r}")
     require(data.bucket_batches > 0, f"data.bucket_batches must be positive, got {data.bucket_batches}")
+    require(not (data.global_views or data.local_views) or not (trainer.stages or data.length_bucketing),
+            "data.global_views/local_views (self-distillation) do not combine with trainer.stages or "
+            "data.length_bucketing yet: the extra views are neither resized per stage nor regrouped by caption length")
     require(trainer.peak_flops_per_device is None or trainer.peak_flops_per_device > 0,
             "trainer.peak_flops_per_device must be positive or null")
     for tower in ("image", "text"):

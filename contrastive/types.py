@@ -74,6 +74,8 @@ class Batch:
     tokens: torch.Tensor  # (B, L) int64, 0 = padding
     keys: list[str] = field(default_factory=list)
     labels: torch.Tensor | None = None  # (B,) int64, present on labelled data
+    global_views: torch.Tensor | None = None  # (B, G, 3, g, g) extra augmented views (data.global_views)
+    local_views: torch.Tensor | None = None  # (B, L, 3, l, l) smaller crops (data.local_views)
     stream_position: StreamPosition | None = None
 
     def __len__(self) -> int:
@@ -101,6 +103,14 @@ class ModelOutput:
     logit_bias: torch.Tensor | None = None  # scalar, SigLIP only
     caption_logits: torch.Tensor | None = None  # (B, L, V), captioning objectives only
     caption_targets: torch.Tensor | None = None  # (B, L) int64, -100 where ignored
+    # Self-distillation (contrastive.models.self_distillation), once it is on: prototype logits over K prototypes.
+    student_local_logits: torch.Tensor | None = None  # (B, L, K) the student's local crops
+    teacher_global_logits: torch.Tensor | None = None  # (B, G, K) the teacher's global views, no gradient
+    student_patch_logits: torch.Tensor | None = None  # (B, G, N, K) the student's masked global views, per patch
+    teacher_patch_logits: torch.Tensor | None = None  # (B, G, N, K) the teacher's unmasked ones, no gradient
+    patch_mask: torch.Tensor | None = None  # (B, G, N) bool, the patches the student saw masked
+    global_centre: torch.Tensor | None = None  # (K,) the teacher's centre for pooled outputs
+    patch_centre: torch.Tensor | None = None  # (K,) and for patches
 
     def to_float32(self) -> ModelOutput:
         """The same outputs with every floating-point tensor in fp32: objectives compute in fp32 whatever the towers
@@ -116,6 +126,9 @@ class LossOutput:
 
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Means over the global batch the model takes in after the optimiser step (self-distillation's teacher
+    # centres: name -> (K,)), as the loss is the one place that sees every micro-batch and rank.
+    teacher_statistics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Collectives(Protocol):

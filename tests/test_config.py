@@ -90,3 +90,10 @@ def test_every_experiment_names_its_launch_command():
     for path in Path(CONF_DIR, "experiment").glob("*.yaml"):
         header = path.read_text().split("\n\n")[0]
         assert "torchrun" in header or "sbatch" in header, f"{path.name} has no launch command in its header"
+
+
+@pytest.mark.parametrize("combined", ["data.length_bucketing=true", "trainer.stages=[{until: 0.5, image_size: 14}]"])
+def test_extra_views_refuse_stages_and_length_bucketing(combined):
+    _validate(compose_config(["data.local_views=2"]))  # alone, the extra views are a valid setting
+    with pytest.raises(ValueError, match="do not combine with trainer.stages or data.length_bucketing"):
+        _validate(compose_config(["data.local_views=2", combined]))

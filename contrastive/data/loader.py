@@ -16,7 +16,14 @@ from contrastive.data.reader import iter_shard
 from contrastive.data.remote import RECOVERED_READ, RetryPolicy
 from contrastive.data.shards import check_epoch_mode_slots, check_shards_exist, expand_shards
 from contrastive.data.stream import ImageTextStream, Source, StreamLayout, decode_sample
-from contrastive.data.transforms import BadSample, BatchNormalize, Preprocess, build_train_transform, train_decode_size
+from contrastive.data.transforms import (
+    BadSample,
+    BatchNormalize,
+    MultiViewCrops,
+    Preprocess,
+    build_train_transform,
+    train_decode_size,
+)
 from contrastive.errors import ConfigError, InputError
 from contrastive.types import StreamPosition
 
@@ -77,6 +84,15 @@ def build_train_loader(
     transform = build_train_transform(
         image_size, preprocess.interpolation, crop_scale=tuple(data.crop_scale), horizontal_flip=data.horizontal_flip,
     )
+    decode_size = train_decode_size(image_size, tuple(data.crop_scale))
+    if data.global_views or data.local_views:
+        global_size = data.global_view_size or image_size
+        # DINO's views: random resized crops with flips, global ones large, local ones small
+        views = [(global_size, data.global_view_scale), (data.local_view_size, data.local_view_scale)]
+        global_crop, local_crop = (build_train_transform(size, preprocess.interpolation, tuple(scale), True)
+                                   for size, scale in views)
+        transform = MultiViewCrops(transform, global_crop, data.global_views, local_crop, data.local_views)
+        decode_size = max(decode_size, *(train_decode_size(size, tuple(scale)) for size, scale in views))
     layout = StreamLayout(
         rank=rank, world_size=world_size, num_workers=max(1, data.num_workers), seed=seed,
         resampled=data.resampled, shuffle_buffer=data.shuffle_buffer,
@@ -87,7 +103,7 @@ def build_train_loader(
     stream = ImageTextStream(
         sources, layout, transform, BatchNormalize(preprocess.mean, preprocess.std), tokenizer,
         image_size, data.batch_size // world_size, max_skip_fraction=data.max_skip_fraction,
-        decode_size=train_decode_size(image_size, tuple(data.crop_scale)), min_image_size=data.min_image_size,
+        decode_size=decode_size, min_image_size=data.min_image_size,
         start_step=start_step, positions=positions,
         retry=RetryPolicy(attempts=data.read_attempts, first_wait_s=data.retry_wait_s),
         bucket_batches=data.bucket_batches if data.length_bucketing else None,

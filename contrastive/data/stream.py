@@ -115,8 +115,9 @@ def decode_sample(
         except (UnicodeDecodeError, ValueError) as error:
             raise BadSample("bad_label", str(error)) from error
     image = transform(decode_image(image_bytes, decode_size or image_size, min_image_size))
-    if image.shape[-2:] != (image_size, image_size):
-        raise BadSample("wrong_image_size", f"transform gave {tuple(image.shape)}")
+    plain = image[0] if isinstance(image, tuple) else image  # a multi-view transform's plain view comes first
+    if plain.shape[-2:] != (image_size, image_size):
+        raise BadSample("wrong_image_size", f"transform gave {tuple(plain.shape)}")
     return image, caption, label
 
 
@@ -152,7 +153,8 @@ class ImageTextStream(IterableDataset):
         super().__init__()
         self.sources = sources
         self.layout = layout
-        self.transform = transform  # (PIL image, generator it draws from) -> uint8 (3, H, W)
+        # (PIL image, generator it draws from) -> uint8 (3, H, W), or transforms.MultiViewCrops's tuple of views
+        self.transform = transform
         self.normalize = normalize  # uint8 (B, 3, H, W) -> float32
         self.decode_size = decode_size or image_size
         self.tokenizer = tokenizer
@@ -254,6 +256,7 @@ class ImageTextStream(IterableDataset):
         window = self.local_batch_size * (self.bucket_batches or 1)  # samples gathered before batches are cut
         window_start, skip_batches = replace(position, bucket_batches_taken=0), position.bucket_batches_taken
         images = torch.empty((window, 3, size, size), dtype=torch.uint8)
+        view_buffers: tuple[torch.Tensor, ...] | None = None  # (window, G, 3, g, g), (window, L, 3, l, l)
         captions, labels, keys = [], [], []
         while True:
             active = [s.name for s in self.sources if s.name not in exhausted]
@@ -285,6 +288,13 @@ class ImageTextStream(IterableDataset):
                 self._check_skip_rate(skipped, seen, raw, bad)
                 continue
             seen += 1
+            if isinstance(image, tuple):
+                image, *views = image
+                if view_buffers is None:
+                    view_buffers = tuple(torch.empty((window, *v.shape), dtype=torch.uint8)
+                                         for v in views)
+                for buffer, view in zip(view_buffers, views):
+                    buffer[len(keys)] = view
             images[len(keys)] = image
             captions.append(caption)
             labels.append(-1 if label is None else label)
@@ -297,8 +307,12 @@ class ImageTextStream(IterableDataset):
                 skipped=dict(skipped), samples_seen=seen,
             )
             if self.bucket_batches is None:
+                normalized_views = [self.normalize(v, out=_batch_tensor(v.shape, in_worker=info is not None))
+                                    for v in view_buffers or ()]
                 yield Batch(
                     images=self.normalize(images, out=_batch_tensor(images.shape, in_worker=info is not None)),
+                    global_views=normalized_views[0] if normalized_views else None,
+                    local_views=normalized_views[1] if normalized_views else None,
                     tokens=self.tokenizer(captions), keys=keys, labels=torch.tensor(labels),
                     stream_position=window_end,
                 )

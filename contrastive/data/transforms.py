@@ -148,6 +148,23 @@ def build_train_transform(
     return RandomCropFlip(image_size, interpolation, crop_scale, horizontal_flip)
 
 
+class MultiViewCrops:
+    """(PIL image, generator) -> uint8 (plain (3, H, W), global views (G, 3, g, g), local views (L, 3, l, l)): the
+    plain crop first (the same draws as without views), then each extra view's crop and flip, from the same
+    generator, so a sample's views are as reproducible as its plain crop."""
+
+    def __init__(self, plain: RandomCropFlip, global_crop: RandomCropFlip, global_views: int,
+                 local_crop: RandomCropFlip, local_views: int) -> None:
+        self.plain, self.global_crop, self.local_crop = plain, global_crop, local_crop
+        self.global_views, self.local_views = global_views, local_views
+
+    def __call__(self, image: Image.Image, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        plain = self.plain(image, generator)
+        global_views = torch.stack([self.global_crop(image, generator) for _ in range(self.global_views)])
+        local_views = torch.stack([self.local_crop(image, generator) for _ in range(self.local_views)])
+        return plain, global_views, local_views
+
+
 def build_eval_transform(image_size: int, mean: list[float], std: list[float],
                          interpolation: str = "bicubic") -> v2.Compose:
     return v2.Compose([

@@ -20,12 +20,15 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
 )
 from torch.distributed.tensor import DTensor, distribute_tensor
+
+from contrastive.dist.parallel import drop_unsaved_optimizer_state
 
 
 def checkpoint_process_group() -> dist.ProcessGroup | None:
@@ -72,14 +75,22 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, param_group
     rank reads the parts of the saved shards that overlap its own. Every rank calls this."""
     model_state = get_model_state_dict(model)
     optimizer_state = get_optimizer_state_dict(model, optimizer)  # creates the optimiser's state to read into
+    # Parameters that never had a gradient (self-distillation's heads before its switch) have no saved state.
+    reader = dcp.FileSystemReader(directory)
+    saved_keys = reader.read_metadata().state_dict_metadata.keys()
+    saved_names = {name for name in optimizer_state["state"]
+                   if any(key.startswith(f"optimizer.{name}.") for key in saved_keys)}
+    optimizer_state["state"] = {name: optimizer_state["state"][name] for name in saved_names}
     target = {"model": model_state, "optimizer": optimizer_state["state"]}
     if ema_shadow is not None:
         target["ema"] = ema_shadow
     with warnings.catch_warnings():  # DCP warns that no process group is initialised: one process is the intent
         warnings.simplefilter("ignore" if group is None else "default", UserWarning)
-        dcp.load(target, storage_reader=dcp.FileSystemReader(directory), process_group=group, no_dist=group is None)
+        dcp.load(target, storage_reader=reader, process_group=group, no_dist=group is None)
     set_model_state_dict(model, model_state)
-    set_optimizer_state_dict(model, optimizer, {"state": optimizer_state["state"], "param_groups": param_groups})
+    set_optimizer_state_dict(model, optimizer, {"state": optimizer_state["state"], "param_groups": param_groups},
+                             options=StateDictOptions(strict=False))
+    drop_unsaved_optimizer_state(model, optimizer, saved_names.__contains__)
 
 
 def gather_whole(tensors: dict[str, torch.Tensor], is_main: bool) -> dict[str, torch.Tensor]:

@@ -8,11 +8,12 @@ need neither, are in contrastive.dist.checkpointing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX, checkpoint_wrapper
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -31,6 +32,8 @@ STRATEGIES = ("ddp", "fsdp")
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0 receives the tensors, on CPU
 _SCATTER = StateDictOptions(full_state_dict=True)  # every rank passes the full state; each keeps its shard
 _FROM_RANK0 = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)  # only rank 0 passes it
+# An optimiser state may lack parameters that never had a gradient (self-distillation's heads before its switch).
+_SCATTER_OPTIMIZER = StateDictOptions(full_state_dict=True, strict=False)
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
@@ -153,4 +156,17 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_st
                     optimizer_state: dict[str, Any]) -> None:
     """Load full state dicts (from `full_state`, read by every rank); under FSDP each rank keeps its own shard."""
     set_model_state_dict(model, model_state, options=_SCATTER)
-    set_optimizer_state_dict(model, optimizer, optimizer_state, options=_SCATTER)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=_SCATTER_OPTIMIZER)
+    drop_unsaved_optimizer_state(model, optimizer, lambda name: name in optimizer_state["state"])
+
+
+def drop_unsaved_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                                 saved: Callable[[str], bool]) -> None:
+    """Forget the optimiser state of parameters whose state the checkpoint lacks (they never had a gradient).
+
+    torch's state-dict helpers give an empty optimiser a state for every parameter (a step at learning rate 0,
+    counting step 1), so such a parameter's first real step would count as its second and bias-correct
+    differently from the run that saved the checkpoint."""
+    for name, parameter in model.named_parameters():
+        if not saved(name.replace(_CHECKPOINT_PREFIX, "")):
+            optimizer.state.pop(parameter, None)

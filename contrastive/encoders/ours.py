@@ -57,7 +57,9 @@ def load_checkpoint_encoder(path: str | Path, device: torch.device, weights: str
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), state["config"]["model"]))
     cfg.pretrained = None  # the checkpoint holds every weight; the run's starting point may not exist here
     model = build_model(cfg)
-    apply_model_state(model, state["model"], path)
+    # Self-distillation's heads, mask token and teacher (contrastive.models.self_distillation) serve training only.
+    model_state = {k: v for k, v in state["model"].items() if not k.startswith("self_distillation.")}
+    apply_model_state(model, model_state, path)
     run_config = {**state["config"], "step": state["step"], "checkpoint": str(path), "weights": weights,
                   **{key: state[key] for key in ("samples_seen", "git_commit") if key in state}}
     name = str(run_config.get("name", "model")) + ("-ema" if weights == "ema" else "")

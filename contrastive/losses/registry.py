@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from contrastive.config import LossConfig
+from contrastive.losses.self_distillation import WithSelfDistillation
 from contrastive.registry import Registry
 from contrastive.types import Batch, Collectives, LossOutput, ModelOutput
 
@@ -30,7 +31,8 @@ def list_losses() -> list[str]:
 
 
 def build_loss(cfg: LossConfig) -> Objective:
-    return LOSSES.get(cfg.name)(cfg)
+    objective = LOSSES.get(cfg.name)(cfg)
+    return WithSelfDistillation(objective, cfg.self_distillation) if cfg.self_distillation.enabled else objective
 
 
 def losses_accumulating_by(mode: str) -> list[str]:

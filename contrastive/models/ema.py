@@ -20,6 +20,17 @@ def plain_name(name: str) -> str:
     return name.replace(_CHECKPOINT_PREFIX, "")
 
 
+@torch.no_grad()
+def lerp_towards(averages: list[torch.Tensor], targets: list[torch.Tensor], weight: float) -> None:
+    """averages[i] += weight * (targets[i] - averages[i]), each laid out as its target (sharded or whole)."""
+    # foreach kernels take lists of one kind: FSDP's sharded parameters, and the whole ones it leaves alone
+    # (0-d logit scale and bias)
+    for sharded in (True, False):
+        pairs = [(a, t) for a, t in zip(averages, targets, strict=True) if isinstance(t, DTensor) == sharded]
+        if pairs:
+            torch._foreach_lerp_([a for a, _ in pairs], [t for _, t in pairs], weight)
+
+
 class ExponentialMovingAverage:
     """`shadow`: name -> averaged tensor, for every trainable parameter of `model` (built after the model is
     wrapped for data parallelism, so each average is laid out, and sharded, as its parameter)."""
@@ -29,10 +40,6 @@ class ExponentialMovingAverage:
         self.parameters = {plain_name(name): parameter for name, parameter in model.named_parameters()
                            if parameter.requires_grad}
         self.shadow = {name: parameter.detach().clone() for name, parameter in self.parameters.items()}
-        # foreach kernels take lists of one kind: FSDP's sharded parameters, and the whole ones it leaves alone
-        # (0-d logit scale and bias)
-        self._groups = [[name for name, p in self.parameters.items() if isinstance(p, DTensor) == sharded]
-                        for sharded in (True, False)]
 
     def decay_at(self, updates: int) -> float:
         """The decay of the `updates`-th update (counting from 1)."""
@@ -42,11 +49,9 @@ class ExponentialMovingAverage:
     def update(self, updates: int) -> None:
         """Move the average towards the current weights; `updates` counts this update (the optimiser step just
         taken), so a resumed run continues the warm-up where it stopped."""
-        weight = 1.0 - self.decay_at(updates)
-        for names in self._groups:
-            if names:
-                torch._foreach_lerp_([self.shadow[n] for n in names],
-                                     [self.parameters[n].detach() for n in names], weight)
+        names = list(self.parameters)
+        lerp_towards([self.shadow[n] for n in names], [self.parameters[n].detach() for n in names],
+                     1.0 - self.decay_at(updates))
 
     @torch.no_grad()
     def reset(self) -> None:

@@ -10,10 +10,11 @@ import torch.nn.functional as F
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from torch import nn
 
-from contrastive.config import ModelConfig
+from contrastive.config import ModelConfig, SelfDistillationConfig
 from contrastive.models.build import MODELS
 from contrastive.models.input_size import allow_any_image_size, encode_image_any_size, encode_text_any_length
 from contrastive.models.randomness import ModelRandomness, draw_patch_dropout_from
+from contrastive.models.self_distillation import SelfDistillation
 from contrastive.models.towers import check_timm_image_size, tower_configs
 from contrastive.types import ModelOutput
 
@@ -70,15 +71,24 @@ class TwoTowerModel(OpenClipFeatures):
         allow_any_image_size(self.clip.visual)
         self.embed_dim = embed_dim
         self.context_length = text_cfg.context_length
+        self.self_distillation: SelfDistillation | None = None  # attached by build_model when the loss asks
+
+    def attach_self_distillation(self, cfg: SelfDistillationConfig) -> None:
+        self.self_distillation = SelfDistillation(self.clip.visual, cfg)
 
     def logit_scale(self) -> torch.Tensor:
         return capped_logit_scale(self.clip.logit_scale, self.cfg.max_logit_scale)
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> ModelOutput:
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, global_views: torch.Tensor | None = None,
+                local_views: torch.Tensor | None = None) -> ModelOutput:
         bias = self.clip.logit_bias if getattr(self.clip, "logit_bias", None) is not None else None
+        distilled = {}
+        if self.self_distillation is not None and self.self_distillation.active:
+            distilled = self.self_distillation(self.clip.visual, global_views, local_views, self.randomness.generator)
         return ModelOutput(
             image_features=self.encode_image(images),
             text_features=self.encode_text(tokens),
             logit_scale=self.logit_scale(),
             logit_bias=bias,
+            **distilled,
         )

@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from contrastive.dist.collectives import LocalCollectives
 from contrastive.losses.registry import Objective
 from contrastive.models.randomness import random_state, restore_random_state
-from contrastive.train.step import batch_rows
+from contrastive.train.step import batch_rows, forward
 from contrastive.types import Batch
 
 
@@ -29,7 +29,7 @@ def flops_per_sample(model: nn.Module, objective: Objective, batch: Batch, sampl
     rng = random_state(model.randomness)
     with FlopCounterMode(display=False) as counter:
         with autocast():
-            output = model(part.images, part.tokens)
+            output = forward(model, part)
         result = objective(output.to_float32(), part, LocalCollectives(batch.images.device))
         result.loss.backward()
     restore_random_state(model.randomness, rng)

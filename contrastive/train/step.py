@@ -33,14 +33,25 @@ from contrastive.losses.registry import FEATURE_CACHE, PER_EXAMPLE_MEAN, Objecti
 from contrastive.models.randomness import ModelRandomness, random_state, restore_random_state
 from contrastive.types import Batch, Collectives, LossOutput, ModelOutput
 
-PER_EXAMPLE_FIELDS = ("image_features", "text_features")  # (B, D), concatenated over micro-batches
+# (B, ...), concatenated over micro-batches; the loss's gradients with respect to them are cached
+PER_EXAMPLE_FIELDS = ("image_features", "text_features", "student_local_logits", "student_patch_logits")
 SHARED_FIELDS = ("logit_scale", "logit_bias")  # scalars, the same in every micro-batch
+# Without gradient: the self-distillation teacher's outputs and masks (per example), its centres (shared)
+PER_EXAMPLE_CONSTANTS = ("teacher_global_logits", "teacher_patch_logits", "patch_mask")
+SHARED_CONSTANTS = ("global_centre", "patch_centre")
 
 
 def batch_rows(batch: Batch, rows: slice) -> Batch:
     """The batch's examples in `rows` (views, no copies)."""
-    return replace(batch, images=batch.images[rows], tokens=batch.tokens[rows], keys=batch.keys[rows],
-                   labels=None if batch.labels is None else batch.labels[rows])
+    optional = {name: None if getattr(batch, name) is None else getattr(batch, name)[rows]
+                for name in ("labels", "global_views", "local_views")}
+    return replace(batch, images=batch.images[rows], tokens=batch.tokens[rows], keys=batch.keys[rows], **optional)
+
+
+def forward(model: nn.Module, batch: Batch) -> ModelOutput:
+    """The model on a batch; the extra views go only to models that take them (they are there only then)."""
+    views = {name: getattr(batch, name) for name in ("global_views", "local_views") if getattr(batch, name) is not None}
+    return model(batch.images, batch.tokens, **views)
 
 
 def micro_batches(batch: Batch, steps: int) -> list[Batch]:
@@ -80,7 +91,7 @@ class _Step:
 class SingleBatch(_Step):
     def __call__(self, batch: Batch) -> LossOutput:
         with self.autocast():
-            output = self.model(batch.images, batch.tokens)
+            output = forward(self.model, batch)
         result = self.objective(output.to_float32(), batch, self.collectives)
         result.loss.backward()
         return result
@@ -96,13 +107,18 @@ class SummedMicroBatches(_Step):
         for index, part in enumerate(parts):
             with gradient_sync(self.model, enabled=index == len(parts) - 1):
                 with self.autocast():
-                    output = self.model(part.images, part.tokens)
+                    output = forward(self.model, part)
                 result = self.objective(output.to_float32(), part, self.collectives)
                 (result.loss / self.steps).backward()
             results.append(result)
+        def mean(values: list[torch.Tensor]) -> torch.Tensor:
+            return torch.stack(values).mean(0)
+
         return LossOutput(
-            loss=torch.stack([r.loss.detach() for r in results]).mean(),
-            metrics={name: torch.stack([r.metrics[name] for r in results]).mean() for name in results[0].metrics},
+            loss=mean([r.loss.detach() for r in results]),
+            metrics={name: mean([r.metrics[name] for r in results]) for name in results[0].metrics},
+            teacher_statistics={name: mean([r.teacher_statistics[name] for r in results])
+                                for name in results[0].teacher_statistics},
         )
 
 
@@ -119,7 +135,7 @@ class FeatureCache(_Step):
         with torch.no_grad(), self.autocast():
             for part in parts:
                 rng_before.append(random_state(self.randomness))
-                outputs.append(self.model(part.images, part.tokens))
+                outputs.append(forward(self.model, part))
         rng_after = random_state(self.randomness)
         cached = self._concatenate(outputs)
         leaves = {name: getattr(cached, name) for name in (*PER_EXAMPLE_FIELDS, *SHARED_FIELDS)
@@ -137,7 +153,7 @@ class FeatureCache(_Step):
             rows = slice(index * size, (index + 1) * size)
             with gradient_sync(self.model, enabled=index == len(parts) - 1):
                 with self.autocast():
-                    output = self.model(part.images, part.tokens)
+                    output = forward(self.model, part)
                 tensors, grads = [], []
                 for name, leaf in leaves.items():
                     tensors.append(getattr(output, name))
@@ -145,7 +161,8 @@ class FeatureCache(_Step):
                     grads.append(grad.to(tensors[-1].dtype))
                 torch.autograd.backward(tensors, grads)
         restore_random_state(self.randomness, rng_after)
-        return LossOutput(loss=result.loss.detach(), metrics=result.metrics)
+        return LossOutput(loss=result.loss.detach(), metrics=result.metrics,
+                          teacher_statistics=result.teacher_statistics)
 
     @staticmethod
     def _concatenate(outputs: list[ModelOutput]) -> ModelOutput:
@@ -158,6 +175,11 @@ class FeatureCache(_Step):
                 values[field.name] = torch.cat(parts).detach().float()
             elif field.name in SHARED_FIELDS:
                 values[field.name] = parts[0].detach().float().clone()
+            elif field.name in PER_EXAMPLE_CONSTANTS:
+                joined = torch.cat(parts)
+                values[field.name] = joined.float() if joined.is_floating_point() else joined
+            elif field.name in SHARED_CONSTANTS:
+                values[field.name] = parts[0].float()
             else:
                 raise ValueError(f"the feature cache cannot hold ModelOutput.{field.name}: it fits objectives that "
                                  f"declare accumulation={FEATURE_CACHE!r} (score features only)")

@@ -98,7 +98,7 @@ class Trainer:
                 log.warning("removed %s, left by a checkpoint write that did not finish", partial)
         resume_from = ckpt.load_resume_state(resume, self.run_dir)
 
-        self.model = build_model(cfg.model).to(self.env.device)
+        self.model = build_model(cfg.model, cfg.loss.self_distillation).to(self.env.device)
         self.model.randomness.place(self.env.device, cfg.seed + self.env.rank)  # patch dropout, CapPa's draw
         apply_locks(self.model, cfg.lock)  # before the wrap and the optimiser, which keep only trainable parameters
         self.tokenizer = build_tokenizer(cfg.model)
@@ -114,6 +114,9 @@ class Trainer:
         plan = plan_run(cfg.data, world_size=self.env.world_size, seed=cfg.seed)  # None for an endless stream
         if plan is not None:  # every rank computes the same last step, so none waits in a collective
             cfg.trainer.max_steps = min(cfg.trainer.max_steps, plan.steps)
+        self.distiller = getattr(self.model, "self_distillation", None)  # SigLIP 2's, when loss.self_distillation
+        if self.distiller is not None:
+            self.distiller.schedule(cfg.trainer.max_steps)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
         self.ema = None if cfg.trainer.ema.decay is None else \
@@ -188,8 +191,12 @@ class Trainer:
                     batches = iter(self.loader)
                 batch = next(batches).to(env.device)
                 self.data_positions[batch.stream_position.worker] = batch.stream_position
+                if self.distiller is not None:
+                    self.distiller.begin_step(self.step, self.model.visual)
                 result = self.forward_backward(batch)
                 grad_norm, stepped = optimizer_step(self.model.parameters(), self.optimizer, cfg.optim.grad_clip_norm)
+                if self.distiller is not None:
+                    self.distiller.end_step(self.step, self.model.visual, result.teacher_statistics)
                 self.nonfinite.record(stepped)
                 self.scheduler.step()
                 self.step += 1
@@ -301,7 +308,7 @@ class Trainer:
         state = gather_model_state(self.model)
         if not self.env.is_main:
             return None
-        copy = build_model(self.cfg.model).to(self.env.device)
+        copy = build_model(self.cfg.model, self.cfg.loss.self_distillation).to(self.env.device)
         copy.load_state_dict(state)
         return copy
 
