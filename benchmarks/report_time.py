@@ -5,7 +5,8 @@
 
 Measured in one process, in this order: `contrastive-eval zeroshot` and `contrastive-eval retrieval` (the
 evaluations the report runs), then `contrastive-eval report`. Prints the report's time, the evaluations' time, the
-difference (the report's own cost: figures, example images, captions, patch maps) and their ratio.
+difference and their ratio. The difference is the report's own cost (figures, example images read back, captions,
+patch maps) less what it saves by encoding the images once for both tasks, so it can be below zero.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import html
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from contrastive.errors import InputError
 from contrastive.eval import report_figures as figures
 from contrastive.eval.captioning import caption_dataset
 from contrastive.eval.datasets import EvalDataset
+from contrastive.eval.features import ImageFeatures, encode_images
 from contrastive.eval.patch_maps import METHOD, patch_embeddings, patch_map_note
 from contrastive.eval.retrieval import ZeroShotRetrieval, retrieval_metrics
 from contrastive.eval.zeroshot import ZeroShotClassification, build_classifier, classification_metrics
@@ -32,6 +33,7 @@ RETRIEVAL_QUERIES = 4
 TOP_K = 5
 CAPTIONS = 8
 PATCH_MAPS = 4
+Draw = Callable[[dict[int, torch.Tensor]], str]  # a section's HTML, given the example images it asked for
 # open_clip's top-level module names -> the tower they belong to; other names are shown as they are.
 TOWERS = {"visual": "image tower", "transformer": "text tower", "token_embedding": "text tower",
           "positional_embedding": "text tower", "ln_final": "text tower", "text_projection": "text tower",
@@ -81,6 +83,8 @@ def fetch_images(dataset: EvalDataset, encoder: LoadedEncoder, indices: Iterable
                  batch_size: int) -> dict[int, torch.Tensor]:
     """The preprocessed images (3, H, W) at these dataset positions, read in one pass that stops when all are found."""
     wanted, found, position = set(indices), {}, 0
+    if not wanted:
+        return found
     for images, _, _, _ in dataset.loader(encoder.preprocess, batch_size):
         for offset in range(len(images)):
             if position + offset in wanted:
@@ -143,8 +147,8 @@ def curves_section(encoder: LoadedEncoder) -> str:
 
 
 def zeroshot_section(encoder: LoadedEncoder, evaluator: ZeroShotClassification, device: torch.device,
-                     batch_size: int) -> str:
-    scores, labels = evaluator.scores(encoder, device)
+                     features: ImageFeatures | None) -> tuple[set[int], Draw]:
+    scores, labels = evaluator.scores(encoder, device, features)
     metrics = classification_metrics(scores, labels)
     classnames = evaluator.dataset.classnames
     predictions = scores.argmax(dim=1)
@@ -170,19 +174,20 @@ def zeroshot_section(encoder: LoadedEncoder, evaluator: ZeroShotClassification, 
     pairs = [(t, p) for t, p in pairs if off_diagonal[t, p] > 0]
     examples = {pair: (((labels == pair[0]) & (predictions == pair[1])).nonzero()[:EXAMPLES_PER_PAIR, 0]).tolist()
                 for pair in pairs}
-    images = fetch_images(evaluator.dataset, encoder, [i for found in examples.values() for i in found], batch_size)
-    rows = "".join(
-        f"<tr><td>{_esc(classnames[t])}</td><td>{_esc(classnames[p])}</td><td>{matrix[t, p]}</td><td>"
-        + "".join(_img(figures.image_uri(images[i], encoder.preprocess), title=f"sample {i}")
-                  for i in examples[(t, p)]) + "</td></tr>" for t, p in pairs)
-    body += ("<h3>Most-confused pairs</h3><table><tr><th>true</th><th>predicted</th><th>images</th>"
-             f"<th>examples</th></tr>{rows}</table>")
-    return body
+
+    def draw(images: dict[int, torch.Tensor]) -> str:
+        rows = "".join(
+            f"<tr><td>{_esc(classnames[t])}</td><td>{_esc(classnames[p])}</td><td>{matrix[t, p]}</td><td>"
+            + "".join(_img(figures.image_uri(images[i], encoder.preprocess), title=f"sample {i}")
+                      for i in examples[(t, p)]) + "</td></tr>" for t, p in pairs)
+        return body + ("<h3>Most-confused pairs</h3><table><tr><th>true</th><th>predicted</th><th>images</th>"
+                       f"<th>examples</th></tr>{rows}</table>")
+    return {i for found in examples.values() for i in found}, draw
 
 
 def retrieval_section(encoder: LoadedEncoder, evaluator: ZeroShotRetrieval, device: torch.device,
-                      batch_size: int) -> str:
-    images, text_features, texts, text_to_image = evaluator.features(encoder, device)
+                      features: ImageFeatures | None) -> tuple[set[int], Draw]:
+    images, text_features, texts, text_to_image = evaluator.features(encoder, device, features)
     body = _metrics_table("zeroshot_retrieval", retrieval_metrics(images.features, text_features, text_to_image))
     generator = torch.Generator().manual_seed(0)
     image_queries = torch.randperm(len(images.features), generator=generator)[:RETRIEVAL_QUERIES].tolist()
@@ -192,20 +197,21 @@ def retrieval_section(encoder: LoadedEncoder, evaluator: ZeroShotRetrieval, devi
     top_texts = {q: (images.features[q] @ text_features.T).topk(min(TOP_K, len(texts))).indices.tolist()
                  for q in image_queries}
     needed = set(image_queries) | {i for found in top_images.values() for i in found}
-    pictures = {i: figures.image_uri(t, encoder.preprocess)
-                for i, t in fetch_images(evaluator.dataset, encoder, needed, batch_size).items()}
-    rows = "".join(
-        f"<tr><td>{_img(pictures[q], title=images.keys[q])}</td>" + "".join(
-            f"<td class='{'hit' if int(text_to_image[t]) == q else 'miss'}'>{_esc(texts[t])}</td>"
-            for t in top_texts[q]) + "</tr>" for q in image_queries)
-    body += f"<h3>Top-{TOP_K} captions per sampled image (hits in green)</h3><table>{rows}</table>"
-    rows = "".join(
-        f"<tr><td>{_esc(texts[q])}</td><td>" + "".join(
-            _img(pictures[i], "thumb " + ("hit" if int(text_to_image[q]) == i else "miss"), images.keys[i])
-            for i in top_images[q]) + "</td></tr>" for q in text_queries)
-    body += (f"<h3>Top-{TOP_K} images per sampled caption (hits framed green, misses red)</h3>"
-             f"<table>{rows}</table>")
-    return body
+
+    def draw(examples: dict[int, torch.Tensor]) -> str:
+        pictures = {i: figures.image_uri(examples[i], encoder.preprocess) for i in needed}
+        rows = "".join(
+            f"<tr><td>{_img(pictures[q], title=images.keys[q])}</td>" + "".join(
+                f"<td class='{'hit' if int(text_to_image[t]) == q else 'miss'}'>{_esc(texts[t])}</td>"
+                for t in top_texts[q]) + "</tr>" for q in image_queries)
+        captions_per_image = f"<h3>Top-{TOP_K} captions per sampled image (hits in green)</h3><table>{rows}</table>"
+        rows = "".join(
+            f"<tr><td>{_esc(texts[q])}</td><td>" + "".join(
+                _img(pictures[i], "thumb " + ("hit" if int(text_to_image[q]) == i else "miss"), images.keys[i])
+                for i in top_images[q]) + "</td></tr>" for q in text_queries)
+        return (body + captions_per_image + f"<h3>Top-{TOP_K} images per sampled caption (hits framed green, "
+                f"misses red)</h3><table>{rows}</table>")
+    return needed, draw
 
 
 def captions_section(encoder: LoadedEncoder, dataset: EvalDataset, device: torch.device, batch_size: int) -> str:
@@ -249,17 +255,29 @@ def build_model_report(path: str, dataset_root: str, split: str = "test", device
         for title in ("Zero-shot classification", "Retrieval", "Patch-text similarity maps"):
             report.sections[title] = _note(f"{encoder.name} ({encoder.kind}) is image-only: no text tower")
         return report
-    report.sections["Zero-shot classification"] = zeroshot_section(encoder, zeroshot, device, batch_size)
-    if not hasattr(encoder.model, "encode_text"):
-        report.sections["Retrieval"] = _note(f"{type(encoder.model).__name__} has no text embedding to retrieve with")
+    # Zero-shot and retrieval read the same shards: their image features are encoded once, and the example images
+    # both sections show are read back in one pass before either is drawn.
+    two_tower = hasattr(encoder.model, "encode_text")
+    features = (encode_images(encoder.model, zeroshot.dataset.loader(encoder.preprocess, batch_size), device)
+                if two_tower and zeroshot.dataset.urls else None)
+    pending = {"Zero-shot classification": zeroshot_section(encoder, zeroshot, device, features)}
+    if not two_tower:
+        retrieval_note = f"{type(encoder.model).__name__} has no text embedding to retrieve with"
     elif not zeroshot.dataset.urls:
-        report.sections["Retrieval"] = _note("an image folder has no captions to retrieve")
+        retrieval_note = "an image folder has no captions to retrieve"
     else:
         retrieval = ZeroShotRetrieval(None, dataset_root, split, batch_size=batch_size)
         try:
-            report.sections["Retrieval"] = retrieval_section(encoder, retrieval, device, batch_size)
+            pending["Retrieval"] = retrieval_section(encoder, retrieval, device, features)
+            retrieval_note = None
         except InputError as error:  # shards without captions: the rest of the report still stands
-            report.sections["Retrieval"] = _note(str(error))
+            retrieval_note = str(error)
+    examples = fetch_images(zeroshot.dataset, encoder, set().union(*(needed for needed, _ in pending.values())),
+                            batch_size)
+    for title, (_, draw) in pending.items():
+        report.sections[title] = draw(examples)
+    if retrieval_note is not None:
+        report.sections["Retrieval"] = _note(retrieval_note)
     if hasattr(encoder.model, "decode"):
         report.sections["Generated captions"] = captions_section(encoder, zeroshot.dataset, device, batch_size)
     report.sections["Patch-text similarity maps"] = patch_maps_section(encoder, zeroshot.dataset, device)

@@ -89,14 +89,16 @@ class ZeroShotRetrieval:
         return retrieval_metrics(images.features, text_features, text_to_image)
 
     @torch.no_grad()
-    def features(self, encoder: LoadedEncoder,
-                 device: torch.device) -> tuple[ImageFeatures, torch.Tensor, list[str], torch.Tensor]:
+    def features(self, encoder: LoadedEncoder, device: torch.device, images: ImageFeatures | None = None
+                 ) -> tuple[ImageFeatures, torch.Tensor, list[str], torch.Tensor]:
         """(image features, text features (T, D), the captions, text_to_image (T,)): what the metrics (and reports)
-        are computed from."""
+        are computed from. `images`: this dataset's features, already encoded (a report shares one pass)."""
         require_tokenizer(encoder, "retrieval")
         require_text_tower(encoder.model, "retrieval")
-        loader = self.dataset.loader(encoder.preprocess, self.batch_size, self.num_workers)
-        images = encode_images(encoder.model, loader, device, progress=self.progress, desc=f"retrieval {self.name}")
+        if images is None:
+            loader = self.dataset.loader(encoder.preprocess, self.batch_size, self.num_workers)
+            images = encode_images(encoder.model, loader, device, progress=self.progress,
+                                   desc=f"retrieval {self.name}")
         texts, text_to_image = split_captions(images.captions, images.keys)
         text_features = encode_texts(encoder.model, encoder.tokenizer, texts, device, self.batch_size, self.progress)
         return images, text_features, texts, text_to_image

@@ -18,7 +18,7 @@ from contrastive.encoders import LoadedEncoder
 from contrastive.errors import ConfigError, InputError
 from contrastive.eval.captioning import caption_classification_scores
 from contrastive.eval.datasets import open_classification_dataset
-from contrastive.eval.features import encode_images
+from contrastive.eval.features import ImageFeatures, encode_images
 from contrastive.eval.prompts import fill_template
 
 
@@ -81,8 +81,10 @@ class ZeroShotClassification:
         return classification_metrics(*self.scores(encoder, device))
 
     @torch.no_grad()
-    def scores(self, encoder: LoadedEncoder, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(class scores (N, C), labels (N,)) in dataset order: what the metrics (and reports) are computed from."""
+    def scores(self, encoder: LoadedEncoder, device: torch.device,
+               images: ImageFeatures | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class scores (N, C), labels (N,)) in dataset order: what the metrics (and reports) are computed from.
+        `images`: this dataset's features, already encoded (a report encodes once for zero-shot and retrieval)."""
         require_tokenizer(encoder, "zero-shot classification")
         model, tokenizer = encoder.model, encoder.tokenizer
         loader = self.dataset.loader(encoder.preprocess, self.batch_size, self.num_workers)
@@ -91,7 +93,8 @@ class ZeroShotClassification:
                                                  loader, device, self.progress)
         classifier = build_classifier(model, tokenizer, self.dataset.classnames, self.dataset.templates, device,
                                       self.progress)
-        images = encode_images(model, loader, device, progress=self.progress, desc=f"zero-shot {self.name}")
+        if images is None:
+            images = encode_images(model, loader, device, progress=self.progress, desc=f"zero-shot {self.name}")
         labels = images.labels
         if (labels < 0).any() or (labels >= len(self.dataset.classnames)).any():
             raise InputError(f"{self.name}: labels outside 0..{len(self.dataset.classnames) - 1}; "
