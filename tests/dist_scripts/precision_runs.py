@@ -49,7 +49,9 @@ def run(shards: str, run_dir: Path, precision: str, strategy: str, steps: int, o
     trainer.train()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] \
         if trainer.env.is_main else []
-    state = load_checkpoint(list_checkpoints(run_dir)[-1][1]) if trainer.env.is_main else {}
+    # Under FSDP2 the checkpoint is sharded (DCP), whose optimiser state is read only when asked for.
+    state = load_checkpoint(list_checkpoints(run_dir)[-1][1], sharded_parts=("model", "optimizer")) \
+        if trainer.env.is_main else {}
     optimizer_tensors = [v for s in state.get("optimizer", {}).get("state", {}).values() for k, v in s.items()
                          if k != "step"]
     return {
