@@ -155,8 +155,9 @@ def siglip_vision(visual: nn.Module) -> tuple[dict[str, Any], Weights]:
             "this timm ViT has a pre-LN (pre_norm); SiglipVisionModel has none")
     require(isinstance(trunk.fc_norm, nn.Identity),
             "this timm ViT normalises after pooling (fc_norm); SiglipVisionModel does not")
-    require(not getattr(trunk, "dynamic_img_size", False),
-            "dynamic image size is not expressible in SiglipVisionConfig")
+    # timm's dynamic_img_size mode (our towers run in it for trainer.stages) resamples position embeddings only
+    # for other grids; at the configured size it computes what SiglipVisionModel computes, which the parity tests
+    # check, and transformers resamples for other sizes with interpolate_pos_encoding=True.
     pool = trunk.attn_pool
     require(pool.latent_len == 1 and pool.pos_embed is None and pool.pool == "token" and pool.mlp is not None
             and isinstance(pool.q_norm, nn.Identity) and isinstance(pool.k_norm, nn.Identity),
