@@ -41,6 +41,7 @@ REQUIRED_PACKAGES = {
     "torch": "torch", "torchvision": "torchvision", "open_clip_torch": "open_clip", "timm": "timm",
     "webdataset": "webdataset", "hydra-core": "hydra", "omegaconf": "omegaconf", "wandb": "wandb",
     "safetensors": "safetensors", "numpy": "numpy", "pillow": "PIL", "tqdm": "tqdm", "scikit-learn": "sklearn",
+    "matplotlib": "matplotlib",
 }
 DEMO_GLOBAL_BATCH = 256  # conf/experiment/demo.yaml's data.batch_size: the number of ranks must divide it
 STOP_GRACE_SECONDS = 10
