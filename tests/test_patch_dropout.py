@@ -84,7 +84,7 @@ def test_our_patch_dropout_keeps_what_open_clips_keeps_from_the_same_seed(prob):
 
 def test_a_timm_tower_drops_patches_from_the_model_generator_too():
     model = build_model(ModelConfig(arch="clip", embed_dim=16, text=TEXT, vision=dict(
-        timm_model_name="vit_tiny_patch16_224", timm_pool="token", timm_proj="linear", image_size=32,
+        timm_model_name="vit_tiny_patch16_224", timm_pool="token", timm_proj="linear", image_size=224,
         patch_dropout=0.5)))
     dropouts = [m for m in model.modules() if "PatchDropout" in type(m).__name__]
     assert len(dropouts) == 1 and isinstance(dropouts[0], PatchDropout)
