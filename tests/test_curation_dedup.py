@@ -8,11 +8,13 @@ import io
 import json
 
 import numpy as np
-from PIL import Image
+import torch
+from PIL import Image, ImageOps
 
 from contrastive.cli.data import main
 from contrastive.curation.dedup import TRANSFORMS, transformed_copy
-from tests.curation_helpers import read_members
+from contrastive.encoders import load_encoder
+from tests.curation_helpers import read_members, tiny_checkpoint
 from tests.data_factory import write_tar
 
 PLANTED_PER_TRANSFORM = 8
@@ -69,3 +71,43 @@ def test_planted_copies_are_removed_and_look_alikes_kept(tmp_path, demo_root, ca
     calibration = manifest["dedup"]["calibration"]
     assert calibration["planted"] == 128 and calibration["false_positive_rate"] == 0.0
     assert calibration["precision"] >= 0.99 and calibration["recall_by_transform"]["reencoded"] == 1.0
+
+
+def test_model_embedding_drops_what_brute_force_cosine_over_the_encoder_finds(tmp_path, demo_root):
+    """`dedup --model`: the encoder's image embedding of each image plus its mirror image, every pair compared
+    here by brute force, must give the near duplicates the faiss index gave at the same --threshold."""
+    model = tiny_checkpoint(tmp_path / "model")
+    originals = samples_of(demo_root / "train" / "0.tar")[:9]
+    mirrored = Image.open(io.BytesIO(originals[0][1]["png"])).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    samples = originals + [("mirrored", {"png": png_bytes(mirrored), "txt": b"a mirrored copy."}),
+                           ("exact", originals[1][1])]
+    (tmp_path / "shards").mkdir()
+    write_tar(tmp_path / "shards" / "0.tar", samples)
+
+    encoder = load_encoder(model)
+    transform = encoder.preprocess.transform()
+    with torch.no_grad():
+        rows = []
+        for _, files in samples:
+            image = Image.open(io.BytesIO(files["png"])).convert("RGB")
+            pair = torch.stack([transform(image), transform(ImageOps.mirror(image))])
+            rows.append(encoder.model.encode_image(pair).double().sum(0))
+    embeddings = torch.nn.functional.normalize(torch.stack(rows), dim=-1)
+    similarity = (embeddings @ embeddings.T).numpy()
+    exact = len(samples) - 1  # the byte-identical copy goes by its hash, not by the threshold
+    pairs = sorted(similarity[i, j] for i in range(exact) for j in range(i + 1, exact))
+    # A threshold in the widest gap among the upper third of the pairs: float32 rounding cannot move a pair across.
+    upper = pairs[len(pairs) * 2 // 3:]
+    gap = max(range(len(upper) - 1), key=lambda g: upper[g + 1] - upper[g])
+    threshold = (upper[gap] + upper[gap + 1]) / 2
+    expected = {samples[j][0] for j in range(exact) if any(similarity[i, j] >= threshold for i in range(j))}
+    assert "mirrored" in expected  # the flip-summed embedding of a mirror image is the original's
+    assert 1 < len(expected) < exact - 1  # measured: the mirror image and 4 of the 9 originals
+
+    out = tmp_path / "out"
+    assert main(["dedup", str(tmp_path / "shards"), "--model", str(model), "--threshold", repr(float(threshold)),
+                 "--out", str(out), "--keep-list", "--no-progress"]) == 0
+    kept = set((out / "keep.txt").read_text().split())
+    assert {key for key, _ in samples} - kept == expected | {"exact"}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"] == str(model) and len(manifest["model_sha256"]) == 64
