@@ -21,7 +21,7 @@ precision and recall against the known corrupted captions, and dedup recall on p
    2 sigma, sigma = sqrt(std_a^2 + std_b^2) (the spread of one seed's difference; stricter than the standard error).
 4. Dedup. --planted-per-transform test images per transformation (re-encoded, resized, cropped, flipped;
    contrastive.curation.dedup.transformed_copy) are planted in the pool, and `contrastive-data dedup POOL
-   --eval-shards TEST` runs at its calibrated threshold. Reported: the planted copies removed per transformation,
+   --eval-shards TEST` runs at its calibrated thresholds. Reported: the planted copies removed per transformation,
    and the pool's own images removed (false positives: Fashion-MNIST's same-class look-alikes, a few of which may
    be true duplicates in the source).
 
@@ -312,7 +312,8 @@ def dedup_figures(args: argparse.Namespace, pool_samples: list[dict], eval_root:
             "planted_recall": {kind: count / args.planted_per_transform for kind, count in removed.items()},
             "pool_images": len(pool_keys), "pool_images_removed": sum(key not in kept for key in pool_keys),
             "rules": manifest["rules"], "threshold": manifest["dedup"]["threshold"],
-            "calibration": manifest["dedup"].get("calibration")}
+            "eval_threshold": manifest["dedup"]["eval_threshold"], "calibration": manifest["dedup"].get("calibration"),
+            "eval_calibration": manifest["dedup"].get("eval_calibration")}
 
 
 if __name__ == "__main__":

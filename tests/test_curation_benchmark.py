@@ -63,6 +63,6 @@ def test_curation_quality_smoke_run_reports_exact_filter_figures_both_arms_and_d
 
     dedup = report["dedup"]
     assert set(dedup["planted_removed"]) == {"reencoded", "resized", "cropped", "flipped"}
-    assert dedup["planted_removed"]["reencoded"] == 2  # a re-encoded copy is the easiest to find
-    assert dedup["rules"][-1]["rule"] == "copies an evaluation image"
+    assert dedup["planted_removed"]["reencoded"] == dedup["planted_removed"]["flipped"] == 2  # the easiest ones
+    assert dedup["rules"][-1]["rule"].startswith("copies an evaluation image")
     assert dedup["pool_images"] == 256 and dedup["calibration"]["planted"] == 64

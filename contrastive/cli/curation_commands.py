@@ -165,12 +165,13 @@ def _run_dedup(args: argparse.Namespace) -> int:
     selection, report = dedup.deduplicate(urls, embed, eval_urls=eval_urls, threshold=args.threshold,
                                           calibration_samples=args.calibration_samples, seed=args.seed,
                                           progress=not args.no_progress)
-    if "calibration" in report:
-        calibration = report["calibration"]
-        print(f"threshold {calibration['threshold']:.6f} from {calibration['planted']} planted copies: precision "
-              f"{calibration['precision']:.3f}, recall {calibration['recall']:.3f}, false-positive rate on "
-              f"unplanted pairs {calibration['false_positive_rate']:.2e}; recall by transformation "
-              f"{json.dumps({k: round(v, 3) for k, v in calibration['recall_by_transform'].items()})}")
+    for name, what in (("calibration", "threshold"), ("eval_calibration", "evaluation-set threshold (crop views)")):
+        if name in report:
+            calibration = report[name]
+            print(f"{what} {calibration['threshold']:.6f} from {calibration['planted']} planted copies: precision "
+                  f"{calibration['precision']:.3f}, recall {calibration['recall']:.3f}, false-positive rate on "
+                  f"unplanted pairs {calibration['false_positive_rate']:.2e}; recall by transformation "
+                  f"{json.dumps({k: round(v, 3) for k, v in calibration['recall_by_transform'].items()})}")
     _write_selection(args, urls, selection, {**model, "eval_shards": eval_urls, "dedup": report})
     return 0
 
