@@ -9,6 +9,8 @@ import json
 import re
 import tarfile
 
+import pytest
+
 from contrastive.data.demo import FASHION_MNIST_CLASSNAMES, TRAIN_TEMPLATES
 from tests.conftest import REPO
 
@@ -31,6 +33,7 @@ def _members(directory) -> dict[str, dict[str, bytes]]:
     return samples
 
 
+@pytest.mark.slow
 def test_curation_quality_smoke_run_reports_exact_filter_figures_both_arms_and_dedup(tmp_path):
     report_path = tmp_path / "curation.json"
     assert _benchmark().main(["--smoke", "--work-dir", str(tmp_path), "--json", str(report_path)]) == 0
