@@ -47,10 +47,12 @@ from contrastive.dist import shutdown_distributed  # noqa: E402
 from contrastive.encoders import load_encoder  # noqa: E402
 from contrastive.eval.dense import DenseProbeEvaluation  # noqa: E402
 from contrastive.eval.evaluators import build_evaluators  # noqa: E402
+from contrastive.eval.linear_probe import WEIGHT_DECAYS  # noqa: E402
 from contrastive.train.trainer import Trainer  # noqa: E402
 
 ARMS = ("sigmoid", "siglip2")
 METRICS = ("dense_miou", "dense_pixel_acc", "zeroshot_acc1")
+SMOKE_WEIGHT_DECAYS = (1e-3,)  # one probe fit instead of a search: the smoke run checks mechanisms, not scores
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,7 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (trainer.threads_per_process); on a shared CPU one is fastest")
     parser.add_argument("--smoke", action="store_true",
-                        help="tiny sizes (CI): 1 seed x 3 steps, the switch at step 1, 64 samples, 16 canvases")
+                        help="tiny sizes (CI): 1 seed x 3 steps, the switch at step 1, 64 samples, 16 canvases, "
+                             "one probe weight decay")
     args = parser.parse_args(argv)
     if args.smoke:
         args.seeds, args.steps, args.start, args.batch_size = 1, 3, 0.34, 8
@@ -154,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     grounding = build_grounding_dataset(args.work_dir / f"grounding-{args.canvas_size}px-{args.train_canvases}",
                                         train_canvases=args.train_canvases, test_canvases=args.test_canvases,
                                         canvas_size=args.canvas_size)
-    dense = DenseProbeEvaluation("grounding", grounding, image_size=args.dense_image_size)
+    dense = DenseProbeEvaluation("grounding", grounding, image_size=args.dense_image_size,
+                                 weight_decays=SMOKE_WEIGHT_DECAYS if args.smoke else WEIGHT_DECAYS)
     runs = []
     for seed in range(args.seeds):
         for arm in ARMS:

@@ -158,11 +158,12 @@ def score_dense_probe(probe: LinearProbe, features: PatchFeatures, segmentation:
 class DenseProbeEvaluation:
     """Evaluator: run(encoder, device) -> metrics of a dense probe fitted on the `train_split` canvases of a
     grounding dataset and scored on its `split` canvases. `image_size` feeds the canvases at that size instead of
-    the encoder's own (towers that resample their position embeddings: a finer patch grid)."""
+    the encoder's own (towers that resample their position embeddings: a finer patch grid); the probe's L2
+    strength is the best of `weight_decays` on held-out training canvases."""
 
     def __init__(self, name: str | None, root: str | Path, split: str = "test", train_split: str = "train",
                  batch_size: int = 256, feature_layer: int = -1, image_size: int | None = None,
-                 progress: bool = False) -> None:
+                 progress: bool = False, weight_decays: Sequence[float] = WEIGHT_DECAYS) -> None:
         self.train = load_grounding_split(root, train_split)
         self.test = load_grounding_split(root, split)
         self.name = name or Path(root).name
@@ -171,6 +172,7 @@ class DenseProbeEvaluation:
         self.feature_layer = feature_layer
         self.image_size = image_size
         self.progress = progress
+        self.weight_decays = tuple(weight_decays)
 
     def run(self, encoder: LoadedEncoder, device: torch.device) -> dict[str, float]:
         if isinstance(encoder.model, nn.Module):
@@ -191,5 +193,5 @@ class DenseProbeEvaluation:
         train = canvas_patch_features(images=self.train.images, desc="train patch tokens", **common)
         test = canvas_patch_features(images=self.test.images, desc="test patch tokens", **common)
         targets = patch_targets(torch.from_numpy(self.train.segmentation), train.grid, num_classes)
-        probe = fit_dense_probe(train, targets, num_classes)
+        probe = fit_dense_probe(train, targets, num_classes, weight_decays=self.weight_decays)
         return score_dense_probe(probe, test, torch.from_numpy(self.test.segmentation).long(), num_classes)
