@@ -15,12 +15,15 @@ from contrastive.checkpoint_io import SHARDED_PARTS, list_checkpoints, load_chec
 from contrastive.config import SelfDistillationConfig
 from contrastive.dist.collectives import LocalCollectives
 from contrastive.encoders import load_encoder
+from contrastive.losses import build_loss
 from contrastive.losses.self_distillation import WithSelfDistillation
 from contrastive.models import build_model
 from contrastive.models.self_distillation import vit_tokens
+from contrastive.train.step import build_forward_backward
 from contrastive.train.trainer import Trainer
 from contrastive.types import Batch, LossOutput, ModelOutput
 from tests.conftest import compose_config, tiny_run_overrides, torchrun
+from tests.test_accumulation import assert_same_gradients
 from tests.test_checkpoint_sharded import _assert_equal
 
 TRAIN = ["-m", "contrastive.cli.train"]
@@ -38,6 +41,15 @@ def test_the_token_path_is_the_towers_forward_and_takes_smaller_crops():
     mask[:, :8] = True
     _, masked = vit_tokens(model.clip.visual, images, mask, torch.zeros(1, 1, 128))
     assert not torch.allclose(masked, patches)
+
+
+@pytest.fixture
+def one_thread():
+    """Small matrices: on a shared 2-core CPU a second torch thread costs far more than it brings."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class _ZeroObjective:
@@ -144,3 +156,44 @@ def test_a_tiny_run_keeps_its_teacher_from_collapsing_onto_one_prototype(demo_ro
     marginal = [row["distill/teacher_marginal_entropy"] for row in logged]
     assert min(marginal) > MARGINAL_ENTROPY_FLOOR, marginal
     assert all(row["distill/teacher_entropy"] < math.log(cfg.loss.self_distillation.prototypes) for row in logged)
+
+
+def test_accumulated_micro_batches_equal_one_whole_batch_step_with_the_terms_on(one_thread):
+    """trainer.accumulation_steps with the terms on runs the sigmoid loss's feature cache: 2 micro-batches give the
+    loss, gradients (heads and mask token included) and centre statistics of one step on the whole batch. The masks
+    match too: each micro-batch draws its own from the model's generator in turn, which on CPU yields the numbers
+    one draw over the whole batch does."""
+    cfg = compose_config(["experiment=demo_siglip2", "model=tiny_siglip", "loss.self_distillation.prototypes=64",
+                          "loss.self_distillation.head_hidden=64", "loss.self_distillation.head_bottleneck=32"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.loss.self_distillation)
+    model.self_distillation.schedule(10)
+    model.self_distillation.begin_step(model.self_distillation.start_step, model.clip.visual)
+    with torch.no_grad():  # a teacher apart from the student, centres away from zero
+        for parameter in model.self_distillation.teacher.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.01)
+        model.self_distillation.global_centre.normal_()
+    generator = torch.Generator().manual_seed(1)
+    batch = Batch(images=torch.randn(8, 3, 28, 28, generator=generator),
+                  tokens=torch.randint(1, 1000, (8, 16), generator=generator), keys=[str(i) for i in range(8)],
+                  global_views=torch.randn(8, 2, 3, 28, 28, generator=generator),
+                  local_views=torch.randn(8, 4, 3, 14, 14, generator=generator))
+    objective = build_loss(cfg.loss)
+
+    def step(steps: int, seed: int) -> tuple[LossOutput, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        model.randomness.place(torch.device("cpu"), seed)
+        result = build_forward_backward(model, objective, LocalCollectives(), steps, randomness=model.randomness)(batch)
+        return result, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    whole, expected = step(1, seed=3)
+    accumulated, actual = step(2, seed=3)
+    assert "self_distillation.mask_token" in expected and "self_distillation.patch_head.prototypes" in expected
+    assert_same_gradients(actual, expected)
+    torch.testing.assert_close(accumulated.loss, whole.loss)
+    for name in ("distill/local_loss", "distill/masked_loss"):
+        torch.testing.assert_close(accumulated.metrics[name], whole.metrics[name])
+    for name, value in whole.teacher_statistics.items():
+        torch.testing.assert_close(accumulated.teacher_statistics[name], value)
+    _, other_masks = step(2, seed=4)  # other masks, other gradients: the comparison sees the masks
+    assert not torch.allclose(other_masks["self_distillation.mask_token"], expected["self_distillation.mask_token"])

@@ -1,6 +1,8 @@
 """``contrastive-data``: dataset tools on the command line, one subcommand each.
 
     contrastive-data demo [--source DIR] [--out DIR] [--samples-per-shard N] [--seed S] [--limit N] [--image-size PX]
+    contrastive-data demo --grounding [--source DIR] [--out DIR] [--seed S] [--train-canvases N] [--test-canvases N]
+        [--canvas-size PX]
     contrastive-data inspect SHARDS [--min-image-size N] [--json PATH] [--write-stats]
     contrastive-data validate SHARDS [--min-image-size N]
     [torchrun ...] contrastive-data score SHARDS --model PATH --out SCORES [--embeddings] [--batch-size N]
@@ -26,7 +28,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from contrastive.cli import curation_commands
-from contrastive.data import demo
+from contrastive.data import demo, grounding
 from contrastive.data.remote import check_remote_shards_readable, write_stats_file
 from contrastive.data.shard_report import ShardReport, inspect_shards
 from contrastive.data.shards import expand_shards
@@ -47,7 +49,8 @@ def _add_demo_command(subcommands: argparse._SubParsersAction) -> None:
         f"default: the first of {', '.join(map(str, demo.default_fashion_mnist_dirs()))} that holds them, "
         "else scikit-learn's digits",
     )
-    parser.add_argument("--out", type=Path, default=Path("data/demo/fashion-mnist"), help="output directory")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output directory; default data/demo/fashion-mnist (data/demo/grounding with --grounding)")
     parser.add_argument(
         "--samples-per-shard", type=int, default=5000, help="train samples per shard; test shards hold half"
     )
@@ -55,12 +58,19 @@ def _add_demo_command(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--limit", type=int, default=None, help="keep only the first N samples of each split")
     parser.add_argument("--image-size", type=int, default=None,
                         help="upsample every image to this square side (bicubic); default: the source's 28 px")
+    parser.add_argument("--grounding", action="store_true",
+                        help="build the grounding canvases instead: 2-4 items per canvas with boxes, phrases and masks")
+    parser.add_argument("--train-canvases", type=int, default=2000, help="with --grounding: train canvases")
+    parser.add_argument("--test-canvases", type=int, default=500, help="with --grounding: held-out canvases")
+    parser.add_argument("--canvas-size", type=int, default=64, help="with --grounding: canvas side in pixels")
     parser.set_defaults(run=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    if args.grounding:
+        return _run_grounding_demo(args)
     dataset = demo.build_demo_dataset(
-        args.out,
+        args.out or Path("data/demo/fashion-mnist"),
         source=args.source,
         samples_per_shard=args.samples_per_shard,
         seed=args.seed,
@@ -80,6 +90,25 @@ def _run_demo(args: argparse.Namespace) -> int:
     print(f"  {len(dataset.classnames)} classes: {', '.join(dataset.classnames)}")
     print("train shards to pass to the trainer:")
     print(f"  {dataset.train_shards}")
+    return 0
+
+
+def _run_grounding_demo(args: argparse.Namespace) -> int:
+    root = grounding.build_grounding_dataset(
+        args.out or Path("data/demo/grounding"), source=args.source, seed=args.seed,
+        train_canvases=args.train_canvases, test_canvases=args.test_canvases, canvas_size=args.canvas_size,
+    )
+    description = grounding.grounding_description(root)
+    if description["source"]["fell_back"]:
+        print(
+            f"NOTE: Fashion-MNIST was not found in {' or '.join(map(str, demo.default_fashion_mnist_dirs()))}; "
+            "these canvases hold scikit-learn's 8x8 digits upsampled to 28x28 instead. For the real data "
+            "install the Debian package dataset-fashion-mnist or pass --source DIR, and build into a fresh --out."
+        )
+    size = description["parameters"]["canvas_size"]
+    print(f"grounding dataset at {root}, from {description['source']['name']}, {size}x{size} canvases")
+    for split in grounding.GROUNDING_SPLITS:
+        print(f"  {split}: {description['splits'][split]['count']} canvases: {grounding.split_shards(root, split)}")
     return 0
 
 

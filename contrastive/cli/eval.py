@@ -6,12 +6,14 @@
         --dataset-root data/imagenet --classnames imagenet1k --templates openai_imagenet --output-dir results/
     contrastive-eval retrieval --checkpoint runs/demo --dataset-root data/flickr30k --output-dir results/
     contrastive-eval probe --checkpoint runs/demo --dataset-root data/demo/fashion-mnist --train-split train
+    contrastive-eval dense --checkpoint runs/demo_siglip2 export/bundle --dataset-root data/demo/grounding
     contrastive-eval caption --checkpoint runs/demo_cappa --dataset-root data/demo/fashion-mnist --count 100
     contrastive-eval report --checkpoint runs/demo --dataset-root data/demo/fashion-mnist --out runs/demo/report.html
 
 Models: --checkpoint takes checkpoint files or run directories (their newest checkpoint), open_clip directories
 (open_clip_config.json + weights) or transformers directories (config.json + preprocessor_config.json; image-only
-ones are for `probe`); --open-clip NAME WEIGHTS (repeatable) an open_clip config name and a local weights file.
+ones are for `probe` and `dense`; `dense` also reads encoder bundles, contrastive-export --format bundle);
+--open-clip NAME WEIGHTS (repeatable) an open_clip config name and a local weights file.
 Datasets: clip_benchmark's wds layout (ROOT/SPLIT/*.tar; .cls labels, classnames.txt,
 zeroshot_classification_templates.txt; for retrieval, .txt with one caption per line) or, for classification, an
 image folder ROOT/SPLIT/CLASS/*.jpg. --classnames / --templates take a file or a built-in list (imagenet1k, cifar10,
@@ -32,16 +34,20 @@ from pathlib import Path
 import torch
 
 from contrastive.encoders import load_encoder
+from contrastive.encoders.loading import BUNDLE_FILE
 from contrastive.encoders.ours import WEIGHTS
 from contrastive.errors import ConfigError
 from contrastive.eval.captioning import caption_dataset, named_class
 from contrastive.eval.datasets import open_classification_dataset
+from contrastive.eval.dense import DenseProbeEvaluation
 from contrastive.eval.linear_probe import LinearProbeEvaluation
 from contrastive.eval.report import write_report
 from contrastive.eval.retrieval import ZeroShotRetrieval
 from contrastive.eval.zeroshot import ZeroShotClassification, result_record, write_result
+from contrastive.export import load_vision_encoder
 
-TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval", "probe": "linear_probe"}
+TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval", "probe": "linear_probe",
+         "dense": "dense_probe"}
 
 
 def _model_specs(args: argparse.Namespace) -> list[tuple[str, str | None]]:
@@ -62,6 +68,10 @@ def _evaluators(args: argparse.Namespace) -> list:
                                        templates=args.templates, **common) for root in args.dataset_root]
     if args.command == "probe":
         return [LinearProbeEvaluation(args.dataset_name, root, args.split, args.train_split, **common)
+                for root in args.dataset_root]
+    if args.command == "dense":
+        return [DenseProbeEvaluation(args.dataset_name, root, args.split, args.train_split, args.batch_size,
+                                     args.feature_layer, args.image_size, common["progress"])
                 for root in args.dataset_root]
     return [ZeroShotRetrieval(args.dataset_name, root, args.split, **common) for root in args.dataset_root]
 
@@ -94,6 +104,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise ConfigError("--output names one result file; with several models or datasets use --output-dir")
     records = []
     for path, open_clip_name in specs:
+        if args.command == "dense" and open_clip_name is None and (Path(path) / BUNDLE_FILE).is_file():
+            records += _dense_on_bundle(args, path, evaluators, device)
+            continue
         encoder = load_encoder(path, open_clip_name, device, args.weights if open_clip_name is None else "model")
         for evaluator in evaluators:
             metrics = evaluator.run(encoder, device)
@@ -113,6 +126,18 @@ def _evaluate(args: argparse.Namespace) -> int:
         write_summary(out / "summary.csv", records)
         print(f"{len(records)} result(s) and summary.csv written to {out}")
     return 0
+
+
+def _dense_on_bundle(args: argparse.Namespace, path: str, evaluators: list, device: torch.device) -> list[dict]:
+    """An exported encoder bundle (image tower only) through the dense evaluators, at --feature-layer."""
+    vision = load_vision_encoder(path, args.feature_layer).to(device)
+    records = []
+    for evaluator in evaluators:
+        metrics = evaluator.run_tokens(lambda images: vision(images).patch_tokens, vision.preprocess, device)
+        records.append(result_record(evaluator.name, Path(path).name, metrics, str(path), task=TASKS["dense"]))
+        print(f"{TASKS['dense']}: {evaluator.name} ({args.split}), bundle {path}")
+        print("  " + "  ".join(f"{name}={value:.4f}" for name, value in metrics.items()))
+    return records
 
 
 def _caption(args: argparse.Namespace) -> int:
@@ -219,6 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluation_command(commands, "retrieval", "zero-shot image-text retrieval on paired shards")
     probe = _add_evaluation_command(commands, "probe", "linear probe fitted on --train-split, scored on --split")
     probe.add_argument("--train-split", default="train")
+    dense = _add_evaluation_command(commands, "dense", "linear probe on frozen patch tokens: the class under each "
+                                                       "patch of grounding canvases (accuracy, mIoU)")
+    dense.add_argument("--train-split", default="train")
+    dense.add_argument("--feature-layer", type=int, default=-1,
+                       help="the block whose patch tokens are probed, counted from the last (-1)")
+    dense.add_argument("--image-size", type=int, default=None,
+                       help="feed the canvases at this size (default: the encoder's; towers that resample their "
+                            "position embeddings give a finer patch grid)")
     _add_caption_command(commands)
     _add_report_command(commands)
     return parser

@@ -225,7 +225,7 @@ def build_demo_dataset(
     if image_size is not None and image_size < 1:
         raise ConfigError(f"image_size must be a positive number of pixels, got {image_size}")
     root = Path(out_dir).expanduser().resolve()
-    source_name, source_path, fell_back = _resolve_source(source)
+    source_name, source_path, fell_back = resolve_source(source)
     parameters = {
         "builder_version": BUILDER_VERSION,
         "source": source_name,
@@ -293,7 +293,7 @@ def default_fashion_mnist_dirs() -> tuple[Path, ...]:
     return DEFAULT_FASHION_MNIST_DIR, REPO_FASHION_MNIST_DIR
 
 
-def _resolve_source(source: str | Path | None) -> tuple[str, str | None, bool]:
+def resolve_source(source: str | Path | None) -> tuple[str, str | None, bool]:
     """Decide which source to read without loading it: (name, idx directory or None, fell_back)."""
     if source is None:
         reasons = []
