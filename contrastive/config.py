@@ -432,6 +432,9 @@ def _validate_distillation(cfg: TrainConfig) -> None:
         require(teacher.weight > 0, f"loss.distillation.teachers[{index}].weight must be positive")
     require(cfg.model.arch == "clip", f"loss.distillation needs a two-tower student (model.arch=clip), "
             f"got {cfg.model.arch!r}")
+    require(not (cfg.data.length_bucketing or cfg.data.global_views or cfg.data.local_views),
+            "loss.distillation does not combine with data.length_bucketing or data.global_views/local_views yet: "
+            "their batches carry no teacher view")
     require(not distill.reinforced or distill.patch_weight == 0, "loss.distillation.patch_weight needs online "
             "teachers: a reinforced data set stores pooled embeddings only")
     require(not (distill.feature_weight or distill.patch_weight) or cfg.trainer.accumulation_steps == 1,
