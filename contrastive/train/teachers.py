@@ -3,13 +3,12 @@ run without gradients (in bf16 where asked), sharded per block under dist.strate
 teacher view (the student's augmentation cut at the teacher resolution) in its own preprocessing, and the captions
 through its own tokenizer.
 
-A teacher's hash (sha256 over its weights' names, shapes and bytes) goes into every checkpoint; a resume with a
+A teacher's hash (contrastive.encoders.weights_hash) goes into every checkpoint; a resume with a
 different teacher is refused.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 
@@ -19,22 +18,12 @@ from contrastive.config import DistillationConfig, TeacherConfig
 from contrastive.data.transforms import teacher_input
 from contrastive.dist import DistEnv
 from contrastive.dist.parallel import shard_frozen
-from contrastive.encoders import LoadedEncoder, load_encoder
+from contrastive.encoders import LoadedEncoder, load_encoder, weights_hash
 from contrastive.errors import ConfigError, InputError
 from contrastive.models.distillation_heads import captured_patch_tokens
 from contrastive.types import Batch, TeacherTargets
 
 log = logging.getLogger(__name__)
-
-
-def weights_hash(model: torch.nn.Module) -> str:
-    """sha256 of every parameter and buffer: name, shape, dtype and bytes, in name order."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous().reshape(-1)  # 0-d tensors cannot be viewed as bytes
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
 
 
 def load_teacher(cfg: TeacherConfig, device: torch.device) -> LoadedEncoder:
