@@ -1,7 +1,7 @@
-"""Run under torchrun: each rank computes the distillation loss (student CLIP loss plus every distillation term of two
-teachers) on its slice of a seeded global batch; rank 0 checks the loss and the gradients (student image and text
-features, logit scale and bias, adaptor outputs) against the one-process loss on the whole batch. Prints one line
-per block size and exits non-zero on any mismatch.
+"""Run under torchrun (alone, or from loss_parity.py --distillation): each rank computes the distillation loss
+(student CLIP loss plus every distillation term of two teachers) on its slice of a seeded global batch; rank 0
+checks the loss and the gradients (student image and text features, logit scale and bias, adaptor outputs) against
+the one-process loss on the whole batch. Prints one line per block size and exits non-zero on any mismatch.
 
     torchrun --nproc_per_node=3 tests/dist_scripts/distillation_parity.py --block-sizes none,3,64
 """
@@ -90,16 +90,10 @@ def global_view(results: dict[str, torch.Tensor], collectives, world_size: int) 
     return merged
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--local-batch", type=int, default=5)
-    parser.add_argument("--dim", type=int, default=8)
-    parser.add_argument("--block-sizes", default="none", help="comma-separated; 'none' is the materialised loss")
-    args = parser.parse_args()
-    block_sizes = [None if size == "none" else int(size) for size in args.block_sizes.split(",")]
-    env = init_distributed("cpu", "gloo")
-    world, rank, local = env.world_size, env.rank, args.local_batch
-    inputs = make_inputs(world * local, args.dim, seed=4321)
+def check(env, block_sizes: list[int | None], local: int, dim: int) -> bool:
+    """Print one verdict line per block size on rank 0; True where every one matched (on rank 0)."""
+    world, rank = env.world_size, env.rank
+    inputs = make_inputs(world * local, dim, seed=4321)
     rows = slice(rank * local, (rank + 1) * local)
     mine = {name: value[rows] for name, value in inputs.items()}
     one_process = loss_and_grads(objective(None), inputs, LocalCollectives()) if rank == 0 else None
@@ -113,7 +107,19 @@ def main() -> int:
             print(f"distillation world={world} block_size={block_size}: loss {got['loss'].item():.6f} "
                   f"(one process {one_process['loss'].item():.6f}); "
                   + ("OK" if not failures else "FAIL " + "; ".join(failures)), flush=True)
-    ok = env.collectives.broadcast_object(all_ok) if world > 1 else all_ok
+    return all_ok
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--local-batch", type=int, default=5)
+    parser.add_argument("--dim", type=int, default=8)
+    parser.add_argument("--block-sizes", default="none", help="comma-separated; 'none' is the materialised loss")
+    args = parser.parse_args()
+    block_sizes = [None if size == "none" else int(size) for size in args.block_sizes.split(",")]
+    env = init_distributed("cpu", "gloo")
+    all_ok = check(env, block_sizes, args.local_batch, args.dim)
+    ok = env.collectives.broadcast_object(all_ok) if env.world_size > 1 else all_ok
     shutdown_distributed()
     return 0 if ok else 1
 
