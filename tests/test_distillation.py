@@ -194,7 +194,7 @@ def test_demo_distillation_recipes_run_on_two_ranks(recipe, demo_root, teachers,
     if recipe == "demo_distill":
         overrides.append("dist.strategy=fsdp")
     else:
-        overrides.append(f"data.sources.0.shards={reinforced}/{{0..1}}.tar")
+        overrides.append(f"data.sources.0.shards={reinforced}")
     torchrun(["-m", "contrastive.cli.train", *overrides], nproc=2)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 3
