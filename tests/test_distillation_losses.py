@@ -127,3 +127,23 @@ def test_terms_add_to_the_objective_weighted_per_teacher():
                                   torch.tensor(30.0))
     assert result.loss.item() == pytest.approx((plain + 0.25 * 2.0 * kl).item(), rel=1e-5)
     assert result.metrics["distill/t/contrastive"].item() == pytest.approx(2.0 * kl.item(), rel=1e-5)
+
+
+def test_feature_cache_with_the_contrastive_term_matches_the_full_batch():
+    """Logit-only distillation keeps the student objective's feature cache: 4 micro-batches give the full batch's
+    gradients (the teacher's targets travel whole with the batch)."""
+    from contrastive.train.step import FeatureCache, build_forward_backward
+    from tests.test_accumulation import assert_same_gradients, gradients, random_batch, tiny_model
+
+    model, batch = tiny_model("clip"), random_batch(8)
+    _, _, teacher_images, teacher_texts = _features(7, batch=8)
+    batch.teachers = {"t": TeacherTargets(teacher_images, teacher_texts, torch.tensor(30.0))}
+    cfg = DistillationConfig(teachers=[TeacherConfig(name="t", path="unused")], contrastive_weight=1.0)
+    objective = build_loss(LossConfig(name="clip", distillation=cfg))
+    objective(model(batch.images, batch.tokens), batch, LocalCollectives()).loss.backward()
+    expected = gradients(model)
+    model.zero_grad(set_to_none=True)
+    step = build_forward_backward(model, objective, LocalCollectives(), steps=4, randomness=model.randomness)
+    assert isinstance(step, FeatureCache)
+    step(batch)
+    assert_same_gradients(gradients(model), expected)

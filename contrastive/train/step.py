@@ -174,7 +174,7 @@ class FeatureCache(_Step):
         values = {}
         for field in fields(ModelOutput):
             parts = [getattr(output, field.name) for output in outputs]
-            if parts[0] is None:
+            if parts[0] is None or isinstance(parts[0], dict) and not parts[0]:  # absent, or no adaptor outputs
                 continue
             if field.name in PER_EXAMPLE_FIELDS:
                 values[field.name] = torch.cat(parts).detach().float()
