@@ -58,6 +58,33 @@ class SelfDistillationConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """A frozen teacher, read by contrastive.encoders.load_encoder: a checkpoint or run directory of ours, an
+    open_clip directory (or weights file with open_clip_name), or a transformers export."""
+
+    name: str = "???"  # names its metrics and its embeddings in a reinforced data set
+    path: str = "???"
+    open_clip_name: str | None = None
+    weight: float = 1.0  # multiplies every distillation term of this teacher (RADIO's per-teacher weights)
+
+
+@dataclass
+class DistillationConfig:
+    """Distillation from frozen teachers (contrastive.losses.distillation); a term is on when its weight is > 0."""
+
+    teachers: list[TeacherConfig] = field(default_factory=list)
+    contrastive_weight: float = 0.0  # KL of the image-text softmax over the global batch (CLIP students)
+    sigmoid_weight: float = 0.0  # per-pair sigmoid KL (SigLIP students)
+    feature_weight: float = 0.0  # pooled image features through an adaptor head per teacher
+    patch_weight: float = 0.0  # patch tokens through an adaptor head per teacher (online, open_clip ViT teachers)
+    adaptor_hidden: int = 256  # the adaptor heads' hidden width
+    precision: str = "auto"  # the teachers' compute: auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    # Read each sample's teacher embeddings (and the augmentation they were computed on) from a reinforced data
+    # set (contrastive-data reinforce) instead of running the teachers.
+    reinforced: bool = False
+
+
+@dataclass
 class LossConfig:
     name: str = "clip"  # registry name, see contrastive.losses.list_losses()
     block_size: int | None = None  # contrastive losses: score logits in blocks of this many columns (memory)
@@ -66,6 +93,7 @@ class LossConfig:
     caption_weight: float = 2.0  # CoCa: weight of the captioning term
     label_smoothing: float = 0.0  # captioning cross-entropy
     self_distillation: SelfDistillationConfig = field(default_factory=SelfDistillationConfig)
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)
 
 
 @dataclass
@@ -323,6 +351,7 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, model_archs: Collection[s
         require(distill.teacher_temp > 0 and distill.student_temp > 0, "self-distillation temperatures must be > 0")
         require(0 <= distill.centre_momentum < 1 and 0 <= distill.teacher_momentum <= 1,
                 "loss.self_distillation momenta must be in [0, 1)")
+    _validate_distillation(cfg)
     require(0 <= data.max_skip_fraction <= 1, "data.max_skip_fraction must be within [0, 1]")
     require(data.read_attempts >= 1, f"data.read_attempts must be at least 1, got {data.read_attempts}")
     require(data.retry_wait_s >= 0, f"data.retry_wait_s must be >= 0, got {data.retry_wait_s}")
@@ -384,3 +413,30 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, model_archs: Collection[s
             or re.fullmatch(r"step_\d+", Path(cfg.resume.rstrip("/")).name) is not None,
             f"resume must be null, 'latest', a checkpoint .pt file or a sharded checkpoint directory step_N, "
             f"got {cfg.resume!r}")
+
+
+def _validate_distillation(cfg: TrainConfig) -> None:
+    distill = cfg.loss.distillation
+    weights = {name: getattr(distill, f"{name}_weight") for name in ("contrastive", "sigmoid", "feature", "patch")}
+    for name, weight in weights.items():
+        require(weight >= 0, f"loss.distillation.{name}_weight must be >= 0, got {weight}")
+    _require_choice(distill.precision, "loss.distillation.precision", ("auto", "fp32", "bf16"))
+    if not distill.teachers:
+        require(not any(weights.values()), "loss.distillation has term weights but no teachers: add "
+                "loss.distillation.teachers=[{name: ..., path: ...}]")
+        return
+    require(any(weights.values()), "loss.distillation.teachers is set but every loss.distillation.*_weight is 0")
+    names = [teacher.name for teacher in distill.teachers]
+    require(len(set(names)) == len(names), f"loss.distillation.teachers names must be distinct, got {names}")
+    for index, teacher in enumerate(distill.teachers):
+        require(teacher.weight > 0, f"loss.distillation.teachers[{index}].weight must be positive")
+    require(cfg.model.arch == "clip", f"loss.distillation needs a two-tower student (model.arch=clip), "
+            f"got {cfg.model.arch!r}")
+    require(not (cfg.data.length_bucketing or cfg.data.global_views or cfg.data.local_views),
+            "loss.distillation does not combine with data.length_bucketing or data.global_views/local_views yet: "
+            "their batches carry no teacher view")
+    require(not distill.reinforced or distill.patch_weight == 0, "loss.distillation.patch_weight needs online "
+            "teachers: a reinforced data set stores pooled embeddings only")
+    require(not (distill.feature_weight or distill.patch_weight) or cfg.trainer.accumulation_steps == 1,
+            "loss.distillation.feature_weight/patch_weight need trainer.accumulation_steps=1 (the adaptor heads' "
+            "outputs cannot be cached across micro-batches)")

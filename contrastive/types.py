@@ -63,6 +63,22 @@ class StreamPosition:
 
 
 @dataclass
+class TeacherTargets:
+    """What one frozen teacher says about a batch (contrastive.train.teachers runs it, or a reinforced data set
+    stored it): the distillation losses' targets. No gradient flows into any of them."""
+
+    image_features: torch.Tensor  # (B, D_t) L2-normalised
+    text_features: torch.Tensor | None = None  # (B, D_t) L2-normalised, where the teacher has a text tower
+    logit_scale: torch.Tensor | None = None  # scalar, exponentiated
+    logit_bias: torch.Tensor | None = None  # scalar, SigLIP teachers
+    patch_tokens: torch.Tensor | None = None  # (B, N_t, W_t), online open_clip ViT teachers only
+
+    def to(self, device: torch.device, non_blocking: bool = True) -> TeacherTargets:
+        return replace(self, **{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+                                for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)})
+
+
+@dataclass
 class Batch:
     """One local batch as the data pipeline yields it.
 
@@ -77,6 +93,12 @@ class Batch:
     global_views: torch.Tensor | None = None  # (B, G, 3, g, g) extra augmented views (data.global_views)
     local_views: torch.Tensor | None = None  # (B, L, 3, l, l) smaller crops (data.local_views)
     stream_position: StreamPosition | None = None
+    # Distillation: the teachers' view of the same augmentation, uint8 (B, 3, T, T) at the largest teacher's
+    # resolution (contrastive.train.teachers resizes and normalises it per teacher), the captions for the teachers'
+    # tokenizers, and each teacher's targets (filled by the trainer, or read from a reinforced data set).
+    teacher_images: torch.Tensor | None = None
+    captions: list[str] = field(default_factory=list)
+    teachers: dict[str, TeacherTargets] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -87,7 +109,8 @@ class Batch:
             for f in fields(self)
             if isinstance(getattr(self, f.name), torch.Tensor)
         }
-        return replace(self, **moved)
+        teachers = {name: targets.to(device, non_blocking) for name, targets in self.teachers.items()}
+        return replace(self, teachers=teachers, **moved)
 
 
 @dataclass
@@ -111,13 +134,19 @@ class ModelOutput:
     patch_mask: torch.Tensor | None = None  # (B, G, N) bool, the patches the student saw masked
     global_centre: torch.Tensor | None = None  # (K,) the teacher's centre for pooled outputs
     patch_centre: torch.Tensor | None = None  # (K,) and for patches
+    # Distillation's adaptor heads (contrastive.models.distillation_heads): teacher name -> the student's pooled
+    # image features (B, D_t) and patch tokens (B, N_s, W_t) mapped into that teacher's space.
+    adapted_features: dict[str, torch.Tensor] = field(default_factory=dict)
+    adapted_patch_tokens: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to_float32(self) -> ModelOutput:
         """The same outputs with every floating-point tensor in fp32: objectives compute in fp32 whatever the towers
         ran in (bf16 autocast, or FSDP's bf16 parameters)."""
         cast = {f.name: getattr(self, f.name).float() for f in fields(self)
                 if isinstance(getattr(self, f.name), torch.Tensor) and getattr(self, f.name).is_floating_point()}
-        return replace(self, **cast)
+        adapted = {name: {teacher: value.float() for teacher, value in getattr(self, name).items()}
+                   for name in ("adapted_features", "adapted_patch_tokens")}
+        return replace(self, **cast, **adapted)
 
 
 @dataclass

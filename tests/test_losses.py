@@ -118,12 +118,15 @@ def test_every_registered_loss_is_known_to_these_tests(name):
 @pytest.mark.parametrize("nproc", [1, 2, 3, 4])
 def test_distributed_loss_and_gradients_equal_one_process_and_open_clip(nproc):
     """Loss and gradients of every contrastive loss, materialised and blockwise (block sizes 3 and 64 against
-    local batches of 5), equal the one-process loss on the global batch and open_clip's distributed loss."""
+    local batches of 5), equal the one-process loss on the global batch and open_clip's distributed loss; so do
+    those of the distillation terms (two teachers, every term; tests/dist_scripts/distillation_parity.py) against
+    the one-process loss, in the same launch."""
     block_sizes = ["none", "3", "64"]
     result = torchrun(["tests/dist_scripts/loss_parity.py", "--losses", ",".join(CONTRASTIVE_LOSSES),
-                       "--block-sizes", ",".join(block_sizes), "--local-batch", "5"], nproc=nproc)
+                       "--block-sizes", ",".join(block_sizes), "--local-batch", "5", "--distillation"], nproc=nproc)
     verdicts = [line for line in result.stdout.splitlines() if f"world={nproc}" in line]
-    assert len(verdicts) == len(CONTRASTIVE_LOSSES) * len(block_sizes), result.stdout
+    assert len(verdicts) == (len(CONTRASTIVE_LOSSES) + 1) * len(block_sizes), result.stdout
+    assert sum(line.startswith("distillation ") for line in verdicts) == len(block_sizes), result.stdout
     assert all(line.endswith("OK") for line in verdicts), result.stdout
 
 

@@ -1,6 +1,7 @@
-"""benchmarks/stages_quality.py and benchmarks/length_bucketing.py at smoke sizes: they run and report what they
-promise (both arms over every seed, per-stage FLOPs, the commit and the command; padding and text-tower time for
-each way of padding). Only the mechanisms are checked here, never which arm scores higher."""
+"""benchmarks/stages_quality.py, benchmarks/length_bucketing.py and benchmarks/distill_quality.py at smoke sizes:
+they run and report what they promise (every arm over every seed, per-stage FLOPs or step times, the commit and the
+command; padding and text-tower time for each way of padding). Only the mechanisms are checked here, never which
+arm scores higher."""
 
 from __future__ import annotations
 
@@ -49,3 +50,22 @@ def test_length_bucketing_smoke_run_reports_padding_and_text_tower_time(tmp_path
     assert results["bucketed"]["padding_fraction"] <= results["own_longest"]["padding_fraction"] \
         < results["full_padding"]["padding_fraction"]
     assert all(result["text_tower_seconds_median"] > 0 for result in results.values())
+
+
+@pytest.mark.slow
+def test_distill_quality_smoke_run_reports_three_arms_step_times_commit_and_command(tmp_path):
+    """benchmarks/distill_quality.py at smoke sizes: a teacher, its reinforced set, the three student arms."""
+    report_path = tmp_path / "distill.json"
+    assert _benchmark("distill_quality").main(["--smoke", "--work-dir", str(tmp_path), "--json",
+                                               str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert re.match(r"[0-9a-f]{40}|unknown", report["commit"])
+    assert report["command"].startswith("python benchmarks/distill_quality.py --smoke")
+    assert [(run["arm"], run["seed"]) for run in report["runs"]] == [("scratch", 0), ("online", 0),
+                                                                     ("reinforced", 0)]
+    assert report["reinforced_set"]["size_overhead"] > 0 and report["reinforced_set"]["augmentations"] == 2
+    summary = report["summary"]
+    for arm in ("online", "reinforced"):
+        assert summary[f"{arm}_step_time_over_scratch"] == pytest.approx(
+            summary[arm]["seconds_per_step_mean"] / summary["scratch"]["seconds_per_step_mean"])
+    assert all(0 <= summary[arm]["zeroshot_acc1_mean"] <= 1 for arm in ("scratch", "online", "reinforced"))

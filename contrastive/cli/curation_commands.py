@@ -4,6 +4,8 @@
         --out curation/scores.parquet
     contrastive-data filter data/demo/fashion-mnist/train --scores curation/scores.parquet \\
         --where "similarity >= 0.25 and language == 'en'" --out curation/filtered
+    torchrun --nproc_per_node=2 -m contrastive.cli.data reinforce data/demo/fashion-mnist/train \\
+        --teacher demo=runs/demo --augmentations 4 --out data/demo/fashion-mnist-reinforced
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import shlex
 from pathlib import Path
 
-from contrastive.curation import filtering, scoring
+from contrastive.curation import filtering, reinforce, scoring
 from contrastive.curation.extra import require
 from contrastive.data.shards import check_shards_exist, expand_shards
 from contrastive.dist import init_distributed, shutdown_distributed
@@ -207,4 +209,63 @@ def _run_balance(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = (_add_score_command, _add_filter_command, _add_dedup_command, _add_balance_command)
+
+
+def _teacher_argument(value: str) -> tuple[str, str]:
+    name, separator, path = value.partition("=")
+    if not separator or not name or not path:
+        raise argparse.ArgumentTypeError(f"--teacher takes NAME=PATH, got {value!r}")
+    return name, path
+
+
+def _add_reinforce_command(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser(
+        "reinforce", help="write shards that carry teacher embeddings of stored augmentations (distillation)",
+        description="Run the teachers once over the shards and write them again with, per sample, K augmentations' "
+        "parameters and each teacher's embeddings of them (and of the caption). Under torchrun each rank writes its "
+        "share of the shards; a killed run resumes without redoing finished shards. Prints the size overhead.",
+    )
+    parser.add_argument("shards", help="directory, brace pattern or list of local shards; several joined with '::'")
+    parser.add_argument("--teacher", type=_teacher_argument, action="append", required=True, metavar="NAME=PATH",
+                        help="a teacher: anything load_encoder reads; repeat for several")
+    parser.add_argument("--open-clip-name", default=None, help="open_clip model config that a weights file fits")
+    parser.add_argument("--out", type=Path, required=True, help="the directory for the new shards")
+    parser.add_argument("--augmentations", type=int, default=4, help="augmentations per sample (K)")
+    parser.add_argument("--crop-scale", type=float, nargs=2, default=[0.9, 1.0], metavar=("LOW", "HIGH"),
+                        help="area share of the random resized crops (as data.crop_scale)")
+    parser.add_argument("--horizontal-flip", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=("float16", "float32"), default="float16",
+                        help="the stored embeddings' type")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (each rank its LOCAL_RANK's GPU)")
+    parser.set_defaults(run=_run_reinforce)
+
+
+def _run_reinforce(args: argparse.Namespace) -> int:
+    if args.augmentations < 1:
+        raise ConfigError(f"--augmentations must be at least 1, got {args.augmentations}")
+    if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
+        raise ConfigError(f"--crop-scale must be LOW HIGH with 0 < LOW <= HIGH <= 1, got {args.crop_scale}")
+    urls = _shards(args.shards)
+    env = init_distributed(args.device, timeout_minutes=24 * 60)  # ranks meet only at the end
+    try:
+        teachers = {name: load_encoder(path, args.open_clip_name, env.device) for name, path in args.teacher}
+        if len(teachers) < len(args.teacher):
+            raise ConfigError("--teacher names must be distinct")
+        options = reinforce.ReinforceOptions(args.augmentations, tuple(args.crop_scale), args.horizontal_flip,
+                                             args.seed, args.dtype, args.batch_size)
+        result = reinforce.reinforce_shards(urls, teachers, args.out, rank=env.rank, world_size=env.world_size,
+                                            barrier=env.collectives.barrier, device=env.device, options=options)
+        print(f"rank {env.rank}: wrote {result['written']} shards ({result['samples']} samples), "
+              f"{result['resumed']} already done; bad samples: {dict(result['skipped']) or 'none'}")
+        if env.is_main:
+            manifest = json.loads((args.out / reinforce.MANIFEST).read_text())
+            print(f"wrote {args.out}: {manifest['output_bytes']} bytes from {manifest['input_bytes']}, size overhead "
+                  f"{100 * manifest['size_overhead']:.1f}% ({args.augmentations} augmentations, {args.dtype})")
+    finally:
+        shutdown_distributed()
+    return 0
+
+
+COMMANDS = (_add_score_command, _add_filter_command, _add_dedup_command, _add_balance_command, _add_reinforce_command)

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from contrastive.config import DataConfig
 from contrastive.data.plan import RunPlan, plan_finite_run
 from contrastive.data.reader import iter_shard
+from contrastive.data.reinforced import FULL_RESOLUTION
 from contrastive.data.remote import RECOVERED_READ, RetryPolicy
 from contrastive.data.shards import check_epoch_mode_slots, check_shards_exist, expand_shards
 from contrastive.data.stream import ImageTextStream, Source, StreamLayout, decode_sample
@@ -21,6 +22,8 @@ from contrastive.data.transforms import (
     BatchNormalize,
     MultiViewCrops,
     Preprocess,
+    StoredCrop,
+    TeacherViewCrops,
     build_train_transform,
     train_decode_size,
 )
@@ -78,7 +81,12 @@ def build_train_loader(
     start_step: int = 0,
     positions: dict[int, StreamPosition] | None = None,
     pin_memory: bool = False,
+    teacher_view: tuple[int, str] | None = None,
+    reinforced: tuple[str, ...] = (),
 ) -> DataLoader:
+    """`teacher_view` (distillation with online teachers): (size, interpolation) of the teachers' crop of each
+    student augmentation (Batch.teacher_images). `reinforced`: read these teachers' stored targets and replay one of
+    each sample's stored augmentations instead of drawing a new one."""
     sources = build_sources(data)
     image_size = preprocess.image_size
     transform = build_train_transform(
@@ -93,6 +101,12 @@ def build_train_loader(
                                    for size, scale in views)
         transform = MultiViewCrops(transform, global_crop, data.global_views, local_crop, data.local_views)
         decode_size = max(decode_size, *(train_decode_size(size, tuple(scale)) for size, scale in views))
+    if teacher_view is not None:
+        transform = TeacherViewCrops(transform, *teacher_view)
+        decode_size = max(decode_size, train_decode_size(teacher_view[0], tuple(data.crop_scale)))
+    if reinforced:
+        transform = StoredCrop(image_size, preprocess.interpolation)
+        decode_size = FULL_RESOLUTION  # stored crop boxes are in the full-resolution image's pixels
     layout = StreamLayout(
         rank=rank, world_size=world_size, num_workers=max(1, data.num_workers), seed=seed,
         resampled=data.resampled, shuffle_buffer=data.shuffle_buffer,
@@ -107,6 +121,7 @@ def build_train_loader(
         start_step=start_step, positions=positions,
         retry=RetryPolicy(attempts=data.read_attempts, first_wait_s=data.retry_wait_s),
         bucket_batches=data.bucket_batches if data.length_bucketing else None,
+        teacher_view=teacher_view is not None, reinforced=reinforced,
     )
     return DataLoader(
         stream, batch_size=None, num_workers=data.num_workers, pin_memory=pin_memory,

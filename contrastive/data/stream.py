@@ -29,17 +29,18 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from contrastive.data.reader import RawSample, iter_shard
+from contrastive.data.reinforced import normalized_row, read_sample_files
 from contrastive.data.remote import DEFAULT_RETRY, RetryPolicy
 from contrastive.data.shards import shards_for_slot, slot_seed
 from contrastive.data.transforms import IMAGE_EXTENSIONS, BadSample, decode_image
 from contrastive.errors import InputError
-from contrastive.types import Batch, StreamPosition
+from contrastive.types import Batch, StreamPosition, TeacherTargets
 
 log = logging.getLogger(__name__)
 MIN_SAMPLES_FOR_SKIP_CHECK = 200
 # Every reason a sample or shard is skipped for (reader, decode_sample, decode_image), for per-reason metrics.
 SAMPLE_SKIP_REASONS = ("missing_image", "bad_caption_encoding", "missing_caption", "empty_caption", "bad_label",
-                       "corrupt_image", "wrong_image_mode", "wrong_image_size")
+                       "corrupt_image", "wrong_image_mode", "wrong_image_size", "missing_teacher_embeddings")
 SHARD_LOSS_REASONS = ("truncated_shard", "unreadable_shard")  # after the remote reader's retries
 SKIP_REASONS = SAMPLE_SKIP_REASONS + SHARD_LOSS_REASONS
 LOGGED_BAD_SAMPLES_PER_WORKER = 5
@@ -149,6 +150,8 @@ class ImageTextStream(IterableDataset):
         positions: dict[int, StreamPosition] | None = None,
         retry: RetryPolicy = DEFAULT_RETRY,
         bucket_batches: int | None = None,  # length bucketing over windows of this many local batches; None: off
+        teacher_view: bool = False,  # the transform gives (student crop, teacher crop): transforms.TeacherViewCrops
+        reinforced: tuple[str, ...] = (),  # read these teachers' stored targets; the transform is a StoredCrop
     ) -> None:
         super().__init__()
         self.sources = sources
@@ -166,6 +169,8 @@ class ImageTextStream(IterableDataset):
         self.positions = positions or {}
         self.retry = retry
         self.bucket_batches = bucket_batches
+        self.teacher_view = teacher_view
+        self.reinforced = reinforced
 
     def _source_samples(self, source: Source, worker: int, position: tuple[int, int, int], skipped: Counter,
                         capped: bool):
@@ -258,6 +263,7 @@ class ImageTextStream(IterableDataset):
         images = torch.empty((window, 3, size, size), dtype=torch.uint8)
         view_buffers: tuple[torch.Tensor, ...] | None = None  # (window, G, 3, g, g), (window, L, 3, l, l)
         captions, labels, keys = [], [], []
+        stored_rows: list = []  # reinforced: per sample, teacher -> (image embedding, text embedding, scale, bias)
         while True:
             active = [s.name for s in self.sources if s.name not in exhausted]
             if not active:
@@ -281,7 +287,12 @@ class ImageTextStream(IterableDataset):
                 # decoding runs in the training process) is never touched.
                 augment.manual_seed(slot_seed(self.layout.seed, "augment", name, self.layout.rank, worker, epoch,
                                               consumed))
-                image, caption, label = decode_sample(raw, partial(self.transform, generator=augment), self.image_size,
+                transform = partial(self.transform, generator=augment)
+                if self.reinforced:  # one of the stored augmentations, drawn from the sample's generator
+                    stored = read_sample_files(raw, self.reinforced)
+                    choice = int(torch.randint(len(stored.augmentations), (1,), generator=augment))
+                    transform = partial(self.transform, params=stored.augmentations[choice])
+                image, caption, label = decode_sample(raw, transform, self.image_size,
                                                       decode_size=self.decode_size, min_image_size=self.min_image_size)
             except BadSample as bad:
                 skipped[bad.reason] += 1
@@ -296,6 +307,12 @@ class ImageTextStream(IterableDataset):
                 for buffer, view in zip(view_buffers, views):
                     buffer[len(keys)] = view
             images[len(keys)] = image
+            if self.reinforced:
+                stored_rows.append({name: (normalized_row(stored.image_embeddings[name][choice]),
+                                           None if stored.text_embeddings[name] is None
+                                           else normalized_row(stored.text_embeddings[name]),
+                                           stored.logit_scales[name], stored.logit_biases[name])
+                                    for name in self.reinforced})
             captions.append(caption)
             labels.append(-1 if label is None else label)
             keys.append(str(raw["__key__"]))
@@ -307,20 +324,33 @@ class ImageTextStream(IterableDataset):
                 skipped=dict(skipped), samples_seen=seen,
             )
             if self.bucket_batches is None:
+                teacher_images = view_buffers[0].clone() if self.teacher_view else None  # uint8, teachers normalise
                 normalized_views = [self.normalize(v, out=_batch_tensor(v.shape, in_worker=info is not None))
-                                    for v in view_buffers or ()]
+                                    for v in view_buffers or ()] if not self.teacher_view else []
                 yield Batch(
                     images=self.normalize(images, out=_batch_tensor(images.shape, in_worker=info is not None)),
                     global_views=normalized_views[0] if normalized_views else None,
                     local_views=normalized_views[1] if normalized_views else None,
                     tokens=self.tokenizer(captions), keys=keys, labels=torch.tensor(labels),
-                    stream_position=window_end,
+                    stream_position=window_end, teacher_images=teacher_images, captions=captions,
+                    teachers=self._stored_targets(stored_rows),
                 )
             else:
                 yield from self._length_buckets(images, captions, labels, keys, window_start, window_end,
                                                 skip_batches, in_worker=info is not None)
             window_start, skip_batches = window_end, 0
-            captions, labels, keys = [], [], []
+            captions, labels, keys, stored_rows = [], [], [], []
+
+    def _stored_targets(self, rows: list[dict]) -> dict[str, TeacherTargets]:
+        """A batch's stored teacher targets (reinforced data), teacher -> TeacherTargets."""
+        targets = {}
+        for name in self.reinforced:
+            image, text, scale, bias = zip(*(row[name] for row in rows))
+            targets[name] = TeacherTargets(
+                image_features=torch.stack(image), text_features=None if text[0] is None else torch.stack(text),
+                logit_scale=None if scale[0] is None else torch.tensor(scale[0]),
+                logit_bias=None if bias[0] is None else torch.tensor(bias[0]))
+        return targets
 
     def _length_buckets(self, images: torch.Tensor, captions: list[str], labels: list[int], keys: list[str],
                         start: StreamPosition, end: StreamPosition, skip: int, in_worker: bool) -> Iterator[Batch]:
@@ -340,6 +370,7 @@ class ImageTextStream(IterableDataset):
             yield Batch(
                 images=self.normalize(images[rows], out=_batch_tensor(images[rows].shape, in_worker)),
                 tokens=tokens[rows, :width].contiguous(), keys=[keys[i] for i in members],
+                captions=[captions[i] for i in members],
                 labels=torch.tensor([labels[i] for i in members]),
                 stream_position=end if number == len(batches) - 1 else replace(start, bucket_batches_taken=number + 1),
             )

@@ -127,14 +127,76 @@ class RandomCropFlip:
             crop_width, crop_height = width, height
         return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
 
+    def draw(self, height: int, width: int, generator: torch.Generator) -> CropParams:
+        """The crop box, then the flip, in torchvision's order of draws."""
+        top, left, crop_height, crop_width = self.crop_box(height, width, generator)
+        flip = self.horizontal_flip and torch.rand(1, generator=generator).item() < 0.5
+        return CropParams(top, left, crop_height, crop_width, flip)
+
     def __call__(self, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
         pixels = functional.pil_to_tensor(image)  # uint8 (3, H, W)
-        top, left, height, width = self.crop_box(*pixels.shape[-2:], generator)
-        crop = functional.resized_crop(pixels, top, left, height, width, [self.size, self.size],
-                                       interpolation=self.interpolation, antialias=True)
-        if self.horizontal_flip and torch.rand(1, generator=generator).item() < 0.5:
-            crop = functional.horizontal_flip(crop)
-        return crop
+        return apply_crop(pixels, self.draw(*pixels.shape[-2:], generator), self.size, self.interpolation)
+
+
+@dataclass(frozen=True)
+class CropParams:
+    """One random augmentation, enough to replay it: the crop box in the decoded image's pixels and the flip."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    flip: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def apply_crop(pixels: torch.Tensor, params: CropParams, size: int,
+               interpolation: v2.InterpolationMode | str) -> torch.Tensor:
+    """uint8 (3, H, W) -> uint8 (3, size, size): the crop resized (antialiased), then the flip."""
+    mode = _interpolation(interpolation) if isinstance(interpolation, str) else interpolation
+    crop = functional.resized_crop(pixels, params.top, params.left, params.height, params.width, [size, size],
+                                   interpolation=mode, antialias=True)
+    return functional.horizontal_flip(crop) if params.flip else crop
+
+
+class TeacherViewCrops:
+    """(PIL image, generator) -> uint8 (student crop (3, S, S), teacher crop (3, T, T)): one augmentation drawn
+    (the student's draws, as without teachers) and cut at both resolutions, so teacher and student see the same
+    crop and flip, each at its own size."""
+
+    def __init__(self, student: RandomCropFlip, teacher_size: int, teacher_interpolation: str) -> None:
+        self.student, self.teacher_size = student, teacher_size
+        self.teacher_interpolation = _interpolation(teacher_interpolation)
+
+    def __call__(self, image: Image.Image, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = functional.pil_to_tensor(image)
+        params = self.student.draw(*pixels.shape[-2:], generator)
+        return (apply_crop(pixels, params, self.student.size, self.student.interpolation),
+                apply_crop(pixels, params, self.teacher_size, self.teacher_interpolation))
+
+
+class StoredCrop:
+    """(PIL image, params) -> uint8 (3, size, size): a stored augmentation (a reinforced data set's) replayed."""
+
+    def __init__(self, size: int, interpolation: str) -> None:
+        self.size, self.interpolation = size, _interpolation(interpolation)
+
+    def __call__(self, image: Image.Image, params: CropParams) -> torch.Tensor:
+        return apply_crop(functional.pil_to_tensor(image), params, self.size, self.interpolation)
+
+
+def teacher_input(pixels: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
+    """uint8 (B, 3, T, T) teacher views -> float (B, 3, s, s) at the teacher's own size `s` (resized where the views
+    were cut for a larger teacher) and normalised with its own mean and std."""
+    images = pixels.float().div_(255)
+    if images.shape[-1] != preprocess.image_size:
+        images = functional.resize(images, [preprocess.image_size, preprocess.image_size],
+                                   interpolation=_interpolation(preprocess.interpolation), antialias=True)
+    mean = torch.tensor(preprocess.mean, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(preprocess.std, device=images.device).view(1, 3, 1, 1)
+    return (images - mean) / std
 
 
 def build_train_transform(

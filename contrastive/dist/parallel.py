@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
@@ -111,6 +111,24 @@ def parallelize(model: nn.Module, env: DistEnv, strategy: str = "ddp", activatio
         return model
     device_ids = [env.device.index] if env.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def shard_frozen(model: nn.Module, bf16: bool = False, methods: tuple[str, ...] = ()) -> nn.Module:
+    """Shard a frozen, inference-only model (a distillation teacher) over the ranks per transformer block with
+    FSDP2: each rank keeps 1/world of its weights and gathers a block's just before running it. With `bf16` the
+    gathered weights are bf16. Every rank must then run every forward the others run (the gathers are collectives).
+    `methods`: the model's entry points besides forward (encode_image, encode_text), which gather its root weights
+    as forward does.
+    """
+    precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if bf16 else MixedPrecisionPolicy()
+    scalars = [p for p in model.parameters() if p.ndim == 0]  # FSDP cannot shard 0-d parameters
+    for block in transformer_blocks(model):
+        fully_shard(block, ignored_params=set(scalars), mp_policy=precision)
+    fully_shard(model, ignored_params=set(scalars), mp_policy=precision)
+    for method in methods:
+        if hasattr(model, method):
+            register_fsdp_forward_method(model, method)
+    return model
 
 
 def is_sharded(model: nn.Module) -> bool:

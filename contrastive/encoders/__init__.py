@@ -11,9 +11,9 @@ directory), an open_clip directory or model name plus weights, or a transformers
 It sits above models/ and data/ (it joins a model with its preprocessing) and below train/, eval/ and export/.
 """
 
-from contrastive.encoders.encoder import KINDS, LoadedEncoder, Tokenizer
+from contrastive.encoders.encoder import KINDS, LoadedEncoder, Tokenizer, weights_hash
 from contrastive.encoders.loading import detect_kind, load_encoder
 from contrastive.encoders.ours import encoder_from_model, preprocess_from_config
 
 __all__ = ["KINDS", "LoadedEncoder", "Tokenizer", "detect_kind", "encoder_from_model", "load_encoder",
-           "preprocess_from_config"]
+           "preprocess_from_config", "weights_hash"]

@@ -3,6 +3,7 @@ it was read from. Evaluators, distillation teachers, data scoring and reports ta
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,3 +44,14 @@ def parameter_value(module: nn.Module, name: str) -> float | None:
     """The value of the scalar parameter called `name` anywhere in `module` (logit_scale, logit_bias), or None."""
     found = [p for n, p in module.named_parameters() if n.rsplit(".", 1)[-1] == name]
     return float(found[0].detach().reshape(-1)[0]) if found else None
+
+
+def weights_hash(model: nn.Module) -> str:
+    """sha256 of every parameter and buffer of `model` (whole, not sharded): name, shape, dtype and bytes, in name
+    order. Two encoders with the same hash compute the same function, whatever format they were read from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-d tensors cannot be viewed as bytes
+    return digest.hexdigest()

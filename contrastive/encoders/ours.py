@@ -41,6 +41,7 @@ def encoder_from_model(model: nn.Module, name: str = "model", source: str = "",
 
 
 WEIGHTS = ("model", "ema")  # a checkpoint's trained weights, or their exponential moving average
+TRAINING_ONLY_PREFIXES = ("self_distillation.", "distillation_heads.")
 
 
 def load_checkpoint_encoder(path: str | Path, device: torch.device, weights: str = "model") -> LoadedEncoder:
@@ -57,8 +58,9 @@ def load_checkpoint_encoder(path: str | Path, device: torch.device, weights: str
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), state["config"]["model"]))
     cfg.pretrained = None  # the checkpoint holds every weight; the run's starting point may not exist here
     model = build_model(cfg)
-    # Self-distillation's heads, mask token and teacher (contrastive.models.self_distillation) serve training only.
-    model_state = {k: v for k, v in state["model"].items() if not k.startswith("self_distillation.")}
+    # Self-distillation's heads, mask token and teacher (contrastive.models.self_distillation) and distillation's
+    # adaptor heads (contrastive.models.distillation_heads) serve training only.
+    model_state = {k: v for k, v in state["model"].items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
     apply_model_state(model, model_state, path)
     run_config = {**state["config"], "step": state["step"], "checkpoint": str(path), "weights": weights,
                   **{key: state[key] for key in ("samples_seen", "git_commit") if key in state}}

@@ -31,8 +31,14 @@ def list_losses() -> list[str]:
 
 
 def build_loss(cfg: LossConfig) -> Objective:
+    from contrastive.losses.distillation import WithDistillation  # it needs this module's accumulation modes
+
     objective = LOSSES.get(cfg.name)(cfg)
-    return WithSelfDistillation(objective, cfg.self_distillation) if cfg.self_distillation.enabled else objective
+    if cfg.self_distillation.enabled:
+        objective = WithSelfDistillation(objective, cfg.self_distillation)
+    if cfg.distillation.teachers:
+        objective = WithDistillation(objective, cfg.distillation, cfg.block_size)
+    return objective
 
 
 def losses_accumulating_by(mode: str) -> list[str]:

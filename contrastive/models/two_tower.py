@@ -12,6 +12,7 @@ from torch import nn
 
 from contrastive.config import ModelConfig, SelfDistillationConfig
 from contrastive.models.build import MODELS
+from contrastive.models.distillation_heads import DistillationHeads, captured_patch_tokens
 from contrastive.models.input_size import allow_any_image_size, encode_image_any_size, encode_text_any_length
 from contrastive.models.randomness import ModelRandomness, draw_patch_dropout_from
 from contrastive.models.self_distillation import SelfDistillation
@@ -72,9 +73,25 @@ class TwoTowerModel(OpenClipFeatures):
         self.embed_dim = embed_dim
         self.context_length = text_cfg.context_length
         self.self_distillation: SelfDistillation | None = None  # attached by build_model when the loss asks
+        self.distillation_heads: DistillationHeads | None = None  # attached by the trainer for distillation
 
     def attach_self_distillation(self, cfg: SelfDistillationConfig) -> None:
         self.self_distillation = SelfDistillation(self.clip.visual, cfg)
+
+    def attach_distillation_heads(self, teachers: dict[str, tuple[int, int | None]], hidden: int) -> None:
+        """`teachers`: name -> (pooled width, patch token width or None)."""
+        token_width = getattr(self.clip.visual, "transformer", None)
+        token_width = token_width.width if token_width is not None else self.embed_dim
+        self.distillation_heads = DistillationHeads(self.embed_dim, token_width, teachers, hidden)
+
+    def _encode_image_for_distillation(self, images: torch.Tensor) -> tuple[torch.Tensor, dict, dict]:
+        """(normalised features, adapted pooled features, adapted patch tokens) from one pass of the image tower."""
+        if not self.distillation_heads.tokens:
+            features = encode_image_any_size(self.clip.visual, images)
+            return F.normalize(features.float(), dim=-1), *self.distillation_heads(features, None)
+        with captured_patch_tokens(self.clip.visual) as captured:
+            features = encode_image_any_size(self.clip.visual, images)
+        return F.normalize(features.float(), dim=-1), *self.distillation_heads(features, captured["tokens"])
 
     def logit_scale(self) -> torch.Tensor:
         return capped_logit_scale(self.clip.logit_scale, self.cfg.max_logit_scale)
@@ -85,10 +102,17 @@ class TwoTowerModel(OpenClipFeatures):
         distilled = {}
         if self.self_distillation is not None and self.self_distillation.active:
             distilled = self.self_distillation(self.clip.visual, global_views, local_views, self.randomness.generator)
+        adapted = {}
+        if self.distillation_heads is not None:
+            image_features, adapted["adapted_features"], adapted["adapted_patch_tokens"] = \
+                self._encode_image_for_distillation(images)
+        else:
+            image_features = self.encode_image(images)
         return ModelOutput(
-            image_features=self.encode_image(images),
+            image_features=image_features,
             text_features=self.encode_text(tokens),
             logit_scale=self.logit_scale(),
             logit_bias=bias,
             **distilled,
+            **adapted,
         )

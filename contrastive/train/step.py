@@ -44,8 +44,13 @@ SHARED_CONSTANTS = ("global_centre", "patch_centre")
 def batch_rows(batch: Batch, rows: slice) -> Batch:
     """The batch's examples in `rows` (views, no copies)."""
     optional = {name: None if getattr(batch, name) is None else getattr(batch, name)[rows]
-                for name in ("labels", "global_views", "local_views")}
-    return replace(batch, images=batch.images[rows], tokens=batch.tokens[rows], keys=batch.keys[rows], **optional)
+                for name in ("labels", "global_views", "local_views", "teacher_images")}
+    teachers = {name: replace(targets, **{field.name: getattr(targets, field.name)[rows] for field in fields(targets)
+                                          if getattr(targets, field.name) is not None
+                                          and getattr(targets, field.name).ndim > 0})
+                for name, targets in batch.teachers.items()}  # per-example targets; the scale and bias are shared
+    return replace(batch, images=batch.images[rows], tokens=batch.tokens[rows], keys=batch.keys[rows],
+                   captions=batch.captions[rows], teachers=teachers, **optional)
 
 
 def forward(model: nn.Module, batch: Batch) -> ModelOutput:
@@ -169,7 +174,7 @@ class FeatureCache(_Step):
         values = {}
         for field in fields(ModelOutput):
             parts = [getattr(output, field.name) for output in outputs]
-            if parts[0] is None:
+            if parts[0] is None or isinstance(parts[0], dict) and not parts[0]:  # absent, or no adaptor outputs
                 continue
             if field.name in PER_EXAMPLE_FIELDS:
                 values[field.name] = torch.cat(parts).detach().float()

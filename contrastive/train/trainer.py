@@ -48,6 +48,7 @@ from contrastive.train.optim import (
 )
 from contrastive.train.stages import build_stages, stage_at
 from contrastive.train.step import build_forward_backward
+from contrastive.train.teachers import Teachers, check_resumed_teachers
 from contrastive.types import Evaluator, StreamPosition
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,14 @@ class Trainer:
                 log.warning("removed %s, left by a checkpoint write that did not finish", partial)
         resume_from = ckpt.load_resume_state(resume, self.run_dir)
 
+        distill = cfg.loss.distillation
+        # Teachers: frozen, loaded before the student (its adaptor heads take their widths). A reinforced data set
+        # holds their outputs; they are still read then, for their hashes and widths, but never run.
+        self.teachers = Teachers(distill, self.env, cfg.dist.strategy) if distill.teachers else None
         self.model = build_model(cfg.model, cfg.loss.self_distillation).to(self.env.device)
+        if self.teachers is not None and (distill.feature_weight or distill.patch_weight):
+            self.model.attach_distillation_heads(self.teachers.widths(), distill.adaptor_hidden)
+            self.model.distillation_heads.to(self.env.device)
         self.model.randomness.place(self.env.device, cfg.seed + self.env.rank)  # patch dropout, CapPa's draw
         apply_locks(self.model, cfg.lock)  # before the wrap and the optimiser, which keep only trainable parameters
         self.tokenizer = build_tokenizer(cfg.model)
@@ -145,11 +153,14 @@ class Trainer:
         """The data loader of the current stage, continuing the stream from the positions reached so far."""
         if len(self.stages) > 1 and self.env.is_main:
             log.info("%s", self.stage.describe())
+        reinforced = self.teachers is not None and self.cfg.loss.distillation.reinforced
         return build_train_loader(
             self.cfg.data, self.stage.preprocess(preprocess_from_config(self.cfg.model)),
             self.stage.tokenizer(self.tokenizer), rank=self.env.rank, world_size=self.env.world_size,
             seed=self.cfg.seed, start_step=self.step, positions=self.data_positions,
             pin_memory=self.env.device.type == "cuda",
+            teacher_view=self.teachers.view if self.teachers is not None and not reinforced else None,
+            reinforced=tuple(self.teachers.hashes) if reinforced else (),
         )
 
     def _autocast(self):
@@ -193,6 +204,8 @@ class Trainer:
                 self.data_positions[batch.stream_position.worker] = batch.stream_position
                 if self.distiller is not None:
                     self.distiller.begin_step(self.step, self.model.visual)
+                if self.teachers is not None and not cfg.loss.distillation.reinforced:
+                    batch.teachers = self.teachers.targets(batch)
                 result = self.forward_backward(batch)
                 grad_norm, stepped = optimizer_step(self.model.parameters(), self.optimizer, cfg.optim.grad_clip_norm)
                 if self.distiller is not None:
@@ -309,7 +322,7 @@ class Trainer:
         if not self.env.is_main:
             return None
         copy = build_model(self.cfg.model, self.cfg.loss.self_distillation).to(self.env.device)
-        copy.load_state_dict(state)
+        copy.load_state_dict({k: v for k, v in state.items() if not k.startswith("distillation_heads.")})
         return copy
 
     def save(self) -> None:
@@ -332,9 +345,12 @@ class Trainer:
             "config": self.config_dict,
             "git_commit": ckpt.git_commit(),
         }
+        if self.teachers is not None:
+            state["teacher_hashes"] = self.teachers.hashes
         self.checkpointer.save(self.step, state, self.model, self.optimizer, self.ema)
 
     def _restore(self, path: Path, state: dict[str, Any]) -> None:
+        check_resumed_teachers(state.get("teacher_hashes", {}), self.teachers.hashes if self.teachers else {})
         self.checkpointer.restore(path, state, self.model, self.optimizer, self.ema)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = self.saved_step = state["step"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+import distillation_parity  # beside this script, which torchrun puts first on sys.path
 import open_clip.loss
 import torch
 import torch.distributed as dist
@@ -91,6 +92,9 @@ def main() -> int:
     parser.add_argument("--local-batch", type=int, default=5)
     parser.add_argument("--dim", type=int, default=8)
     parser.add_argument("--block-sizes", default="none", help="comma-separated; 'none' is the materialised loss")
+    parser.add_argument("--distillation", action="store_true",
+                        help="also check the distillation terms (tests/dist_scripts/distillation_parity.py) in this "
+                        "launch, which saves starting the ranks again")
     args = parser.parse_args()
     block_sizes = [None if size == "none" else int(size) for size in args.block_sizes.split(",")]
     env = init_distributed("cpu", "gloo")
@@ -113,6 +117,8 @@ def main() -> int:
                 print(f"{loss_name} world={world} block_size={block_size}: loss {got['loss'].item():.6f} "
                       f"(one process {full['loss'].item():.6f}, open_clip {reference['loss'].item():.6f}); "
                       + ("OK" if not failures else "FAIL " + "; ".join(failures)), flush=True)
+    if args.distillation:
+        all_ok &= distillation_parity.check(env, block_sizes, local, args.dim)
     ok = env.collectives.broadcast_object(all_ok) if world > 1 else all_ok
     shutdown_distributed()
     return 0 if ok else 1
