@@ -70,13 +70,17 @@ class Batch:
     so the trainer can checkpoint an exact data position.
     """
 
-    images: torch.Tensor  # (B, 3, H, W) float, normalised
+    images: torch.Tensor  # (B, 3, H, W) float, normalised; NaFlex: (B, N, P*P*3) patches (contrastive.data.naflex)
     tokens: torch.Tensor  # (B, L) int64, 0 = padding
     keys: list[str] = field(default_factory=list)
     labels: torch.Tensor | None = None  # (B,) int64, present on labelled data
     global_views: torch.Tensor | None = None  # (B, G, 3, g, g) extra augmented views (data.global_views)
     local_views: torch.Tensor | None = None  # (B, L, 3, l, l) smaller crops (data.local_views)
     stream_position: StreamPosition | None = None
+    # NaFlex batches (data.naflex_seq_lens) only: each patch's (row, column) in its image's grid, and which
+    # patches are real rather than padding up to the step's sequence length N.
+    patch_coord: torch.Tensor | None = None  # (B, N, 2) int64
+    patch_valid: torch.Tensor | None = None  # (B, N) bool
 
     def __len__(self) -> int:
         return self.images.shape[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,11 +12,12 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from contrastive.config import DataConfig
+from contrastive.data.naflex import NaFlexResize, PatchNormalize
 from contrastive.data.plan import RunPlan, plan_finite_run
 from contrastive.data.reader import iter_shard
 from contrastive.data.remote import RECOVERED_READ, RetryPolicy
 from contrastive.data.shards import check_epoch_mode_slots, check_shards_exist, expand_shards
-from contrastive.data.stream import ImageTextStream, Source, StreamLayout, decode_sample
+from contrastive.data.stream import ImageTextStream, NaFlexSchedule, Source, StreamLayout, decode_sample
 from contrastive.data.transforms import (
     BadSample,
     BatchNormalize,
@@ -93,6 +95,19 @@ def build_train_loader(
                                    for size, scale in views)
         transform = MultiViewCrops(transform, global_crop, data.global_views, local_crop, data.local_views)
         decode_size = max(decode_size, *(train_decode_size(size, tuple(scale)) for size, scale in views))
+    normalize = BatchNormalize(preprocess.mean, preprocess.std)
+    naflex = None
+    if data.naflex_seq_lens:
+        if preprocess.patch_size is None:
+            raise ConfigError("data.naflex_seq_lens needs a NaFlex image tower (model.vision.timm_model_name "
+                              "naflexvit_*)")
+        transform = NaFlexResize(preprocess.patch_size, preprocess.interpolation, data.horizontal_flip)
+        normalize = PatchNormalize(preprocess.mean, preprocess.std, preprocess.patch_size)
+        naflex = NaFlexSchedule(list(data.naflex_seq_lens), list(data.naflex_seq_len_weights) or None)
+        # A grid within L patches is at most about sqrt(L) patches on its shorter side; JPEG draft decoding keeps
+        # the aspect ratio, so a shorter side of this many pixels leaves the longer side large enough too.
+        decode_size = (math.isqrt(max(data.naflex_seq_lens)) + 2) * preprocess.patch_size
+        image_size = None
     layout = StreamLayout(
         rank=rank, world_size=world_size, num_workers=max(1, data.num_workers), seed=seed,
         resampled=data.resampled, shuffle_buffer=data.shuffle_buffer,
@@ -101,12 +116,12 @@ def build_train_loader(
         for source in sources:  # fail now, not inside a worker
             check_epoch_mode_slots(len(source.urls), world_size, layout.num_workers, source.name)
     stream = ImageTextStream(
-        sources, layout, transform, BatchNormalize(preprocess.mean, preprocess.std), tokenizer,
+        sources, layout, transform, normalize, tokenizer,
         image_size, data.batch_size // world_size, max_skip_fraction=data.max_skip_fraction,
         decode_size=decode_size, min_image_size=data.min_image_size,
         start_step=start_step, positions=positions,
         retry=RetryPolicy(attempts=data.read_attempts, first_wait_s=data.retry_wait_s),
-        bucket_batches=data.bucket_batches if data.length_bucketing else None,
+        bucket_batches=data.bucket_batches if data.length_bucketing else None, naflex=naflex,
     )
     return DataLoader(
         stream, batch_size=None, num_workers=data.num_workers, pin_memory=pin_memory,

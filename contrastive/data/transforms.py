@@ -188,6 +188,7 @@ class Preprocess:
     mean: list[float]
     std: list[float]
     interpolation: str  # bicubic | bilinear | nearest
+    patch_size: int | None = None  # NaFlex towers only: the patch side their patch sequences use
 
     def transform(self) -> v2.Compose:
         """PIL image -> (3, image_size, image_size) float tensor, exactly as our evaluators feed the model."""

@@ -1,0 +1,169 @@
+"""NaFlex (issue 17): the patch grid against transformers' Siglip2ImageProcessor, the per-step sequence length on
+every rank and across a resume, bad-data counting, and the NaFlex tower's padding invariance."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from transformers.models.siglip2.image_processing_siglip2 import (
+    Siglip2ImageProcessor,
+    get_image_size_for_max_num_patches,
+)
+
+from contrastive.data.loader import build_train_loader
+from contrastive.data.naflex import NaFlexResize, PatchNormalize, grid_for_max_patches, pack
+from contrastive.data.stream import ImageTextStream, NaFlexSchedule, Source, StreamLayout
+from contrastive.encoders import preprocess_from_config
+from contrastive.errors import ConfigError
+from contrastive.models import build_model, build_tokenizer
+from contrastive.models.naflex import encode_naflex
+from tests.conftest import compose_config, torchrun
+from tests.data_factory import jpeg, write_tar
+
+SEQ_LENS = [16, 36, 64]
+
+
+def _random_photo(height: int, width: int, seed: int) -> Image.Image:
+    pixels = torch.randint(0, 256, (height, width, 3), generator=torch.Generator().manual_seed(seed))
+    return Image.fromarray(pixels.to(torch.uint8).numpy())
+
+
+@pytest.fixture(scope="module")
+def naflex_shards(tmp_path_factory):
+    """Four shards of 20 JPEGs each, of random sizes from 10 to 90 pixels a side (every aspect from 1:9 to 9:1)."""
+    root = tmp_path_factory.mktemp("naflex_shards")
+    rng = random.Random(0)
+    for shard in range(4):
+        write_tar(root / f"{shard}.tar", [
+            (f"s{shard}_{index:03d}", {"jpg": jpeg((rng.randint(10, 90), rng.randint(10, 90)), index),
+                                      "txt": f"item {index}".encode()})
+            for index in range(20)])
+    return root
+
+
+@pytest.fixture(scope="module")
+def naflex_cfg(naflex_shards):
+    return compose_config(["model=tiny_naflex_siglip", "debug=tiny", f"data.sources.0.shards={naflex_shards}",
+                           f"data.naflex_seq_lens=[{','.join(map(str, SEQ_LENS))}]", "data.batch_size=8"])
+
+
+def test_the_grid_is_the_one_siglip2_image_processor_chooses_on_200_random_sizes():
+    rng = random.Random(17)
+    for _ in range(200):
+        height, width = rng.randint(1, 4000), rng.randint(1, 4000)
+        patch, max_patches = rng.choice([7, 14, 16]), rng.choice([16, 64, 128, 256, 576, 784, 1024])
+        rows, columns = grid_for_max_patches(height, width, patch, max_patches)
+        assert (rows * patch, columns * patch) == get_image_size_for_max_num_patches(height, width, patch,
+                                                                                        max_patches)
+        assert rows * columns <= max_patches
+
+
+@pytest.mark.parametrize("size", [(28, 28), (17, 83), (90, 31), (300, 200)])
+def test_our_patches_mask_and_grid_equal_siglip2_image_processor_output(size):
+    processor = Siglip2ImageProcessor(patch_size=7, max_num_patches=64, resample=2, image_mean=[0.5] * 3,
+                                      image_std=[0.5] * 3)
+    photo = _random_photo(*size, seed=size[0])
+    theirs = processor(images=photo, return_tensors="pt")
+    image = NaFlexResize(7, "bilinear")(photo, max_patches=64)
+    packed = pack([image], 64)
+    patches = PatchNormalize([0.5] * 3, [0.5] * 3, 7)(packed.patches, packed.valid)
+    assert tuple(theirs["spatial_shapes"][0].tolist()) == image.grid
+    assert torch.equal(theirs["pixel_attention_mask"][0].bool(), packed.valid[0])
+    torch.testing.assert_close(patches, theirs["pixel_values"], atol=1e-6, rtol=0)
+
+
+def _naflex_stream(shards, tokenizer, *, num_workers, start_step=0, positions=None, max_skip_fraction=1.0,
+                   shuffle_buffer=20):
+    layout = StreamLayout(rank=0, world_size=1, num_workers=num_workers, seed=3, resampled=True,
+                          shuffle_buffer=shuffle_buffer)
+    return ImageTextStream([Source("naflex", shards, 1.0)], layout, NaFlexResize(7, "bilinear", True),
+                           PatchNormalize([0.5] * 3, [0.5] * 3, 7), tokenizer, None, 8, decode_size=80,
+                           start_step=start_step, positions=positions, max_skip_fraction=max_skip_fraction,
+                           naflex=NaFlexSchedule(SEQ_LENS))
+
+
+def _batches(stream, count, num_workers):
+    iterator = iter(DataLoader(stream, batch_size=None, num_workers=num_workers))
+    return [next(iterator) for _ in range(count)]
+
+
+def test_a_resumed_naflex_stream_repeats_lengths_patches_and_positions(naflex_shards, naflex_cfg):
+    shards = [str(naflex_shards / f"{shard}.tar") for shard in range(4)]
+    tokenizer = build_tokenizer(naflex_cfg.model)
+    straight = _batches(_naflex_stream(shards, tokenizer, num_workers=2), 9, 2)
+    assert len({batch.images.shape[1] for batch in straight}) > 1, "the sequence length varies by step"
+    k = 5
+    positions = {batch.stream_position.worker: batch.stream_position for batch in straight[:k]}
+    resumed = _batches(_naflex_stream(shards, tokenizer, num_workers=2, start_step=k, positions=positions), 4, 2)
+    for ours, reference in zip(resumed, straight[k:]):
+        assert ours.keys == reference.keys
+        assert torch.equal(ours.images, reference.images) and torch.equal(ours.patch_coord, reference.patch_coord)
+        assert torch.equal(ours.patch_valid, reference.patch_valid)
+    for batch in straight:  # every image holds the largest grid that fits the step's length, padding is zero
+        counts = batch.patch_valid.sum(1)
+        assert (counts <= batch.images.shape[1]).all() and (batch.images[~batch.patch_valid] == 0).all()
+        rows, columns = batch.patch_coord.amax(1).unbind(-1)
+        assert torch.equal((rows + 1) * (columns + 1), counts)
+
+
+def test_bad_samples_in_a_naflex_stream_are_skipped_and_counted(tmp_path, naflex_cfg):
+    good = [(f"g{index:03d}", {"jpg": jpeg((20 + index, 40), index), "txt": b"fine"}) for index in range(16)]
+    bad = [("corrupt", {"jpg": b"not a jpeg", "txt": b"x"}), ("nocaption", {"jpg": jpeg((30, 30))})]
+    shard = write_tar(tmp_path / "0.tar", good[:10] + bad + good[10:])
+    stream = _naflex_stream([str(shard)], build_tokenizer(naflex_cfg.model), num_workers=1, shuffle_buffer=0)
+    batches = _batches(stream, 2, 0)  # the 16 good samples, read in order
+    assert batches[-1].stream_position.skipped == {"corrupt_image": 1, "missing_caption": 1}
+    assert not {"corrupt", "nocaption"} & {key for batch in batches for key in batch.keys}
+
+
+def test_every_rank_uses_the_same_sequence_length_each_step(naflex_shards, naflex_cfg, tmp_path):
+    out = tmp_path / "lengths.json"
+    steps = 8
+    torchrun(["tests/dist_scripts/naflex_seq_lens.py", str(naflex_shards), str(steps), str(out)], nproc=2)
+    ranks = json.loads(out.read_text())
+    assert ranks[0]["lengths"] == ranks[1]["lengths"] and len(set(ranks[0]["lengths"])) > 1
+    assert not set(ranks[0]["keys"]) & set(ranks[1]["keys"]), "the ranks read different samples"
+    assert all(largest <= length for rank in ranks for largest, length in zip(rank["largest"], rank["lengths"]))
+    # A one-process loader with no DataLoader workers gives each step the same length as well.
+    loader = build_train_loader(naflex_cfg.data, preprocess_from_config(naflex_cfg.model),
+                                build_tokenizer(naflex_cfg.model), rank=0, world_size=1, seed=naflex_cfg.seed)
+    iterator = iter(loader)
+    assert [next(iterator).images.shape[1] for _ in range(steps)] == ranks[0]["lengths"]
+
+
+def test_the_naflex_tower_ignores_padding_and_equals_its_fixed_resolution_forward(naflex_cfg):
+    torch.manual_seed(0)
+    model = build_model(naflex_cfg.model).eval()
+    visual = model.clip.visual
+    resize, normalize = NaFlexResize(7, "bilinear"), PatchNormalize([0.5] * 3, [0.5] * 3, 7)
+    wide, square = _random_photo(20, 60, seed=1), _random_photo(28, 28, seed=2)
+
+    def features(images, seq_len):
+        packed = pack(images, seq_len)
+        return encode_naflex(visual, normalize(packed.patches, packed.valid), packed.coord, packed.valid)
+
+    wide_grid = resize(wide, max_patches=27)
+    assert wide_grid.grid == (3, 9)
+    with torch.no_grad():
+        alone = features([wide_grid], 27)[0]  # no padding
+        beside = features([wide_grid, resize(square, max_patches=64)], 64)[0]  # 37 padding patches, another image
+        torch.testing.assert_close(beside, alone, atol=1e-5, rtol=0)
+        # A 28 x 28 image at 16 patches is the tower's own 4 x 4 grid: the NaFlex path equals the image path.
+        pixels = (torch.from_numpy(numpy.asarray(square)).permute(2, 0, 1).float() / 255 - 0.5) / 0.5
+        fixed = visual(pixels[None])[0]
+        torch.testing.assert_close(features([resize(square, max_patches=16)], 16)[0], fixed, atol=1e-5, rtol=0)
+
+
+def test_naflex_lengths_need_a_naflex_tower():
+    with pytest.raises(ConfigError, match="naflexvit_"):
+        from contrastive.config import validate
+        from contrastive.losses import list_losses
+        from contrastive.models import list_models
+        cfg = compose_config(["model=tiny_siglip", "data.naflex_seq_lens=[16]"])
+        validate(cfg, model_archs=list_models(), loss_names=list_losses())
