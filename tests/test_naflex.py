@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 
 import numpy
 import pytest
 import torch
+import transformers
 from PIL import Image
 from torch.utils.data import DataLoader
 from transformers.models.siglip2.image_processing_siglip2 import (
@@ -16,14 +18,16 @@ from transformers.models.siglip2.image_processing_siglip2 import (
     get_image_size_for_max_num_patches,
 )
 
+from contrastive.cli.export import main as export_main
 from contrastive.data.loader import build_train_loader
-from contrastive.data.naflex import NaFlexResize, PatchNormalize, grid_for_max_patches, pack
+from contrastive.data.naflex import NaFlexResize, PatchNormalize, grid_for_max_patches, naflex_batch, pack
 from contrastive.data.stream import ImageTextStream, NaFlexSchedule, Source, StreamLayout
-from contrastive.encoders import preprocess_from_config
+from contrastive.encoders import load_encoder, preprocess_from_config
 from contrastive.errors import ConfigError
+from contrastive.export import load_vision_encoder
 from contrastive.models import build_model, build_tokenizer
-from contrastive.models.naflex import encode_naflex
-from tests.conftest import compose_config, torchrun
+from contrastive.models.naflex import encode_naflex, naflex_trunk_tokens
+from tests.conftest import compose_config, run, torchrun
 from tests.data_factory import jpeg, write_tar
 
 SEQ_LENS = [16, 36, 64]
@@ -167,3 +171,58 @@ def test_naflex_lengths_need_a_naflex_tower():
         from contrastive.models import list_models
         cfg = compose_config(["model=tiny_siglip", "data.naflex_seq_lens=[16]"])
         validate(cfg, model_archs=list_models(), loss_names=list_losses())
+
+
+@pytest.fixture(scope="module")
+def naflex_run(naflex_shards, tmp_path_factory):
+    """A NaFlex SigLIP trained 4 steps of 16 at lengths 16/36/64 on the variable-aspect shards, one process."""
+    run_dir = tmp_path_factory.mktemp("naflex_run") / "run"
+    result = run([sys.executable, "-m", "contrastive.cli.train", "model=tiny_naflex_siglip", "loss=siglip",
+                  "debug=tiny", f"data.sources.0.shards={naflex_shards}",
+                  f"data.naflex_seq_lens=[{','.join(map(str, SEQ_LENS))}]", f"run_dir={run_dir}",
+                  "trainer.threads_per_process=1"], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def naflex_export(naflex_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("naflex_export")
+    for kind in ("transformers", "bundle"):
+        assert export_main(["--checkpoint", str(naflex_run), "--format", kind, "--out", str(out / kind)]) == 0
+    return out
+
+
+def test_a_naflex_checkpoint_exports_a_siglip2_vision_model_equal_to_our_pipeline_and_tower(naflex_run,
+                                                                                             naflex_export):
+    hf_dir = naflex_export / "transformers"
+    assert json.loads((hf_dir / "config.json").read_text())["architectures"] == ["Siglip2VisionModel"]
+    model = transformers.AutoModel.from_pretrained(hf_dir, local_files_only=True).eval()
+    processor = transformers.AutoImageProcessor.from_pretrained(hf_dir, local_files_only=True)
+    assert type(model) is transformers.Siglip2VisionModel and type(processor).__name__ == "Siglip2ImageProcessor"
+    ours = load_vision_encoder(naflex_export / "bundle")  # penultimate block by default
+    last = load_vision_encoder(naflex_export / "bundle", feature_layer=-1)
+    trained = load_encoder(naflex_run).model.clip.visual
+    # Wide, tall and square-ish photos, each at a length where its grid is not the position table's 4 x 4.
+    for size, max_patches in (((20, 70), 36), ((90, 25), 64), ((50, 45), 36)):
+        photo = _random_photo(*size, seed=max_patches)
+        with torch.no_grad():
+            theirs = model(**processor(images=photo, max_num_patches=max_patches, return_tensors="pt"),
+                           output_hidden_states=True)
+            batch = naflex_batch([photo], ours.preprocess, max_patches)
+            penultimate = ours.forward_naflex(batch.patches, batch.coord, batch.valid)
+            final = last.forward_naflex(batch.patches, batch.coord, batch.valid)
+            features = encode_naflex(trained, batch.patches, batch.coord, batch.valid)
+        valid = batch.valid[0]
+        rows, columns = penultimate.patch_tokens[0].shape[:2]
+        assert rows * columns == int(valid.sum()) and (rows, columns) != (4, 4)
+        close = {"atol": 1e-5, "rtol": 1e-5}
+        torch.testing.assert_close(penultimate.patch_tokens[0].reshape(rows * columns, -1),
+                                   theirs.hidden_states[-2][0][valid], **close)
+        # The last block's output; Siglip2VisionModel's last_hidden_state is it after the final LayerNorm.
+        torch.testing.assert_close(final.patch_tokens[0].reshape(rows * columns, -1),
+                                   theirs.hidden_states[-1][0][valid], **close)
+        torch.testing.assert_close(naflex_trunk_tokens(trained, batch.patches, batch.coord, batch.valid)[0][valid],
+                                   theirs.last_hidden_state[0][valid], **close)
+        torch.testing.assert_close(penultimate.pooled, theirs.pooler_output, **close)
+        torch.testing.assert_close(features, theirs.pooler_output, **close)

@@ -125,3 +125,12 @@ class PatchNormalize:
         out = torch.empty(patches.shape) if out is None else out
         out.copy_(patches).sub_(self.shift).mul_(self.scale)
         return out.mul_(valid[..., None])
+
+
+def naflex_batch(images: list[Image.Image], preprocess, max_patches: int) -> PatchBatch:
+    """Evaluation and export: PIL images -> a normalised PatchBatch at `max_patches`, as training sizes them
+    (without the flip). `preprocess` is the model's transforms.Preprocess, whose patch_size must be set."""
+    resize = NaFlexResize(preprocess.patch_size, preprocess.interpolation)
+    packed = pack([resize(image.convert("RGB"), max_patches=max_patches) for image in images], max_patches)
+    normalize = PatchNormalize(preprocess.mean, preprocess.std, preprocess.patch_size)
+    return PatchBatch(normalize(packed.patches, packed.valid), packed.coord, packed.valid)
