@@ -18,6 +18,7 @@ from transformers.models.siglip2.image_processing_siglip2 import (
     get_image_size_for_max_num_patches,
 )
 
+from contrastive.cli.eval import main as eval_main
 from contrastive.cli.export import main as export_main
 from contrastive.data.loader import build_train_loader
 from contrastive.data.naflex import NaFlexResize, PatchNormalize, grid_for_max_patches, naflex_batch, pack
@@ -226,3 +227,28 @@ def test_a_naflex_checkpoint_exports_a_siglip2_vision_model_equal_to_our_pipelin
                                    theirs.last_hidden_state[0][valid], **close)
         torch.testing.assert_close(penultimate.pooled, theirs.pooler_output, **close)
         torch.testing.assert_close(features, theirs.pooler_output, **close)
+
+
+def test_eval_at_several_sequence_lengths_records_each_and_matches_fixed_resolution_on_its_own_grid(
+        naflex_run, demo_root, tmp_path):
+    common = ["zeroshot", "--checkpoint", str(naflex_run), "--dataset-root", str(demo_root), "--workers", "0",
+              "--no-progress"]
+    assert eval_main([*common, "--seq-len", "16,36", "--output-dir", str(tmp_path / "naflex")]) == 0
+    assert eval_main([*common, "--output", str(tmp_path / "fixed.json")]) == 0
+    records = {json.loads(path.read_text())["seq_len"]: json.loads(path.read_text())
+               for path in (tmp_path / "naflex").glob("*.json")}
+    fixed = json.loads((tmp_path / "fixed.json").read_text())
+    assert sorted(records) == [16, 36] and "seq_len" not in fixed
+    assert {"dataset", "model", "pretrained", "task", "metrics", "language"} <= set(records[36])
+    # The demo's 28 x 28 images at 16 patches are the tower's own 4 x 4 grid, unresized: the fixed-resolution result.
+    assert records[16]["metrics"] == pytest.approx(fixed["metrics"], abs=1e-6)
+    assert "seq_len" in (tmp_path / "naflex" / "summary.csv").read_text().splitlines()[0]
+
+
+def test_eval_at_a_sequence_length_refuses_a_fixed_resolution_checkpoint():
+    with pytest.raises(ConfigError, match="--seq-len needs a NaFlex checkpoint"):
+        from contrastive.encoders.encoder import LoadedEncoder
+        from contrastive.encoders.naflex import at_seq_len
+        fixed = LoadedEncoder(model=torch.nn.Identity(), preprocess=preprocess_from_config(
+            compose_config(["model=tiny_siglip"]).model), tokenizer=None, kind="contrastive", name="m", source="x")
+        at_seq_len(fixed, 64)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from contrastive.data.transforms import (
     MultiViewCrops,
     Preprocess,
     build_train_transform,
+    naflex_decode_size,
     train_decode_size,
 )
 from contrastive.errors import ConfigError, InputError
@@ -104,9 +104,7 @@ def build_train_loader(
         transform = NaFlexResize(preprocess.patch_size, preprocess.interpolation, data.horizontal_flip)
         normalize = PatchNormalize(preprocess.mean, preprocess.std, preprocess.patch_size)
         naflex = NaFlexSchedule(list(data.naflex_seq_lens), list(data.naflex_seq_len_weights) or None)
-        # A grid within L patches is at most about sqrt(L) patches on its shorter side; JPEG draft decoding keeps
-        # the aspect ratio, so a shorter side of this many pixels leaves the longer side large enough too.
-        decode_size = (math.isqrt(max(data.naflex_seq_lens)) + 2) * preprocess.patch_size
+        decode_size = naflex_decode_size(preprocess.patch_size, max(data.naflex_seq_lens))
         image_size = None
     layout = StreamLayout(
         rank=rank, world_size=world_size, num_workers=max(1, data.num_workers), seed=seed,
@@ -132,11 +130,13 @@ def build_train_loader(
 class LabelledShards(IterableDataset):
     """Every sample of a fixed shard list once, in order (for evaluation): (image, caption, label, key)."""
 
-    def __init__(self, urls: list[str], transform: Callable, image_size: int) -> None:
+    def __init__(self, urls: list[str], transform: Callable, image_size: int | None,
+                 decode_size: int | None = None) -> None:
         super().__init__()
         self.urls = urls
         self.transform = transform
-        self.image_size = image_size
+        self.image_size = image_size  # None: the transform sizes each image (NaFlex)
+        self.decode_size = decode_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, str, int, str]]:
         info = get_worker_info()
@@ -145,7 +145,8 @@ class LabelledShards(IterableDataset):
         for url in urls:
             for raw in iter_shard(url, skipped):
                 try:
-                    image, caption, label = decode_sample(raw, self.transform, self.image_size, require_caption=False)
+                    image, caption, label = decode_sample(raw, self.transform, self.image_size,
+                                                          decode_size=self.decode_size, require_caption=False)
                 except BadSample as bad:
                     # Skipping would change the denominator of every metric, so evaluation refuses bad data.
                     raise InputError(f"bad evaluation sample {raw['__key__']} in {url}: {bad}") from bad
@@ -157,5 +158,5 @@ class LabelledShards(IterableDataset):
 
 def build_eval_loader(urls: list[str], preprocess: Preprocess, batch_size: int, num_workers: int = 0) -> DataLoader:
     check_shards_exist(urls, "evaluation")
-    dataset = LabelledShards(urls, preprocess.transform(), preprocess.image_size)
+    dataset = LabelledShards(urls, preprocess.transform(), preprocess.checked_size, preprocess.decode_size)
     return DataLoader(dataset, batch_size=batch_size, num_workers=min(num_workers, len(urls)))

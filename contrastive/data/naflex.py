@@ -134,3 +134,25 @@ def naflex_batch(images: list[Image.Image], preprocess, max_patches: int) -> Pat
     packed = pack([resize(image.convert("RGB"), max_patches=max_patches) for image in images], max_patches)
     normalize = PatchNormalize(preprocess.mean, preprocess.std, preprocess.patch_size)
     return PatchBatch(normalize(packed.patches, packed.valid), packed.coord, packed.valid)
+
+
+class NaFlexEvalRows:
+    """Evaluation at a sequence length: PIL image -> float (max_patches, P*P*3 + 3), the normalised patches with
+    each patch's row, column and validity appended, so that evaluation loaders batch it like any fixed-size image
+    and the encoder (contrastive.encoders.naflex.NaFlexAtLength) splits it again (split_eval_rows)."""
+
+    def __init__(self, patch_size: int, interpolation: str, mean: list[float], std: list[float],
+                 max_patches: int) -> None:
+        self.resize = NaFlexResize(patch_size, interpolation)
+        self.normalize = PatchNormalize(mean, std, patch_size)
+        self.max_patches = max_patches
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        packed = pack([self.resize(image, max_patches=self.max_patches)], self.max_patches)
+        patches = self.normalize(packed.patches, packed.valid)[0]
+        return torch.cat([patches, packed.coord[0].float(), packed.valid[0, :, None].float()], dim=1)
+
+
+def split_eval_rows(rows: torch.Tensor) -> PatchBatch:
+    """(B, N, P*P*3 + 3) rows of NaFlexEvalRows -> PatchBatch."""
+    return PatchBatch(rows[..., :-3], rows[..., -3:-1].long(), rows[..., -1].bool())
