@@ -20,16 +20,24 @@ from transformers.models.siglip2.image_processing_siglip2 import (
 
 from contrastive.cli.eval import main as eval_main
 from contrastive.cli.export import main as export_main
+from contrastive.config import LossConfig, validate
 from contrastive.data.loader import build_train_loader
 from contrastive.data.naflex import NaFlexResize, PatchNormalize, grid_for_max_patches, naflex_batch, pack
 from contrastive.data.stream import ImageTextStream, NaFlexSchedule, Source, StreamLayout
+from contrastive.dist.collectives import LocalCollectives
 from contrastive.encoders import load_encoder, preprocess_from_config
+from contrastive.encoders.encoder import LoadedEncoder
+from contrastive.encoders.naflex import at_seq_len
 from contrastive.errors import ConfigError
 from contrastive.export import load_vision_encoder
-from contrastive.models import build_model, build_tokenizer
+from contrastive.losses import build_loss, list_losses
+from contrastive.models import build_model, build_tokenizer, list_models
 from contrastive.models.naflex import encode_naflex, naflex_trunk_tokens
+from contrastive.train.step import FeatureCache, build_forward_backward
+from contrastive.types import Batch
 from tests.conftest import compose_config, run, torchrun
 from tests.data_factory import jpeg, write_tar
+from tests.test_accumulation import assert_same_gradients, gradients
 
 SEQ_LENS = [16, 36, 64]
 
@@ -167,9 +175,6 @@ def test_the_naflex_tower_ignores_padding_and_equals_its_fixed_resolution_forwar
 
 def test_naflex_lengths_need_a_naflex_tower():
     with pytest.raises(ConfigError, match="naflexvit_"):
-        from contrastive.config import validate
-        from contrastive.losses import list_losses
-        from contrastive.models import list_models
         cfg = compose_config(["model=tiny_siglip", "data.naflex_seq_lens=[16]"])
         validate(cfg, model_archs=list_models(), loss_names=list_losses())
 
@@ -247,8 +252,30 @@ def test_eval_at_several_sequence_lengths_records_each_and_matches_fixed_resolut
 
 def test_eval_at_a_sequence_length_refuses_a_fixed_resolution_checkpoint():
     with pytest.raises(ConfigError, match="--seq-len needs a NaFlex checkpoint"):
-        from contrastive.encoders.encoder import LoadedEncoder
-        from contrastive.encoders.naflex import at_seq_len
         fixed = LoadedEncoder(model=torch.nn.Identity(), preprocess=preprocess_from_config(
             compose_config(["model=tiny_siglip"]).model), tokenizer=None, kind="contrastive", name="m", source="x")
         at_seq_len(fixed, 64)
+
+
+def test_feature_cache_on_naflex_batches_gives_the_full_batch_gradients(naflex_cfg):
+    torch.manual_seed(0)
+    model = build_model(naflex_cfg.model)
+    resize = NaFlexResize(7, "bilinear")
+    photos = [_random_photo(15 + 9 * index, 70 - 7 * index, seed=index) for index in range(8)]
+    packed = pack([resize(photo, max_patches=36) for photo in photos], 36)
+    tokens = torch.randint(1, 1000, (8, 16), generator=torch.Generator().manual_seed(1))
+    tokens[:, 10:] = 0
+    batch = Batch(images=PatchNormalize([0.5] * 3, [0.5] * 3, 7)(packed.patches, packed.valid), tokens=tokens,
+                  keys=[str(index) for index in range(8)], patch_coord=packed.coord, patch_valid=packed.valid)
+    loss = build_loss(LossConfig(name="siglip"))
+    full = loss(model(batch.images, batch.tokens, patch_coord=batch.patch_coord, patch_valid=batch.patch_valid),
+                batch, LocalCollectives())
+    model.zero_grad(set_to_none=True)
+    full.loss.backward()
+    expected = gradients(model)
+    model.zero_grad(set_to_none=True)
+    step = build_forward_backward(model, loss, LocalCollectives(), steps=4, randomness=model.randomness)
+    assert isinstance(step, FeatureCache)
+    result = step(batch)
+    assert_same_gradients(gradients(model), expected)
+    torch.testing.assert_close(result.loss, full.loss.detach())
