@@ -279,3 +279,34 @@ def test_feature_cache_on_naflex_batches_gives_the_full_batch_gradients(naflex_c
     result = step(batch)
     assert_same_gradients(gradients(model), expected)
     torch.testing.assert_close(result.loss, full.loss.detach())
+
+
+def test_naflex_cappa_decodes_from_the_valid_patches_only():
+    cfg = compose_config(["model=tiny_naflex_cappa", "loss=cappa"]).model
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    resize, normalize = NaFlexResize(7, "bilinear"), PatchNormalize([0.5] * 3, [0.5] * 3, 7)
+    wide = resize(_random_photo(20, 60, seed=1), max_patches=27)
+    tokens = torch.randint(1, 1000, (2, 16), generator=torch.Generator().manual_seed(2))
+
+    def logits(images, seq_len, rows):
+        packed = pack(images, seq_len)
+        patches = normalize(packed.patches, packed.valid)
+        out = model(patches, tokens[:rows], patch_coord=packed.coord, patch_valid=packed.valid)
+        pooled = model.encode_image(patches, patch_coord=packed.coord, patch_valid=packed.valid)
+        return out.caption_logits, pooled
+
+    with torch.no_grad():
+        alone, pooled_alone = logits([wide], 27, 1)
+        beside, pooled_beside = logits([wide, resize(_random_photo(50, 50, seed=3), max_patches=64)], 64, 2)
+        # The padding patches' tokens are set to anything: the decoder and the pooled mean must not read them.
+        torch.testing.assert_close(beside[0], alone[0], atol=1e-4, rtol=0)
+        torch.testing.assert_close(pooled_beside[0], pooled_alone[0], atol=1e-5, rtol=0)
+    loss = build_loss(LossConfig(name="cappa"))
+    batch = Batch(images=torch.zeros(1), tokens=tokens[:1])
+    model.train()
+    packed = pack([wide], 36)
+    out = model(normalize(packed.patches, packed.valid), tokens[:1], patch_coord=packed.coord,
+                patch_valid=packed.valid)
+    loss(out, batch, LocalCollectives()).loss.backward()
+    assert model.visual.trunk.embeds.proj.weight.grad.abs().sum() > 0
