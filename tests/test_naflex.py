@@ -21,6 +21,7 @@ from transformers.models.siglip2.image_processing_siglip2 import (
 from contrastive.cli.eval import main as eval_main
 from contrastive.cli.export import main as export_main
 from contrastive.config import LossConfig, validate
+from contrastive.connectors import AttentionPooler, PatchMerger
 from contrastive.data.loader import build_train_loader
 from contrastive.data.naflex import NaFlexResize, PatchNormalize, grid_for_max_patches, naflex_batch, pack
 from contrastive.data.stream import ImageTextStream, NaFlexSchedule, Source, StreamLayout
@@ -310,3 +311,18 @@ def test_naflex_cappa_decodes_from_the_valid_patches_only():
                 patch_valid=packed.valid)
     loss(out, batch, LocalCollectives()).loss.backward()
     assert model.visual.trunk.embeds.proj.weight.grad.abs().sum() > 0
+
+
+def test_the_connectors_take_naflex_grids_and_padding():
+    merger = PatchMerger(1, 4)
+    merger.norm, merger.mlp = torch.nn.Identity(), torch.nn.Identity()  # the output is the merged vector itself
+    merged = merger(torch.arange(8.0).reshape(1, 8, 1), grid=(2, 4))[0]  # a 2 x 4 grid, row-major
+    assert merged.tolist() == [[0.0, 1.0, 4.0, 5.0], [2.0, 3.0, 6.0, 7.0]]
+    with pytest.raises(ConfigError, match="a 3 x 4 grid"):
+        merger(torch.randn(1, 12, 1), grid=(3, 4))
+    torch.manual_seed(0)
+    pooler = AttentionPooler(8, 16, num_queries=4, num_heads=2).eval()
+    tokens = torch.randn(1, 10, 8)
+    valid = torch.arange(10)[None] < 6
+    padded = torch.cat([tokens[:, :6], torch.randn(1, 4, 8) * 100], dim=1)
+    torch.testing.assert_close(pooler(padded, valid), pooler(tokens[:, :6]), atol=1e-5, rtol=0)
