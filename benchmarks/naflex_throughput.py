@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     register_configs()
-    shards = write_shards(args.work_dir / "shards", max(200, (args.steps + 2) * args.batch_size))
+    shards = write_shards(args.work_dir / "shards", max(40, (args.steps + 2) * args.batch_size))
     results = {}
     for length in args.seq_lens:
         arms = {}
