@@ -134,6 +134,10 @@ class DataConfig:
     local_views: int = 0
     local_view_size: int = 14
     local_view_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
+    # NaFlex (a model.vision.timm_model_name naflexvit_* tower): the sequence lengths (patches per image) a training
+    # step draws from, by (seed, step), with these weights (empty: equal). Empty: fixed-resolution training.
+    naflex_seq_lens: list[int] = field(default_factory=list)
+    naflex_seq_len_weights: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -305,6 +309,22 @@ def _require_choice(value: str, name: str, choices: tuple[str, ...]) -> None:
     require(value in choices, f"{name}={value!r} is not one of {', '.join(choices)}")
 
 
+def _check_naflex(cfg: TrainConfig) -> None:
+    data = cfg.data
+    require(all(length > 0 for length in data.naflex_seq_lens),
+            f"data.naflex_seq_lens must be positive patch counts, got {list(data.naflex_seq_lens)}")
+    require(not data.naflex_seq_len_weights or (len(data.naflex_seq_len_weights) == len(data.naflex_seq_lens)
+                                                and all(w > 0 for w in data.naflex_seq_len_weights)),
+            "data.naflex_seq_len_weights must be empty or one positive weight per data.naflex_seq_lens entry")
+    tower = str(cfg.model.vision.get("timm_model_name") or "")
+    require(cfg.model.arch in ("clip", "cappa") and tower.startswith("naflexvit_"),
+            f"data.naflex_seq_lens needs model.arch=clip or cappa with a timm naflexvit_* image tower "
+            f"(model.vision.timm_model_name), got arch {cfg.model.arch!r} and tower {tower or None!r}")
+    require(not (data.global_views or data.local_views or data.length_bucketing or cfg.trainer.stages),
+            "data.naflex_seq_lens does not combine with data.global_views/local_views, data.length_bucketing or "
+            "trainer.stages: the sequence length is drawn per step instead")
+
+
 def validate(cfg: TrainConfig, world_size: int = 1, *, model_archs: Collection[str],
              loss_names: Collection[str]) -> None:
     """Check what the schema's types cannot; raise ConfigError naming the offending key.
@@ -397,6 +417,8 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, model_archs: Collection[s
     require(not (data.global_views or data.local_views) or not (trainer.stages or data.length_bucketing),
             "data.global_views/local_views (self-distillation) do not combine with trainer.stages or "
             "data.length_bucketing yet: the extra views are neither resized per stage nor regrouped by caption length")
+    if data.naflex_seq_lens:
+        _check_naflex(cfg)
     require(trainer.peak_flops_per_device is None or trainer.peak_flops_per_device > 0,
             "trainer.peak_flops_per_device must be positive or null")
     for tower in ("image", "text"):
@@ -435,6 +457,8 @@ def _validate_distillation(cfg: TrainConfig) -> None:
     require(not (cfg.data.length_bucketing or cfg.data.global_views or cfg.data.local_views),
             "loss.distillation does not combine with data.length_bucketing or data.global_views/local_views yet: "
             "their batches carry no teacher view")
+    require(not cfg.data.naflex_seq_lens, "loss.distillation does not combine with data.naflex_seq_lens yet: NaFlex "
+            "batches carry patches, not the crops a teacher view is cut from")
     require(not distill.reinforced or distill.patch_weight == 0, "loss.distillation.patch_weight needs online "
             "teachers: a reinforced data set stores pooled embeddings only")
     require(not (distill.feature_weight or distill.patch_weight) or cfg.trainer.accumulation_steps == 1,

@@ -8,7 +8,11 @@ The three standard designs, each ready to train inside a VLM (feed the output as
   LayerNormed and linearly projected from D_vision. N' = num_queries, whatever N is.
 - `PatchMerger` (Qwen2.5-VL): LayerNorm each token, concatenate each 2x2 neighbourhood of the patch grid into
   one 4*D_vision vector, then Linear(4*D_vision, 4*D_vision) -> GELU -> Linear(4*D_vision, D_llm).
-  N' = N / 4; the grid must be square with an even side (tokens in row-major order, class token dropped).
+  N' = N / 4; the grid must be square with an even side (tokens in row-major order, class token dropped), or
+  given as `grid=(rows, columns)`, both even (a NaFlex image's own grid).
+
+NaFlex towers (contrastive.export.bundle.VisionEncoder.forward_naflex) give each image's tokens on its own grid:
+the attention pooler takes a padded batch with `valid` (B, N), the patch merger one image's grid at a time.
 """
 
 from __future__ import annotations
@@ -47,10 +51,12 @@ class AttentionPooler(nn.Module):
         self.norm_tokens = nn.LayerNorm(vision_dim)
         self.attn = nn.MultiheadAttention(llm_dim, num_heads, kdim=vision_dim, vdim=vision_dim, batch_first=True)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, N, D_vision); valid (B, N) bool: the tokens to attend to (None: all)."""
         tokens = self.norm_tokens(tokens)  # (B, N, D_vision)
         queries = self.norm_queries(self.queries).unsqueeze(0).expand(tokens.shape[0], -1, -1)  # (B, Q, D_llm)
-        return self.attn(queries, tokens, tokens, need_weights=False)[0]  # (B, Q, D_llm)
+        padding = None if valid is None else ~valid
+        return self.attn(queries, tokens, tokens, key_padding_mask=padding, need_weights=False)[0]  # (B, Q, D_llm)
 
 
 @CONNECTORS.register("patch_merger")
@@ -62,14 +68,17 @@ class PatchMerger(nn.Module):
         self.norm = nn.LayerNorm(vision_dim)
         self.mlp = nn.Sequential(nn.Linear(merged, merged), nn.GELU(), nn.Linear(merged, llm_dim))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """tokens (B, rows * columns, D_vision) in row-major order; grid (rows, columns), None: a square one."""
         batch, count, dim = tokens.shape
-        side, m = math.isqrt(count), self.merge_size
-        if side * side != count or side % m:
-            raise ConfigError(f"PatchMerger needs a square grid with a side divisible by {m}; got {count} tokens "
-                             f"(drop the class token first)")
-        grid = self.norm(tokens).reshape(batch, side // m, m, side // m, m, dim)  # rows, row offset, cols, col offset
-        merged = grid.permute(0, 1, 3, 2, 4, 5).reshape(batch, (side // m) ** 2, m * m * dim)  # (B, N/m^2, m^2 D)
+        m = self.merge_size
+        rows, columns = grid if grid is not None else (math.isqrt(count),) * 2
+        if rows * columns != count or rows % m or columns % m:
+            raise ConfigError(f"PatchMerger needs a grid with sides divisible by {m}; got {count} tokens "
+                             f"on {'a square grid' if grid is None else f'a {rows} x {columns} grid'} "
+                             f"(drop the class token first; NaFlex grids pass grid=(rows, columns))")
+        cells = self.norm(tokens).reshape(batch, rows // m, m, columns // m, m, dim)  # rows, offset, cols, offset
+        merged = cells.permute(0, 1, 3, 2, 4, 5).reshape(batch, count // (m * m), m * m * dim)  # (B, N/m^2, m^2 D)
         return self.mlp(merged)  # (B, N/m^2, D_llm)
 
 

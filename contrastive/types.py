@@ -86,7 +86,7 @@ class Batch:
     so the trainer can checkpoint an exact data position.
     """
 
-    images: torch.Tensor  # (B, 3, H, W) float, normalised
+    images: torch.Tensor  # (B, 3, H, W) float, normalised; NaFlex: (B, N, P*P*3) patches (contrastive.data.naflex)
     tokens: torch.Tensor  # (B, L) int64, 0 = padding
     keys: list[str] = field(default_factory=list)
     labels: torch.Tensor | None = None  # (B,) int64, present on labelled data
@@ -99,6 +99,10 @@ class Batch:
     teacher_images: torch.Tensor | None = None
     captions: list[str] = field(default_factory=list)
     teachers: dict[str, TeacherTargets] = field(default_factory=dict)
+    # NaFlex batches (data.naflex_seq_lens) only: each patch's (row, column) in its image's grid, and which
+    # patches are real rather than padding up to the step's sequence length N.
+    patch_coord: torch.Tensor | None = None  # (B, N, 2) int64
+    patch_valid: torch.Tensor | None = None  # (B, N) bool
 
     def __len__(self) -> int:
         return self.images.shape[0]

@@ -7,6 +7,8 @@
     contrastive-eval retrieval --checkpoint runs/demo --dataset-root data/flickr30k --output-dir results/
     contrastive-eval probe --checkpoint runs/demo --dataset-root data/demo/fashion-mnist --train-split train
     contrastive-eval dense --checkpoint runs/demo_siglip2 export/bundle --dataset-root data/demo/grounding
+    contrastive-eval zeroshot --checkpoint runs/naflex --dataset-root data/demo/fashion-mnist --seq-len 16,36,64 \
+        --output-dir results/
     contrastive-eval caption --checkpoint runs/demo_cappa --dataset-root data/demo/fashion-mnist --count 100
     contrastive-eval report --checkpoint runs/demo --dataset-root data/demo/fashion-mnist --out runs/demo/report.html
 
@@ -19,7 +21,8 @@ zeroshot_classification_templates.txt; for retrieval, .txt with one caption per 
 image folder ROOT/SPLIT/CLASS/*.jpg. --classnames / --templates take a file or a built-in list (imagenet1k, cifar10,
 cifar100 / openai_imagenet, simple).
 Every (model, dataset) pair gives one clip_benchmark-shaped JSON in --output-dir, plus summary.csv there;
---output names the JSON file when there is one pair.
+--output names the JSON file when there is one pair. --seq-len L1,L2,... (NaFlex checkpoints) evaluates each model at
+each sequence length, images keeping their aspect ratio; each result records its `seq_len`.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import torch
 
 from contrastive.encoders import load_encoder
 from contrastive.encoders.loading import BUNDLE_FILE
+from contrastive.encoders.naflex import at_seq_len
 from contrastive.encoders.ours import WEIGHTS
 from contrastive.errors import ConfigError
 from contrastive.eval.captioning import caption_dataset, named_class
@@ -81,16 +85,18 @@ def _slug(text: str) -> str:
 
 
 def result_filename(record: dict) -> str:
-    return f"{_slug(record['model'])}-{_slug(Path(record['pretrained']).stem)}__{_slug(record['dataset'])}.json"
+    length = f"__len{record['seq_len']}" if "seq_len" in record else ""
+    return (f"{_slug(record['model'])}-{_slug(Path(record['pretrained']).stem)}__{_slug(record['dataset'])}"
+            f"{length}.json")
 
 
 def write_summary(path: Path, records: list[dict]) -> None:
     metrics = list(dict.fromkeys(name for record in records for name in record["metrics"]))
     with path.open("w", newline="") as file:
         writer = csv.writer(file)
-        writer.writerow(["model", "pretrained", "dataset", "task", *metrics])
+        writer.writerow(["model", "pretrained", "dataset", "task", "seq_len", *metrics])
         for r in records:
-            writer.writerow([r["model"], r["pretrained"], r["dataset"], r["task"],
+            writer.writerow([r["model"], r["pretrained"], r["dataset"], r["task"], r.get("seq_len", ""),
                              *(f"{r['metrics'][m]:.6f}" if m in r["metrics"] else "" for m in metrics)])
 
 
@@ -102,20 +108,31 @@ def _evaluate(args: argparse.Namespace) -> int:
     evaluators = _evaluators(args)  # opened first, so a bad dataset fails before any model is loaded
     if args.output and len(specs) * len(evaluators) > 1:
         raise ConfigError("--output names one result file; with several models or datasets use --output-dir")
+    lengths = _seq_lens(args.seq_len)
+    if args.command == "dense" and args.seq_len is not None:
+        raise ConfigError("dense evaluates square grounding canvases at one grid (--image-size); --seq-len is for "
+                          "zeroshot, retrieval and probe")
+    if args.output and len(lengths) > 1:
+        raise ConfigError("--output names one result file; with several --seq-len values use --output-dir")
     records = []
     for path, open_clip_name in specs:
         if args.command == "dense" and open_clip_name is None and (Path(path) / BUNDLE_FILE).is_file():
             records += _dense_on_bundle(args, path, evaluators, device)
             continue
-        encoder = load_encoder(path, open_clip_name, device, args.weights if open_clip_name is None else "model")
-        for evaluator in evaluators:
-            metrics = evaluator.run(encoder, device)
-            # clip_benchmark's `model` / `pretrained` fields: the model's name and the weights it was read from.
-            records.append(result_record(evaluator.name, encoder.name, metrics, encoder.source,
-                                         task=TASKS[args.command]))
-            print(f"{TASKS[args.command]}: {evaluator.name} ({args.split}), {encoder.name} {encoder.source}")
-            print("  " + "  ".join(f"{name}={value:.4f}" for name, value in metrics.items()))
-        del encoder
+        loaded = load_encoder(path, open_clip_name, device, args.weights if open_clip_name is None else "model")
+        for seq_len in lengths:
+            encoder = loaded if seq_len is None else at_seq_len(loaded, seq_len)
+            for evaluator in evaluators:
+                metrics = evaluator.run(encoder, device)
+                # clip_benchmark's `model` / `pretrained` fields: the model's name and the weights it was read from.
+                record = result_record(evaluator.name, encoder.name, metrics, encoder.source, task=TASKS[args.command])
+                if seq_len is not None:
+                    record["seq_len"] = seq_len
+                records.append(record)
+                at = "" if seq_len is None else f" at {seq_len} patches"
+                print(f"{TASKS[args.command]}: {evaluator.name} ({args.split}), {encoder.name} {encoder.source}{at}")
+                print("  " + "  ".join(f"{name}={value:.4f}" for name, value in metrics.items()))
+        del loaded, encoder
     if args.output:
         write_result(args.output, records[0])
         print(f"written to {args.output}")
@@ -138,6 +155,17 @@ def _dense_on_bundle(args: argparse.Namespace, path: str, evaluators: list, devi
         print(f"{TASKS['dense']}: {evaluator.name} ({args.split}), bundle {path}")
         print("  " + "  ".join(f"{name}={value:.4f}" for name, value in metrics.items()))
     return records
+
+
+def _seq_lens(text: str | None) -> list[int | None]:
+    """--seq-len "64,144" -> [64, 144]; absent -> [None] (the model's fixed resolution)."""
+    if text is None:
+        return [None]
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--seq-len takes comma-separated patch counts such as 64,144,256,576, "
+                          f"got {text!r}") from None
 
 
 def _caption(args: argparse.Namespace) -> int:
@@ -229,6 +257,8 @@ def _add_evaluation_command(commands, name: str, help_text: str) -> argparse.Arg
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--seq-len", default=None, metavar="L1,L2,...",
+                        help="NaFlex checkpoints: evaluate at each of these patch counts per image, aspect kept")
     _add_weights_argument(parser)
     parser.set_defaults(run=_evaluate)
     return parser

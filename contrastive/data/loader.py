@@ -11,12 +11,13 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from contrastive.config import DataConfig
+from contrastive.data.naflex import NaFlexResize, PatchNormalize
 from contrastive.data.plan import RunPlan, plan_finite_run
 from contrastive.data.reader import iter_shard
 from contrastive.data.reinforced import FULL_RESOLUTION
 from contrastive.data.remote import RECOVERED_READ, RetryPolicy
 from contrastive.data.shards import check_epoch_mode_slots, check_shards_exist, expand_shards
-from contrastive.data.stream import ImageTextStream, Source, StreamLayout, decode_sample
+from contrastive.data.stream import ImageTextStream, NaFlexSchedule, Source, StreamLayout, decode_sample
 from contrastive.data.transforms import (
     BadSample,
     BatchNormalize,
@@ -25,6 +26,7 @@ from contrastive.data.transforms import (
     StoredCrop,
     TeacherViewCrops,
     build_train_transform,
+    naflex_decode_size,
     train_decode_size,
 )
 from contrastive.errors import ConfigError, InputError
@@ -107,6 +109,17 @@ def build_train_loader(
     if reinforced:
         transform = StoredCrop(image_size, preprocess.interpolation)
         decode_size = FULL_RESOLUTION  # stored crop boxes are in the full-resolution image's pixels
+    normalize = BatchNormalize(preprocess.mean, preprocess.std)
+    naflex = None
+    if data.naflex_seq_lens:
+        if preprocess.patch_size is None:
+            raise ConfigError("data.naflex_seq_lens needs a NaFlex image tower (model.vision.timm_model_name "
+                              "naflexvit_*)")
+        transform = NaFlexResize(preprocess.patch_size, preprocess.interpolation, data.horizontal_flip)
+        normalize = PatchNormalize(preprocess.mean, preprocess.std, preprocess.patch_size)
+        naflex = NaFlexSchedule(list(data.naflex_seq_lens), list(data.naflex_seq_len_weights) or None)
+        decode_size = naflex_decode_size(preprocess.patch_size, max(data.naflex_seq_lens))
+        image_size = None
     layout = StreamLayout(
         rank=rank, world_size=world_size, num_workers=max(1, data.num_workers), seed=seed,
         resampled=data.resampled, shuffle_buffer=data.shuffle_buffer,
@@ -115,12 +128,12 @@ def build_train_loader(
         for source in sources:  # fail now, not inside a worker
             check_epoch_mode_slots(len(source.urls), world_size, layout.num_workers, source.name)
     stream = ImageTextStream(
-        sources, layout, transform, BatchNormalize(preprocess.mean, preprocess.std), tokenizer,
+        sources, layout, transform, normalize, tokenizer,
         image_size, data.batch_size // world_size, max_skip_fraction=data.max_skip_fraction,
         decode_size=decode_size, min_image_size=data.min_image_size,
         start_step=start_step, positions=positions,
         retry=RetryPolicy(attempts=data.read_attempts, first_wait_s=data.retry_wait_s),
-        bucket_batches=data.bucket_batches if data.length_bucketing else None,
+        bucket_batches=data.bucket_batches if data.length_bucketing else None, naflex=naflex,
         teacher_view=teacher_view is not None, reinforced=reinforced,
     )
     return DataLoader(
@@ -132,11 +145,13 @@ def build_train_loader(
 class LabelledShards(IterableDataset):
     """Every sample of a fixed shard list once, in order (for evaluation): (image, caption, label, key)."""
 
-    def __init__(self, urls: list[str], transform: Callable, image_size: int) -> None:
+    def __init__(self, urls: list[str], transform: Callable, image_size: int | None,
+                 decode_size: int | None = None) -> None:
         super().__init__()
         self.urls = urls
         self.transform = transform
-        self.image_size = image_size
+        self.image_size = image_size  # None: the transform sizes each image (NaFlex)
+        self.decode_size = decode_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, str, int, str]]:
         info = get_worker_info()
@@ -145,7 +160,8 @@ class LabelledShards(IterableDataset):
         for url in urls:
             for raw in iter_shard(url, skipped):
                 try:
-                    image, caption, label = decode_sample(raw, self.transform, self.image_size, require_caption=False)
+                    image, caption, label = decode_sample(raw, self.transform, self.image_size,
+                                                          decode_size=self.decode_size, require_caption=False)
                 except BadSample as bad:
                     # Skipping would change the denominator of every metric, so evaluation refuses bad data.
                     raise InputError(f"bad evaluation sample {raw['__key__']} in {url}: {bad}") from bad
@@ -157,5 +173,5 @@ class LabelledShards(IterableDataset):
 
 def build_eval_loader(urls: list[str], preprocess: Preprocess, batch_size: int, num_workers: int = 0) -> DataLoader:
     check_shards_exist(urls, "evaluation")
-    dataset = LabelledShards(urls, preprocess.transform(), preprocess.image_size)
+    dataset = LabelledShards(urls, preprocess.transform(), preprocess.checked_size, preprocess.decode_size)
     return DataLoader(dataset, batch_size=batch_size, num_workers=min(num_workers, len(urls)))

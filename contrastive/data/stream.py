@@ -13,6 +13,11 @@ the window's start and how many of its batches came before; a resume reads the w
 Sources are mixed per sample by weight. A capped source (epochs, max_samples) leaves the mix at its cap; when
 every source is capped the run is finite and contrastive.data.plan computes its last step. Workers then
 yield uint8 crops normalised per batch in place (straight into shared memory inside DataLoader workers).
+
+NaFlex (contrastive.data.naflex): each batch is for a known training step: a DataLoader worker's first batch is
+for step start_step + its index, and each further one num_workers steps later (the round-robin above). The
+step's sequence length, a function of (seed, step), sizes every image of the batch; batches carry patches,
+their coordinates and validity instead of crops. Positions and skip counts are kept exactly as for crops.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from functools import partial
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from contrastive.data.naflex import NaFlexImage, pack, seq_len_for_step
 from contrastive.data.reader import RawSample, iter_shard
 from contrastive.data.reinforced import normalized_row, read_sample_files
 from contrastive.data.remote import DEFAULT_RETRY, RetryPolicy
@@ -67,6 +73,17 @@ class Source:
 
 
 @dataclass(frozen=True)
+class NaFlexSchedule:
+    """Per-step sequence lengths (patches per image) for NaFlex batches, drawn by (seed, step)."""
+
+    seq_lens: list[int]
+    weights: list[float] | None = None
+
+    def seq_len(self, seed: int, step: int) -> int:
+        return seq_len_for_step(seed, step, self.seq_lens, self.weights)
+
+
+@dataclass(frozen=True)
 class StreamLayout:
     """Where this rank's stream sits among all streams."""
 
@@ -95,9 +112,10 @@ def shuffled(samples: Iterator[RawSample], buffer_size: int, rng: random.Random)
 
 
 def decode_sample(
-    raw: RawSample, transform: Callable, image_size: int, *, decode_size: int | None = None, min_image_size: int = 1,
-    require_caption: bool = True,
-) -> tuple[torch.Tensor, str, int | None]:
+    raw: RawSample, transform: Callable, image_size: int | None, *, decode_size: int | None = None,
+    min_image_size: int = 1, require_caption: bool = True,
+) -> tuple[torch.Tensor | NaFlexImage, str, int | None]:
+    """(image, caption, label); `image_size` None: the transform sizes each image itself (NaFlex)."""
     image_bytes = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
     if image_bytes is None:
         raise BadSample("missing_image", f"no {'/'.join(IMAGE_EXTENSIONS)} file")
@@ -116,6 +134,8 @@ def decode_sample(
         except (UnicodeDecodeError, ValueError) as error:
             raise BadSample("bad_label", str(error)) from error
     image = transform(decode_image(image_bytes, decode_size or image_size, min_image_size))
+    if image_size is None:
+        return image, caption, label
     plain = image[0] if isinstance(image, tuple) else image  # a multi-view transform's plain view comes first
     if plain.shape[-2:] != (image_size, image_size):
         raise BadSample("wrong_image_size", f"transform gave {tuple(plain.shape)}")
@@ -141,7 +161,7 @@ class ImageTextStream(IterableDataset):
         transform: Callable,
         normalize: Callable[[torch.Tensor], torch.Tensor],
         tokenizer: Callable[[list[str]], torch.Tensor],
-        image_size: int,
+        image_size: int | None,  # None: NaFlex, each image sized by its step's sequence length
         local_batch_size: int,
         max_skip_fraction: float = 1.0,
         decode_size: int | None = None,
@@ -152,13 +172,15 @@ class ImageTextStream(IterableDataset):
         bucket_batches: int | None = None,  # length bucketing over windows of this many local batches; None: off
         teacher_view: bool = False,  # the transform gives (student crop, teacher crop): transforms.TeacherViewCrops
         reinforced: tuple[str, ...] = (),  # read these teachers' stored targets; the transform is a StoredCrop
+        naflex: NaFlexSchedule | None = None,
     ) -> None:
         super().__init__()
         self.sources = sources
         self.layout = layout
-        # (PIL image, generator it draws from) -> uint8 (3, H, W), or transforms.MultiViewCrops's tuple of views
+        # (PIL image, generator it draws from) -> uint8 (3, H, W), or transforms.MultiViewCrops's tuple of views;
+        # NaFlex: (PIL image, generator, max_patches) -> naflex.NaFlexImage
         self.transform = transform
-        self.normalize = normalize  # uint8 (B, 3, H, W) -> float32
+        self.normalize = normalize  # uint8 (B, 3, H, W) -> float32; NaFlex: naflex.PatchNormalize
         self.decode_size = decode_size or image_size
         self.tokenizer = tokenizer
         self.image_size = image_size
@@ -171,6 +193,7 @@ class ImageTextStream(IterableDataset):
         self.bucket_batches = bucket_batches
         self.teacher_view = teacher_view
         self.reinforced = reinforced
+        self.naflex = naflex
 
     def _source_samples(self, source: Source, worker: int, position: tuple[int, int, int], skipped: Counter,
                         capped: bool):
@@ -260,7 +283,10 @@ class ImageTextStream(IterableDataset):
         size = self.image_size
         window = self.local_batch_size * (self.bucket_batches or 1)  # samples gathered before batches are cut
         window_start, skip_batches = replace(position, bucket_batches_taken=0), position.bucket_batches_taken
-        images = torch.empty((window, 3, size, size), dtype=torch.uint8)
+        images = torch.empty((window, 3, size, size), dtype=torch.uint8) if self.naflex is None else None
+        step = self.start_step + loader_worker  # the training step of this worker's next batch (NaFlex)
+        sizing = {} if self.naflex is None else {"max_patches": self.naflex.seq_len(self.layout.seed, step)}
+        naflex_images: list[NaFlexImage] = []
         view_buffers: tuple[torch.Tensor, ...] | None = None  # (window, G, 3, g, g), (window, L, 3, l, l)
         captions, labels, keys = [], [], []
         stored_rows: list = []  # reinforced: per sample, teacher -> (image embedding, text embedding, scale, bias)
@@ -287,7 +313,7 @@ class ImageTextStream(IterableDataset):
                 # decoding runs in the training process) is never touched.
                 augment.manual_seed(slot_seed(self.layout.seed, "augment", name, self.layout.rank, worker, epoch,
                                               consumed))
-                transform = partial(self.transform, generator=augment)
+                transform = partial(self.transform, generator=augment, **sizing)
                 if self.reinforced:  # one of the stored augmentations, drawn from the sample's generator
                     stored = read_sample_files(raw, self.reinforced)
                     choice = int(torch.randint(len(stored.augmentations), (1,), generator=augment))
@@ -306,7 +332,10 @@ class ImageTextStream(IterableDataset):
                                          for v in views)
                 for buffer, view in zip(view_buffers, views):
                     buffer[len(keys)] = view
-            images[len(keys)] = image
+            if self.naflex is not None:
+                naflex_images.append(image)
+            else:
+                images[len(keys)] = image
             if self.reinforced:
                 stored_rows.append({name: (normalized_row(stored.image_embeddings[name][choice]),
                                            None if stored.text_embeddings[name] is None
@@ -323,7 +352,19 @@ class ImageTextStream(IterableDataset):
                 past_plan=past_plan, past_plan_samples=past_plan_samples, mixer_draws=mixer_draws,
                 skipped=dict(skipped), samples_seen=seen,
             )
-            if self.bucket_batches is None:
+            if self.naflex is not None:
+                packed = pack(naflex_images, sizing["max_patches"])
+                yield Batch(
+                    images=self.normalize(packed.patches, packed.valid,
+                                          out=_batch_tensor(packed.patches.shape, in_worker=info is not None)),
+                    patch_coord=packed.coord, patch_valid=packed.valid,
+                    tokens=self.tokenizer(captions), keys=keys, labels=torch.tensor(labels),
+                    stream_position=window_end,
+                )
+                step += self.layout.num_workers
+                sizing = {"max_patches": self.naflex.seq_len(self.layout.seed, step)}
+                naflex_images = []
+            elif self.bucket_batches is None:
                 teacher_images = view_buffers[0].clone() if self.teacher_view else None  # uint8, teachers normalise
                 normalized_views = [self.normalize(v, out=_batch_tensor(v.shape, in_worker=info is not None))
                                     for v in view_buffers or ()] if not self.teacher_view else []

@@ -66,6 +66,12 @@ def decode_image(data: bytes, decode_size: int, min_size: int = 1) -> Image.Imag
     return image
 
 
+def naflex_decode_size(patch_size: int, max_patches: int) -> int:
+    """The shorter side to decode JPEGs at (draft mode) for NaFlex: a grid within max_patches patches has at most
+    about sqrt(max_patches) of them on its shorter side, and draft decoding keeps the aspect ratio."""
+    return (math.isqrt(max_patches) + 2) * patch_size
+
+
 def train_decode_size(image_size: int, crop_scale: tuple[float, float]) -> int:
     """The smallest side to decode at so the smallest random crop still has `image_size` pixels across."""
     return math.ceil(image_size / math.sqrt(crop_scale[0]))
@@ -250,10 +256,29 @@ class Preprocess:
     mean: list[float]
     std: list[float]
     interpolation: str  # bicubic | bilinear | nearest
+    patch_size: int | None = None  # NaFlex towers only: the patch side their patch sequences use
+    seq_len: int | None = None  # NaFlex evaluation at this many patches per image (contrastive-eval --seq-len)
 
     def transform(self) -> v2.Compose:
-        """PIL image -> (3, image_size, image_size) float tensor, exactly as our evaluators feed the model."""
+        """PIL image -> (3, image_size, image_size) float tensor, exactly as our evaluators feed the model; with
+        seq_len set, naflex.NaFlexEvalRows's (seq_len, P*P*3 + 3) rows instead."""
+        if self.seq_len is not None:
+            from contrastive.data.naflex import NaFlexEvalRows  # it builds on this module
+
+            return NaFlexEvalRows(self.patch_size, self.interpolation, self.mean, self.std, self.seq_len)
         return build_eval_transform(self.image_size, self.mean, self.std, self.interpolation)
+
+    @property
+    def checked_size(self) -> int | None:
+        """The side every transformed image must have; None where the transform sizes each image (NaFlex)."""
+        return None if self.seq_len is not None else self.image_size
+
+    @property
+    def decode_size(self) -> int:
+        """The shorter side JPEGs are decoded at (draft mode) for this preprocessing."""
+        if self.seq_len is None:
+            return self.image_size
+        return naflex_decode_size(self.patch_size, self.seq_len)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -14,12 +14,15 @@ from contrastive.data.transforms import Preprocess
 from contrastive.encoders.encoder import LoadedEncoder, parameter_value
 from contrastive.errors import InputError
 from contrastive.models import build_model, build_tokenizer
-from contrastive.models.towers import model_image_size
+from contrastive.models.naflex import naflex_patch_size
+from contrastive.models.towers import model_image_size, tower_configs
 
 
 def preprocess_from_config(cfg: ModelConfig) -> Preprocess:
     """The eval-time preprocessing of a model built from `cfg` (training crops at random instead)."""
-    return Preprocess(model_image_size(cfg), list(cfg.image_mean), list(cfg.image_std), cfg.interpolation)
+    patch_size = naflex_patch_size(tower_configs(cfg)[1].get("timm_model_name"))
+    return Preprocess(model_image_size(cfg), list(cfg.image_mean), list(cfg.image_std), cfg.interpolation,
+                      patch_size)
 
 
 def encoder_from_model(model: nn.Module, name: str = "model", source: str = "",

@@ -35,7 +35,7 @@ class EvalDataset:
         """(images, captions, labels, keys) batches in dataset order, preprocessed as the encoder expects."""
         if self.urls:
             return build_eval_loader(self.urls, preprocess, batch_size, num_workers)
-        return build_image_folder_loader(self.images, preprocess.transform(), preprocess.image_size, batch_size,
+        return build_image_folder_loader(self.images, preprocess.transform(), preprocess.decode_size, batch_size,
                                          num_workers)
 
 

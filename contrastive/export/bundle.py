@@ -20,6 +20,7 @@ from contrastive.data.transforms import Preprocess
 from contrastive.encoders import preprocess_from_config
 from contrastive.errors import ConfigError
 from contrastive.export.base import EXPORT_FORMATS, Exported
+from contrastive.models.naflex import is_naflex_tower
 
 CONFIG_FILE = "encoder.json"
 WEIGHTS_FILE = "vision.safetensors"
@@ -51,6 +52,12 @@ def block_index(feature_layer: int, depth: int) -> int:
     return feature_layer - 1 if feature_layer > 0 else depth + feature_layer
 
 
+@dataclass
+class NaFlexEncoderOutput:
+    patch_tokens: list[torch.Tensor]  # per image (rows, columns, D): its valid patch tokens of the chosen layer
+    pooled: torch.Tensor  # (B, E): the attention-pool head's output over the valid patches
+
+
 class VisionEncoder(nn.Module):
     """images (B, 3, S, S), preprocessed as `preprocess` says -> VisionEncoderOutput.
 
@@ -75,6 +82,21 @@ class VisionEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> VisionEncoderOutput:
         out = self.visual.forward_intermediates(images, indices=[self.block], output_fmt="NLC")
         return VisionEncoderOutput(patch_tokens=out["image_intermediates"][0], pooled=out["image_features"])
+
+    def forward_naflex(self, patches: torch.Tensor, patch_coord: torch.Tensor,
+                       patch_valid: torch.Tensor) -> NaFlexEncoderOutput:
+        """NaFlex towers: patch sequences (contrastive.data.naflex.naflex_batch) -> each image's valid patch tokens
+        in its own grid, and the pooled embedding."""
+        if not is_naflex_tower(self.visual):
+            raise ConfigError(f"forward_naflex needs a NaFlex image tower, not {type(self.visual).__name__}")
+        trunk = self.visual.trunk
+        inputs = {"patches": patches, "patch_coord": patch_coord, "patch_valid": patch_valid}
+        out = trunk.forward_intermediates(inputs, indices=[self.block], output_fmt="NLC", output_dict=True)
+        pooled = self.visual.head(trunk.forward_head(out["image_features"], patch_valid=patch_valid))
+        grids = (patch_coord.amax(dim=1) + 1).tolist()  # (rows, columns) per image
+        tokens = [layer[valid].reshape(rows, columns, -1) for layer, valid, (rows, columns)
+                  in zip(out["image_intermediates"][0], patch_valid, grids)]
+        return NaFlexEncoderOutput(patch_tokens=tokens, pooled=pooled)
 
 
 def load_vision_encoder(path: str | Path, feature_layer: int | None = None) -> VisionEncoder:

@@ -5,6 +5,8 @@ Two tower shapes map exactly:
   linear projection -> `CLIPVisionModel` / `CLIPVisionModelWithProjection`.
 - SigLIP-style, a timm `VisionTransformer` behind open_clip's `TimmModel`: no class token, no pre-LN, final LN,
   attention-pool ('map') head, no projection -> `SiglipVisionModel`.
+- NaFlex SigLIP 2, a timm `NaFlexVit` of that layout with a linear patch embedding of (row, column, channel)
+  patches and a square position table resized bilinearly with antialiasing -> `Siglip2VisionModel`.
 Anything else raises `ValueError` naming the feature transformers' classes cannot express. Layer scale is folded
 into the linear layer it follows: x + g * (W h + b) == x + (g W) h + g b.
 
@@ -32,6 +34,8 @@ def activation_name(module: nn.Module) -> str:
     """The transformers `hidden_act` that computes exactly what `module` computes."""
     if isinstance(module, nn.GELU):
         return "gelu" if module.approximate == "none" else "gelu_pytorch_tanh"
+    if type(module).__name__ == "GELUTanh":  # timm's: F.gelu(x, approximate="tanh")
+        return "gelu_pytorch_tanh"
     if isinstance(module, OpenClipQuickGELU) or type(module).__name__ == "QuickGELU":
         return "quick_gelu"
     raise ConfigError(f"activation {type(module).__name__} has no transformers equivalent "
@@ -132,60 +136,51 @@ def clip_vision(visual: nn.Module) -> tuple[dict[str, Any], Weights]:
     return config, weights
 
 
-def _timm_trunk(visual: nn.Module) -> nn.Module:
+def _timm_trunk(visual: nn.Module, kind: str = "VisionTransformer") -> nn.Module:
     trunk = getattr(visual, "trunk", None)
-    require(trunk is not None and type(trunk).__name__ == "VisionTransformer",
-            f"the SigLIP export needs a timm VisionTransformer tower; this tower is {type(visual).__name__}")
+    require(trunk is not None and type(trunk).__name__ == kind,
+            f"the SigLIP export needs a timm {kind} tower; this tower is {type(visual).__name__}")
     head = list(getattr(visual, "head", nn.Sequential()))
     require(not head, "this timm tower has an open_clip projection head (timm_proj linear/mlp); "
-                      "SiglipVisionModel ends at the attention-pool head, so train with timm_proj=none")
+                      "SigLIP's vision models end at the attention-pool head, so train with timm_proj=none")
     return trunk
 
 
-def siglip_vision(visual: nn.Module) -> tuple[dict[str, Any], Weights]:
-    """(SiglipVisionConfig kwargs, state dict) for a timm ViT without class token and with a 'map' head."""
-    trunk = _timm_trunk(visual)
-    require(trunk.cls_token is None and trunk.reg_token is None,
-            "this timm ViT has a class or register token; SiglipVisionModel has none (CLIP-style towers export "
-            "from open_clip's own VisionTransformer)")
+def _siglip_pool_and_blocks(trunk: nn.Module, config: dict[str, Any]) -> Weights:
+    """The blocks, final norm and attention-pool head of a SigLIP-layout timm trunk (VisionTransformer or
+    NaFlexVit), under SiglipVisionModel's and Siglip2VisionModel's shared names; fills in config's block fields."""
+    require(trunk.num_prefix_tokens == 0,
+            "this timm ViT has a class or register token; SigLIP's vision models have none (CLIP-style towers "
+            "export from open_clip's own VisionTransformer)")
     require(trunk.global_pool == "map" and trunk.attn_pool is not None,
-            f"this timm ViT pools by {trunk.global_pool!r}; "
-            f"SiglipVisionModel pools with an attention-pool ('map') head")
+            f"this timm ViT pools by {trunk.global_pool!r}; SigLIP's vision models pool with an attention-pool "
+            f"('map') head")
     require(isinstance(trunk.norm_pre, nn.Identity),
-            "this timm ViT has a pre-LN (pre_norm); SiglipVisionModel has none")
+            "this timm ViT has a pre-LN (pre_norm); SigLIP's vision models have none")
     require(isinstance(trunk.fc_norm, nn.Identity),
-            "this timm ViT normalises after pooling (fc_norm); SiglipVisionModel does not")
-    # timm's dynamic_img_size mode (our towers run in it for trainer.stages) resamples position embeddings only
-    # for other grids; at the configured size it computes what SiglipVisionModel computes, which the parity tests
-    # check, and transformers resamples for other sizes with interpolate_pos_encoding=True.
+            "this timm ViT normalises after pooling (fc_norm); SigLIP's vision models do not")
     pool = trunk.attn_pool
     require(pool.latent_len == 1 and pool.pos_embed is None and pool.pool == "token" and pool.mlp is not None
             and isinstance(pool.q_norm, nn.Identity) and isinstance(pool.k_norm, nn.Identity),
             "the attention-pool head is not SigLIP's (one latent query, MLP, no qk-norm or position embedding)")
     blocks = list(trunk.blocks)
     require(all(type(block).__name__ == "Block" for block in blocks),
-            "this timm ViT uses a non-standard block type, which SiglipVisionModel cannot express")
+            "this timm ViT uses a non-standard block type, which SigLIP's vision models cannot express")
     first = blocks[0]
     eps = layer_norm_eps(trunk.norm, "the final norm")
-    config = {
+    config.update({
         "hidden_size": trunk.embed_dim,
         "intermediate_size": first.mlp.fc1.out_features,
         "num_hidden_layers": len(blocks),
         "num_attention_heads": first.attn.num_heads,
-        "num_channels": trunk.patch_embed.proj.in_channels,
-        "image_size": square_side(trunk.patch_embed.img_size, "the tower's image size"),
-        "patch_size": square_side(trunk.patch_embed.patch_size, "the tower's patch size"),
         "hidden_act": activation_name(first.mlp.act),
         "layer_norm_eps": eps,
         "vision_use_head": True,
-    }
+    })
     require(pool.num_heads == config["num_attention_heads"] and activation_name(pool.mlp.act) == config["hidden_act"]
             and pool.mlp.fc1.out_features == config["intermediate_size"],
             "the attention-pool head's heads / activation / MLP width differ from the blocks'; SigLIP shares them")
     weights: Weights = {
-        "embeddings.patch_embedding.weight": trunk.patch_embed.proj.weight.detach().clone(),
-        "embeddings.patch_embedding.bias": trunk.patch_embed.proj.bias.detach().clone(),
-        "embeddings.position_embedding.weight": trunk.pos_embed.detach()[0].clone(),
         **_norm(trunk.norm, "post_layernorm"),
         "head.probe": pool.latent.detach().clone(),
         "head.attention.in_proj_weight": torch.cat([pool.q.weight, pool.kv.weight]).detach().clone(),
@@ -199,7 +194,7 @@ def siglip_vision(visual: nn.Module) -> tuple[dict[str, Any], Weights]:
         attn = block.attn
         require(isinstance(attn.q_norm, nn.Identity) and isinstance(attn.norm, nn.Identity)
                 and isinstance(block.mlp.norm, nn.Identity) and attn.qkv.bias is not None,
-                "the blocks use qk-norm, extra norms or a bias-free qkv, which SiglipVisionModel cannot express")
+                "the blocks use qk-norm, extra norms or a bias-free qkv, which SigLIP's vision models cannot express")
         require(activation_name(block.mlp.act) == config["hidden_act"], "blocks use different activations")
         require(layer_norm_eps(block.norm1, "norm1") == eps and layer_norm_eps(block.norm2, "norm2") == eps,
                 "the tower's LayerNorms use different eps values; transformers has one layer_norm_eps")
@@ -212,4 +207,55 @@ def siglip_vision(visual: nn.Module) -> tuple[dict[str, Any], Weights]:
         weights.update(folded_linear(block.mlp.fc1.weight, block.mlp.fc1.bias, None, f"{prefix}.mlp.fc1"))
         weights.update(folded_linear(block.mlp.fc2.weight, block.mlp.fc2.bias, layer_scale(block.ls2),
                                      f"{prefix}.mlp.fc2"))
+    return weights
+
+
+def siglip_vision(visual: nn.Module) -> tuple[dict[str, Any], Weights]:
+    """(SiglipVisionConfig kwargs, state dict) for a timm ViT without class token and with a 'map' head."""
+    trunk = _timm_trunk(visual)
+    # timm's dynamic_img_size mode (our towers run in it for trainer.stages) resamples position embeddings only
+    # for other grids; at the configured size it computes what SiglipVisionModel computes, which the parity tests
+    # check, and transformers resamples for other sizes with interpolate_pos_encoding=True.
+    config = {
+        "num_channels": trunk.patch_embed.proj.in_channels,
+        "image_size": square_side(trunk.patch_embed.img_size, "the tower's image size"),
+        "patch_size": square_side(trunk.patch_embed.patch_size, "the tower's patch size"),
+    }
+    weights = _siglip_pool_and_blocks(trunk, config)
+    weights.update({
+        "embeddings.patch_embedding.weight": trunk.patch_embed.proj.weight.detach().clone(),
+        "embeddings.patch_embedding.bias": trunk.patch_embed.proj.bias.detach().clone(),
+        "embeddings.position_embedding.weight": trunk.pos_embed.detach()[0].clone(),
+    })
+    return config, weights
+
+
+def siglip2_vision(visual: nn.Module) -> tuple[dict[str, Any], Weights]:
+    """(Siglip2VisionConfig kwargs, state dict) for a timm NaFlexVit of SigLIP's layout."""
+    trunk = _timm_trunk(visual, "NaFlexVit")
+    embeds = trunk.embeds
+    require(embeds.is_linear and embeds.channels_last and isinstance(embeds.norm, nn.Identity)
+            and getattr(embeds, "norm_input", None) is None,
+            "this NaFlexVit does not embed (row, column, channel) patches with one linear layer, as "
+            "Siglip2VisionModel does")
+    require(embeds.pos_embed_type == "learned" and embeds.pos_embed_interp_mode == "bilinear"
+            and embeds.pos_embed_antialias and not embeds.pos_embed_align_corners
+            and not embeds.pos_embed_ar_preserving and not embeds.pos_embed_use_grid_sample,
+            "this NaFlexVit resizes its position table otherwise than Siglip2VisionModel (learned, bilinear, "
+            "antialiased, align_corners=False, per axis)")
+    table = embeds.pos_embed.detach()[0]  # (H, W, D)
+    require(table.shape[0] == table.shape[1], f"the position table is {tuple(table.shape[:2])}, not square as "
+                                              f"Siglip2VisionModel's")
+    patch_size = square_side(embeds.patch_size, "the tower's patch size")
+    config = {
+        "num_channels": embeds.proj.in_features // (patch_size * patch_size),
+        "patch_size": patch_size,
+        "num_patches": table.shape[0] * table.shape[1],
+    }
+    weights = _siglip_pool_and_blocks(trunk, config)
+    weights.update({
+        "embeddings.patch_embedding.weight": embeds.proj.weight.detach().clone(),
+        "embeddings.patch_embedding.bias": embeds.proj.bias.detach().clone(),
+        "embeddings.position_embedding.weight": table.reshape(-1, table.shape[-1]).clone(),
+    })
     return config, weights

@@ -17,7 +17,8 @@ from torch import nn
 from contrastive.encoders import preprocess_from_config
 from contrastive.errors import ConfigError
 from contrastive.export.base import EXPORT_FORMATS, Exported
-from contrastive.export.hf_towers import clip_vision, siglip_vision
+from contrastive.export.hf_towers import clip_vision, siglip2_vision, siglip_vision
+from contrastive.models.naflex import is_naflex_tower
 
 # PIL resampling codes, as transformers' image processors store them.
 _PIL_RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}
@@ -27,6 +28,13 @@ CROP_NOTE = (
     "(torchvision's, as open_clip's) starts at that value rounded half to even: where the resized longer side "
     "exceeds {size} by 4k + 3 pixels, the processor's crop sits one pixel further up or left than ours; for "
     "every other excess (square images included) both crops coincide."
+)
+
+
+NAFLEX_NOTE = (
+    "`AutoImageProcessor` loads a Siglip2ImageProcessor: it resizes each image, keeping its aspect ratio, to the "
+    "largest patch grid within `max_num_patches` (pass another value per call for another sequence length) and "
+    "pads to that length, as our NaFlex pipeline does (tests/test_naflex.py compares them)."
 )
 
 
@@ -46,6 +54,9 @@ def build_hf_vision_model(visual: nn.Module) -> nn.Module:
         with_projection = "projection_dim" in config_kwargs
         model_class = transformers.CLIPVisionModelWithProjection if with_projection else transformers.CLIPVisionModel
         config = transformers.CLIPVisionConfig(**config_kwargs)
+    elif is_naflex_tower(visual):
+        config_kwargs, weights = siglip2_vision(visual)
+        model_class, config = transformers.Siglip2VisionModel, transformers.Siglip2VisionConfig(**config_kwargs)
     elif hasattr(visual, "trunk"):
         config_kwargs, weights = siglip_vision(visual)
         model_class, config = transformers.SiglipVisionModel, transformers.SiglipVisionConfig(**config_kwargs)
@@ -65,6 +76,14 @@ def build_hf_vision_model(visual: nn.Module) -> nn.Module:
 def save_image_processor(model: nn.Module, out: Path) -> None:
     transformers = _transformers()
     preprocess = preprocess_from_config(model.cfg)
+    if preprocess.patch_size is not None:  # NaFlex: Siglip2ImageProcessor's resize to a grid is ours
+        side = preprocess.image_size // preprocess.patch_size
+        transformers.Siglip2ImageProcessor(
+            patch_size=preprocess.patch_size, max_num_patches=side * side,
+            resample=_PIL_RESAMPLE[preprocess.interpolation], do_rescale=True, rescale_factor=1 / 255,
+            do_normalize=True, image_mean=preprocess.mean, image_std=preprocess.std, do_convert_rgb=True,
+        ).save_pretrained(out)
+        return
     processor = transformers.CLIPImageProcessor(
         do_resize=True,
         size={"shortest_edge": preprocess.image_size},
@@ -98,5 +117,6 @@ def export_transformers(model: nn.Module, out: Path) -> Exported:
                f"outputs = model(**processor(images=images, return_tensors='pt'), output_hidden_states=True)\n"
                f"patch_tokens = outputs.hidden_states[-2]{'[:, 1:]' if 'CLIP' in class_name else ''}"
                f"  # LLaVA's choice"),
-        preprocessing_note=CROP_NOTE.format(size=preprocess.image_size, interpolation=preprocess.interpolation),
+        preprocessing_note=(NAFLEX_NOTE if preprocess.patch_size is not None else
+                            CROP_NOTE.format(size=preprocess.image_size, interpolation=preprocess.interpolation)),
     )

@@ -1,8 +1,9 @@
 """CapPa (Tschannen et al. 2023): a ViT image encoder trained only by captioning, with parallel prediction.
 
-The image encoder is open_clip's `VisionTransformer` (the tower we export); the caption decoder is ours: pre-LN
-blocks of self-attention, cross-attention to every image patch token and an MLP, learned positions and its own
-output layer.
+The image encoder is open_clip's `VisionTransformer` (the tower we export), or a timm NaFlex tower
+(contrastive.models.naflex) fed patch sequences; the caption decoder is ours: pre-LN blocks of self-attention,
+cross-attention to every image patch token (the valid ones only, for NaFlex inputs) and an MLP, learned positions
+and its own output layer.
 
 Parallel prediction is a training-objective hyper-parameter (`loss.parallel_prob`), but it acts where the
 decoder inputs are built, in this model's forward. So the model reads it from its own config,
@@ -25,6 +26,7 @@ from torch import nn
 from contrastive.config import ModelConfig, check_known_keys
 from contrastive.errors import ConfigError
 from contrastive.models.build import MODELS
+from contrastive.models.naflex import encode_naflex, naflex_patch_size, naflex_trunk_tokens
 from contrastive.models.randomness import ModelRandomness, draw_patch_dropout_from
 from contrastive.models.towers import tower_configs
 from contrastive.types import ModelOutput
@@ -86,10 +88,11 @@ class DecoderBlock(nn.Module):
         self.mlp_norm = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
 
-    def forward(self, x: torch.Tensor, image_tokens: torch.Tensor, self_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, image_tokens: torch.Tensor, self_mask: torch.Tensor,
+                cross_mask: torch.Tensor | None = None) -> torch.Tensor:
         normed = self.self_norm(x)
         x = x + self.self_attention(normed, normed, self_mask)
-        x = x + self.cross_attention(self.cross_norm(x), image_tokens)
+        x = x + self.cross_attention(self.cross_norm(x), image_tokens, cross_mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -107,8 +110,10 @@ class CaptionDecoder(nn.Module):
         self.head = nn.Linear(cfg.width, vocab_size)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
 
-    def forward(self, image_tokens: torch.Tensor, inputs: torch.Tensor, parallel: torch.Tensor) -> torch.Tensor:
-        """image_tokens (B, N, Dv), inputs (B, T) token ids, parallel (B,) bool -> logits (B, T, V).
+    def forward(self, image_tokens: torch.Tensor, inputs: torch.Tensor, parallel: torch.Tensor,
+                image_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """image_tokens (B, N, Dv), inputs (B, T) token ids, parallel (B,) bool -> logits (B, T, V); image_valid
+        (B, N) bool: the image tokens cross-attention may read (NaFlex padding is left out), None: all.
 
         A parallel example sees only the mask embedding at every position and attends fully; the others see
         their tokens under a causal mask, so position t depends on inputs[:, :t + 1] only.
@@ -121,8 +126,9 @@ class CaptionDecoder(nn.Module):
         causal = torch.ones(length, length, dtype=torch.bool, device=inputs.device).tril()
         self_mask = (causal | parallel[:, None, None])[:, None]  # (B, 1, T, T)
         image_tokens = self.image_projection(image_tokens)
+        cross_mask = None if image_valid is None else image_valid[:, None, None, :]  # (B, 1, 1, N)
         for block in self.blocks:
-            x = block(x, image_tokens, self_mask)
+            x = block(x, image_tokens, self_mask, cross_mask)
         return self.head(self.norm(x))
 
 
@@ -137,43 +143,64 @@ class CapPaModel(nn.Module):
             raise ConfigError("model.init_logit_bias is SigLIP's learnable bias; model.arch=cappa has none: "
                              "leave it null")
         embed_dim, vision, text = tower_configs(cfg)
-        vision = {**vision, "output_tokens": True}
-        if vision.get("timm_model_name") or isinstance(vision.get("layers"), (list, tuple)):
-            raise ConfigError("model.arch=cappa needs an open_clip ViT image tower (no timm or ResNet towers)")
-        if embed_dim != vision["width"]:
-            raise ConfigError(f"model.embed_dim={embed_dim} must equal model.vision.width={vision['width']} for "
-                             f"CapPa: its image embedding is the pooled encoder output, with no projection")
-        self.visual = _build_vision_tower(embed_dim, CLIPVisionCfg(**vision), quick_gelu=cfg.quick_gelu)
-        self.visual.proj = None  # no contrastive head; a parameter without gradient would also stall DDP
+        self.naflex = naflex_patch_size(vision.get("timm_model_name")) is not None
+        if self.naflex:
+            # timm's NaFlexVit pools by its own head (timm_pool avg: the mean of the valid patch tokens).
+            self.visual = _build_vision_tower(embed_dim, CLIPVisionCfg(**vision), quick_gelu=cfg.quick_gelu)
+            width = self.visual.trunk.embed_dim
+            if embed_dim != width or list(self.visual.head):
+                raise ConfigError(f"model.embed_dim={embed_dim} must equal the NaFlex tower's width {width}, with "
+                                  f"model.vision.timm_proj=none: CapPa's image embedding is the pooled encoder output")
+        else:
+            vision = {**vision, "output_tokens": True}
+            if vision.get("timm_model_name") or isinstance(vision.get("layers"), (list, tuple)):
+                raise ConfigError("model.arch=cappa needs an open_clip ViT image tower or a timm naflexvit_* tower "
+                                  "(no other timm or ResNet towers)")
+            width = vision["width"]
+            if embed_dim != width:
+                raise ConfigError(f"model.embed_dim={embed_dim} must equal model.vision.width={width} for "
+                                 f"CapPa: its image embedding is the pooled encoder output, with no projection")
+            self.visual = _build_vision_tower(embed_dim, CLIPVisionCfg(**vision), quick_gelu=cfg.quick_gelu)
+            self.visual.proj = None  # no contrastive head; a parameter without gradient would also stall DDP
         self.randomness = ModelRandomness()
         draw_patch_dropout_from(self.visual, self.randomness)
         decoder = decoder_config(cfg.decoder)
         self.parallel_prob = decoder.parallel_prob
         text_cfg = CLIPTextCfg(**text)
         self.context_length = text_cfg.context_length
-        self.decoder = CaptionDecoder(decoder, text_cfg.vocab_size, self.context_length, vision["width"])
+        self.decoder = CaptionDecoder(decoder, text_cfg.vocab_size, self.context_length, width)
         self.embed_dim = embed_dim
 
-    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        pooled, _ = self.visual(images)  # (B, D)
+    def encode_image(self, images: torch.Tensor, normalize: bool = True, patch_coord: torch.Tensor | None = None,
+                     patch_valid: torch.Tensor | None = None) -> torch.Tensor:
+        if patch_coord is not None:  # NaFlex: images are (B, N, P*P*3) patches
+            pooled = encode_naflex(self.visual, images, patch_coord, patch_valid)
+        else:
+            pooled = self.visual(images) if self.naflex else self.visual(images)[0]  # (B, D)
         return F.normalize(pooled.float(), dim=-1) if normalize else pooled  # fp32, as in two_tower
 
-    def encode_image_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, N, D): every patch token, the memory the decoder cross-attends to."""
-        return self.visual(images)[1]
+    def encode_image_tokens(self, images: torch.Tensor, patch_coord: torch.Tensor | None = None,
+                            patch_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N, D): every patch token, the memory the decoder cross-attends to (with NaFlex patch inputs,
+        padding positions too: decode takes the mask)."""
+        if patch_coord is not None:
+            return naflex_trunk_tokens(self.visual, images, patch_coord, patch_valid)
+        return self.visual.trunk.forward_features(images) if self.naflex else self.visual(images)[1]
 
-    def decode(self, image_tokens: torch.Tensor, inputs: torch.Tensor,
-               parallel: bool | torch.Tensor = False) -> torch.Tensor:
-        """Logits (B, T, V); position t scores the token that follows inputs[:, t]."""
+    def decode(self, image_tokens: torch.Tensor, inputs: torch.Tensor, parallel: bool | torch.Tensor = False,
+               image_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V); position t scores the token that follows inputs[:, t]. image_valid (B, N): the image
+        tokens to attend to (NaFlex), None: all."""
         if isinstance(parallel, bool):
             parallel = torch.full((inputs.shape[0],), parallel, dtype=torch.bool, device=inputs.device)
-        return self.decoder(image_tokens, inputs, parallel)
+        return self.decoder(image_tokens, inputs, parallel, image_valid)
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> ModelOutput:
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, patch_coord: torch.Tensor | None = None,
+                patch_valid: torch.Tensor | None = None) -> ModelOutput:
         inputs, targets = shift_captions(tokens)
         parallel = torch.zeros(len(tokens), dtype=torch.bool, device=tokens.device)
         if self.training and self.parallel_prob > 0:
             draws = torch.rand(len(tokens), device=tokens.device, generator=self.randomness.generator)
             parallel = draws < self.parallel_prob
-        logits = self.decode(self.encode_image_tokens(images), inputs, parallel)
+        logits = self.decode(self.encode_image_tokens(images, patch_coord, patch_valid), inputs, parallel, patch_valid)
         return ModelOutput(caption_logits=logits, caption_targets=targets)

@@ -14,6 +14,7 @@ from contrastive.config import ModelConfig, SelfDistillationConfig
 from contrastive.models.build import MODELS
 from contrastive.models.distillation_heads import DistillationHeads, captured_patch_tokens
 from contrastive.models.input_size import allow_any_image_size, encode_image_any_size, encode_text_any_length
+from contrastive.models.naflex import encode_naflex
 from contrastive.models.randomness import ModelRandomness, draw_patch_dropout_from
 from contrastive.models.self_distillation import SelfDistillation
 from contrastive.models.towers import check_timm_image_size, tower_configs
@@ -29,7 +30,8 @@ def capped_logit_scale(log_logit_scale: torch.Tensor, max_logit_scale: float) ->
 class OpenClipFeatures(nn.Module):
     """An open_clip model held as `clip` (its state dict stays loadable by open_clip under `clip.`), encoding
     images and texts to features, L2-normalised in fp32 by default. Images may have any multiple of the patch size
-    and texts any length up to the context length (contrastive.models.input_size)."""
+    and texts any length up to the context length (contrastive.models.input_size); a NaFlex tower also takes
+    patch sequences with their coordinates and padding mask (contrastive.models.naflex)."""
 
     clip: nn.Module
 
@@ -37,8 +39,12 @@ class OpenClipFeatures(nn.Module):
     def visual(self) -> nn.Module:
         return self.clip.visual
 
-    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        features = encode_image_any_size(self.clip.visual, images)  # (B, D)
+    def encode_image(self, images: torch.Tensor, normalize: bool = True, patch_coord: torch.Tensor | None = None,
+                     patch_valid: torch.Tensor | None = None) -> torch.Tensor:
+        if patch_coord is not None:  # NaFlex: images are (B, N, P*P*3) patches
+            features = encode_naflex(self.clip.visual, images, patch_coord, patch_valid)  # (B, D)
+        else:
+            features = encode_image_any_size(self.clip.visual, images)  # (B, D)
         # In fp32: bf16 keeps ~3 digits, and an error of 0.004 in a cosine is 0.4 in a logit at temperature 100.
         return F.normalize(features.float(), dim=-1) if normalize else features
 
@@ -97,7 +103,8 @@ class TwoTowerModel(OpenClipFeatures):
         return capped_logit_scale(self.clip.logit_scale, self.cfg.max_logit_scale)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, global_views: torch.Tensor | None = None,
-                local_views: torch.Tensor | None = None) -> ModelOutput:
+                local_views: torch.Tensor | None = None, patch_coord: torch.Tensor | None = None,
+                patch_valid: torch.Tensor | None = None) -> ModelOutput:
         bias = self.clip.logit_bias if getattr(self.clip, "logit_bias", None) is not None else None
         distilled = {}
         if self.self_distillation is not None and self.self_distillation.active:
@@ -107,7 +114,7 @@ class TwoTowerModel(OpenClipFeatures):
             image_features, adapted["adapted_features"], adapted["adapted_patch_tokens"] = \
                 self._encode_image_for_distillation(images)
         else:
-            image_features = self.encode_image(images)
+            image_features = self.encode_image(images, patch_coord=patch_coord, patch_valid=patch_valid)
         return ModelOutput(
             image_features=image_features,
             text_features=self.encode_text(tokens),
