@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from contrastive.config import DataConfig
+from contrastive.config import DataConfig, LoccaConfig
+from contrastive.data.boxes import DecoderTasks
 from contrastive.data.plan import RunPlan, plan_finite_run
 from contrastive.data.reader import iter_shard
 from contrastive.data.remote import RECOVERED_READ, RetryPolicy
@@ -78,7 +79,9 @@ def build_train_loader(
     start_step: int = 0,
     positions: dict[int, StreamPosition] | None = None,
     pin_memory: bool = False,
+    locca: LoccaConfig | None = None,
 ) -> DataLoader:
+    """`locca`: draw each sample's LocCa decoder task (boxes move with the crop; loss=siglip_locca)."""
     sources = build_sources(data)
     image_size = preprocess.image_size
     transform = build_train_transform(
@@ -107,6 +110,8 @@ def build_train_loader(
         start_step=start_step, positions=positions,
         retry=RetryPolicy(attempts=data.read_attempts, first_wait_s=data.retry_wait_s),
         bucket_batches=data.bucket_batches if data.length_bucketing else None,
+        decoder_tasks=None if locca is None else DecoderTasks(
+            (locca.caption, locca.referring, locca.grounded_caption), locca.location_bins, image_size),
     )
     return DataLoader(
         stream, batch_size=None, num_workers=data.num_workers, pin_memory=pin_memory,

@@ -128,13 +128,20 @@ class RandomCropFlip:
         return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
 
     def __call__(self, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
-        pixels = functional.pil_to_tensor(image)  # uint8 (3, H, W)
-        top, left, height, width = self.crop_box(*pixels.shape[-2:], generator)
-        crop = functional.resized_crop(pixels, top, left, height, width, [self.size, self.size],
-                                       interpolation=self.interpolation, antialias=True)
+        crop, _ = self.crop_with_region(image, generator)
         if self.horizontal_flip and torch.rand(1, generator=generator).item() < 0.5:
             crop = functional.horizontal_flip(crop)
         return crop
+
+    def crop_with_region(self, image: Image.Image,
+                         generator: torch.Generator) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+        """The random resized crop without the flip, and its region (top, left, height, width) in source pixels:
+        what moves a sample's boxes with it (contrastive.data.boxes.crop_boxes)."""
+        pixels = functional.pil_to_tensor(image)  # uint8 (3, H, W)
+        region = self.crop_box(*pixels.shape[-2:], generator)
+        crop = functional.resized_crop(pixels, *region, [self.size, self.size], interpolation=self.interpolation,
+                                       antialias=True)
+        return crop, region
 
 
 def build_train_transform(

@@ -44,13 +44,16 @@ SHARED_CONSTANTS = ("global_centre", "patch_centre")
 def batch_rows(batch: Batch, rows: slice) -> Batch:
     """The batch's examples in `rows` (views, no copies)."""
     optional = {name: None if getattr(batch, name) is None else getattr(batch, name)[rows]
-                for name in ("labels", "global_views", "local_views")}
+                for name in ("labels", "global_views", "local_views", "decoder_tokens", "decoder_prompt_lengths",
+                             "decoder_tasks")}
     return replace(batch, images=batch.images[rows], tokens=batch.tokens[rows], keys=batch.keys[rows], **optional)
 
 
 def forward(model: nn.Module, batch: Batch) -> ModelOutput:
-    """The model on a batch; the extra views go only to models that take them (they are there only then)."""
-    views = {name: getattr(batch, name) for name in ("global_views", "local_views") if getattr(batch, name) is not None}
+    """The model on a batch; the extra views and the decoder texts go only to models that take them (they are there
+    only then)."""
+    views = {name: getattr(batch, name) for name in ("global_views", "local_views", "decoder_tokens",
+                                                     "decoder_prompt_lengths") if getattr(batch, name) is not None}
     return model(batch.images, batch.tokens, **views)
 
 

@@ -149,7 +149,7 @@ class Trainer:
             self.cfg.data, self.stage.preprocess(preprocess_from_config(self.cfg.model)),
             self.stage.tokenizer(self.tokenizer), rank=self.env.rank, world_size=self.env.world_size,
             seed=self.cfg.seed, start_step=self.step, positions=self.data_positions,
-            pin_memory=self.env.device.type == "cuda",
+            pin_memory=self.env.device.type == "cuda", locca=getattr(self.objective, "locca", None),
         )
 
     def _autocast(self):
