@@ -184,3 +184,48 @@ def test_loss_and_every_gradient_under_ddp_and_fsdp_equal_one_process():
     result = torchrun(["tests/dist_scripts/locca_parity.py"], nproc=2)
     verdicts = [line for line in result.stdout.splitlines() if line.startswith("siglip_locca")]
     assert len(verdicts) == 2 and all(line.endswith("OK") for line in verdicts), result.stdout
+
+
+def test_inspect_reports_box_statistics(tmp_path, capsys):
+    import io
+
+    import webdataset as wds
+
+    from contrastive.cli.data import main
+
+    def png() -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 32)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    samples = [{"boxes": [[0, 0, 32, 16], [-2, 0, 14, 8]], "phrases": ["a", "b"]},  # areas 512 and 128 of 2048
+               {"caption": "no boxes"},
+               {"boxes": [[0, 0, 64, 32]], "phrases": ["c"]}]  # the whole image
+    with wds.TarWriter(str(tmp_path / "0.tar")) as writer:
+        for index, metadata in enumerate(samples):
+            writer.write({"__key__": f"{index:03d}", "png": png(), "txt": "x", "json": json.dumps(metadata)})
+    assert main(["inspect", str(tmp_path / "0.tar"), "--no-progress", "--json", str(tmp_path / "r.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "samples with boxes: 2 of 3; boxes per sample with boxes: min 1, median 1.5, max 2" in printed
+    assert "box area / image area: min 0.0625, median 0.25, max 1; boxes past the image's edges: 1" in printed
+    assert json.loads((tmp_path / "r.json").read_text())["boxes"] == 3
+
+
+@pytest.mark.distributed
+def test_demo_experiment_trains_on_two_ranks_logging_each_term(tmp_path):
+    from contrastive.checkpoint_io import list_checkpoints, load_checkpoint
+    from contrastive.data.grounding import build_grounding_dataset
+
+    root = build_grounding_dataset(tmp_path / "grounding", train_canvases=64, test_canvases=8)
+    run_dir = tmp_path / "run"
+    torchrun(["-m", "contrastive.cli.train", "experiment=demo_siglip_locca", "debug=tiny",
+              f"data.sources.0.shards={root / 'train'}", f"run_dir={run_dir}", "trainer.max_steps=2",
+              "trainer.checkpoint_every=2", "data.batch_size=8", "trainer.threads_per_process=1"], nproc=2)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [row for row in rows if "loss" in row]
+    assert len(logged) == 2
+    for row in logged:
+        terms = ("contrastive_loss", "decoder_loss", "caption_loss", "referring_loss", "grounded_caption_loss")
+        assert all(math.isfinite(row[term]) for term in terms), row
+    weights = load_checkpoint(list_checkpoints(run_dir)[-1][1])["model"]
+    assert any(name.startswith("decoder.") for name in weights) and "clip.logit_bias" in weights
