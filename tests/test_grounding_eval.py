@@ -32,7 +32,16 @@ def box_tokens(split) -> torch.Tensor:
     return torch.from_numpy(tokens)
 
 
-def test_probe_finds_boxes_in_informative_tokens_and_not_in_noise(splits):
+@pytest.fixture
+def one_thread():
+    """The probe's matrices are tiny: on a shared 2-core machine a second thread only waits (7x slower measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_probe_finds_boxes_in_informative_tokens_and_not_in_noise(splits, one_thread):
     train, test = splits
     settings = ProbeSettings(steps=600, batch_size=128, width=64)
     informed = probe_accuracy(box_tokens(train), train, box_tokens(test), test, settings)
