@@ -85,6 +85,17 @@ class DistillationConfig:
 
 
 @dataclass
+class LoccaConfig:
+    """loss=siglip_locca: the decoder tasks (contrastive.data.boxes); see conf/loss/siglip_locca.yaml."""
+
+    caption: float = 0.5  # chance a sample with boxes captions; samples without boxes always do
+    referring: float = 0.25  # phrase in, box out
+    grounded_caption: float = 0.25  # box in, phrase out
+    location_bins: int = 100  # each coordinate is written as an integer in 0..location_bins-1
+    decoder_weight: float = 1.0  # weight of the decoder loss beside the sigmoid loss
+
+
+@dataclass
 class LossConfig:
     name: str = "clip"  # registry name, see contrastive.losses.list_losses()
     block_size: int | None = None  # contrastive losses: score logits in blocks of this many columns (memory)
@@ -94,6 +105,7 @@ class LossConfig:
     label_smoothing: float = 0.0  # captioning cross-entropy
     self_distillation: SelfDistillationConfig = field(default_factory=SelfDistillationConfig)
     distillation: DistillationConfig = field(default_factory=DistillationConfig)
+    locca: LoccaConfig = field(default_factory=LoccaConfig)
 
 
 @dataclass
@@ -372,6 +384,12 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, model_archs: Collection[s
         require(0 <= distill.centre_momentum < 1 and 0 <= distill.teacher_momentum <= 1,
                 "loss.self_distillation momenta must be in [0, 1)")
     _validate_distillation(cfg)
+    if cfg.loss.name == "siglip_locca":
+        # Boxes move with the crop only (contrastive.data.boxes): no flips, no extra views, no reordered windows.
+        require(not data.horizontal_flip, "loss=siglip_locca needs data.horizontal_flip=false: phrases may say "
+                "left or right, so flips are off with boxes")
+        require(not (data.global_views or data.local_views or data.length_bucketing), "loss=siglip_locca takes "
+                "no data.global_views, data.local_views or data.length_bucketing")
     require(0 <= data.max_skip_fraction <= 1, "data.max_skip_fraction must be within [0, 1]")
     require(data.read_attempts >= 1, f"data.read_attempts must be at least 1, got {data.read_attempts}")
     require(data.retry_wait_s >= 0, f"data.retry_wait_s must be >= 0, got {data.retry_wait_s}")

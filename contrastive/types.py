@@ -62,6 +62,10 @@ class StreamPosition:
         )
 
 
+# LocCa's decoder tasks (contrastive.data.boxes draws them), in the order of their ids in Batch.decoder_tasks.
+DECODER_TASK_NAMES = ("caption", "referring", "grounded_caption")
+
+
 @dataclass
 class TeacherTargets:
     """What one frozen teacher says about a batch (contrastive.train.teachers runs it, or a reinforced data set
@@ -92,6 +96,11 @@ class Batch:
     labels: torch.Tensor | None = None  # (B,) int64, present on labelled data
     global_views: torch.Tensor | None = None  # (B, G, 3, g, g) extra augmented views (data.global_views)
     local_views: torch.Tensor | None = None  # (B, L, 3, l, l) smaller crops (data.local_views)
+    # LocCa (contrastive.data.boxes): each sample's decoder text "prompt target" (0 = padding), how many of its
+    # tokens (start token included) are prompt and not scored, and its task (0 caption, 1 referring, 2 grounded)
+    decoder_tokens: torch.Tensor | None = None  # (B, L) int64
+    decoder_prompt_lengths: torch.Tensor | None = None  # (B,) int64
+    decoder_tasks: torch.Tensor | None = None  # (B,) int64
     stream_position: StreamPosition | None = None
     # Distillation: the teachers' view of the same augmentation, uint8 (B, 3, T, T) at the largest teacher's
     # resolution (contrastive.train.teachers resizes and normalises it per teacher), the captions for the teachers'

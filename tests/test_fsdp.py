@@ -20,7 +20,7 @@ from tests.conftest import compose_config, tiny_run_overrides, torchrun
 TRAIN = ["-m", "contrastive.cli.train"]
 COMMON = ["trainer.max_steps=4", "trainer.checkpoint_every=2", "trainer.keep_last_checkpoints=10",
           "trainer.deterministic=true", "optim.lr=3e-3"]
-TINY_MODELS = {"clip": "test_tiny", "cappa": "tiny_cappa", "coca": "tiny_coca"}
+TINY_MODELS = {"clip": "test_tiny", "cappa": "tiny_cappa", "coca": "tiny_coca", "siglip_locca": "tiny_siglip_locca"}
 
 
 def _checkpoint(run_dir: Path, step: int) -> Path:

@@ -18,7 +18,7 @@ from contrastive.types import Batch, ModelOutput
 from tests.conftest import tiny_run_overrides, torchrun
 
 CONTRASTIVE_LOSSES = ["clip", "siglip"]
-CAPTIONING_LOSSES = ["cappa", "coca"]  # tested in tests/test_cappa.py and tests/test_coca.py
+CAPTIONING_LOSSES = ["cappa", "coca", "siglip_locca"]  # tested in tests/test_cappa.py, test_coca.py, test_locca.py
 BLOCK_SIZES = [None, 1, 4, 64]  # None: materialised logits; 4 does not divide the batches below
 
 

@@ -154,7 +154,9 @@ def _run_inspect(args: argparse.Namespace) -> int:
     if args.json:
         counts = {"shards": report.shards, "samples": report.samples, "good": report.good,
                   "extensions": dict(report.extensions), "bad": dict(report.skipped),
-                  "bad_samples": [list(entry) for entry in report.bad_samples]}
+                  "bad_samples": [list(entry) for entry in report.bad_samples],
+                  "samples_with_boxes": sum(1 for count in report.boxes_per_sample if count),
+                  "boxes": sum(report.boxes_per_sample), "boxes_past_the_image": report.boxes_past_the_image}
         args.json.write_text(json.dumps(counts, indent=2) + "\n")
     if args.write_stats:
         by_directory: dict[str, dict[str, int]] = defaultdict(dict)

@@ -11,6 +11,7 @@
         --output-dir results/
     contrastive-eval caption --checkpoint runs/demo_cappa --dataset-root data/demo/fashion-mnist --count 100
     contrastive-eval report --checkpoint runs/demo --dataset-root data/demo/fashion-mnist --out runs/demo/report.html
+    contrastive-eval grounding --checkpoint runs/demo_siglip_locca --dataset-root data/demo/grounding
 
 Models: --checkpoint takes checkpoint files or run directories (their newest checkpoint), open_clip directories
 (open_clip_config.json + weights) or transformers directories (config.json + preprocessor_config.json; image-only
@@ -44,6 +45,7 @@ from contrastive.errors import ConfigError
 from contrastive.eval.captioning import caption_dataset, named_class
 from contrastive.eval.datasets import open_classification_dataset
 from contrastive.eval.dense import DenseProbeEvaluation
+from contrastive.eval.grounding import ProbeSettings, evaluate_grounding
 from contrastive.eval.linear_probe import LinearProbeEvaluation
 from contrastive.eval.report import write_report
 from contrastive.eval.retrieval import ZeroShotRetrieval
@@ -192,6 +194,39 @@ def _caption(args: argparse.Namespace) -> int:
     return 0
 
 
+def _grounding(args: argparse.Namespace) -> int:
+    """Box-regression probe on frozen patch tokens (and a LocCa decoder's own referring), at IoU >= 0.5."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    encoder = load_encoder(args.checkpoint, device=device, weights=args.weights)
+    metrics = evaluate_grounding(encoder, args.dataset_root, device, ProbeSettings(steps=args.probe_steps,
+                                                                                  seed=args.seed))
+    print(f"grounding: {encoder.name} {encoder.source} on {args.dataset_root} (test canvases)")
+    print("  " + "  ".join(f"{name}={value:.4f}" for name, value in metrics.items()))
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps({"model": encoder.name, "source": encoder.source,
+                                                 "dataset": str(args.dataset_root), "metrics": metrics}, indent=2))
+        print(f"written to {args.output}")
+    return 0
+
+
+def _add_grounding_command(commands) -> None:
+    parser = commands.add_parser("grounding", help="grounding accuracy at IoU>=0.5 with a frozen encoder "
+                                 "(a box-regression probe; a LocCa decoder's referring too)")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint file, run directory, open_clip or "
+                        "transformers directory")
+    parser.add_argument("--dataset-root", required=True, help="a grounding set (contrastive-data demo --grounding)")
+    parser.add_argument("--probe-steps", type=int, default=ProbeSettings.steps)
+    parser.add_argument("--seed", type=int, default=0, help="the probe's initialisation and batch order")
+    parser.add_argument("--output", default=None, help="JSON file of the metrics")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    _add_weights_argument(parser)
+    parser.set_defaults(run=_grounding)
+
+
 def _report(args: argparse.Namespace) -> int:
     """One self-contained HTML file: model facts, training curves, zero-shot, retrieval, captions (see eval/report)."""
     if args.threads:
@@ -284,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "position embeddings give a finer patch grid)")
     _add_caption_command(commands)
     _add_report_command(commands)
+    _add_grounding_command(commands)
     return parser
 
 

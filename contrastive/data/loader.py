@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from contrastive.config import DataConfig
+from contrastive.config import DataConfig, LoccaConfig
+from contrastive.data.boxes import DecoderTasks
 from contrastive.data.naflex import NaFlexResize, PatchNormalize
 from contrastive.data.plan import RunPlan, plan_finite_run
 from contrastive.data.reader import iter_shard
@@ -85,10 +86,12 @@ def build_train_loader(
     pin_memory: bool = False,
     teacher_view: tuple[int, str] | None = None,
     reinforced: tuple[str, ...] = (),
+    locca: LoccaConfig | None = None,
 ) -> DataLoader:
     """`teacher_view` (distillation with online teachers): (size, interpolation) of the teachers' crop of each
     student augmentation (Batch.teacher_images). `reinforced`: read these teachers' stored targets and replay one of
-    each sample's stored augmentations instead of drawing a new one."""
+    each sample's stored augmentations instead of drawing a new one. `locca`: draw each sample's LocCa decoder
+    task (boxes move with the crop; loss=siglip_locca)."""
     sources = build_sources(data)
     image_size = preprocess.image_size
     transform = build_train_transform(
@@ -135,6 +138,8 @@ def build_train_loader(
         retry=RetryPolicy(attempts=data.read_attempts, first_wait_s=data.retry_wait_s),
         bucket_batches=data.bucket_batches if data.length_bucketing else None, naflex=naflex,
         teacher_view=teacher_view is not None, reinforced=reinforced,
+        decoder_tasks=None if locca is None else DecoderTasks(
+            (locca.caption, locca.referring, locca.grounded_caption), locca.location_bins, image_size),
     )
     return DataLoader(
         stream, batch_size=None, num_workers=data.num_workers, pin_memory=pin_memory,

@@ -33,6 +33,7 @@ from functools import partial
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from contrastive.data.boxes import DecoderTasks, crop_boxes, read_boxes, tokenize_decoder_texts
 from contrastive.data.naflex import NaFlexImage, pack, seq_len_for_step
 from contrastive.data.reader import RawSample, iter_shard
 from contrastive.data.reinforced import normalized_row, read_sample_files
@@ -46,7 +47,8 @@ log = logging.getLogger(__name__)
 MIN_SAMPLES_FOR_SKIP_CHECK = 200
 # Every reason a sample or shard is skipped for (reader, decode_sample, decode_image), for per-reason metrics.
 SAMPLE_SKIP_REASONS = ("missing_image", "bad_caption_encoding", "missing_caption", "empty_caption", "bad_label",
-                       "corrupt_image", "wrong_image_mode", "wrong_image_size", "missing_teacher_embeddings")
+                       "corrupt_image", "wrong_image_mode", "wrong_image_size", "missing_teacher_embeddings",
+                       "bad_boxes")
 SHARD_LOSS_REASONS = ("truncated_shard", "unreadable_shard")  # after the remote reader's retries
 SKIP_REASONS = SAMPLE_SKIP_REASONS + SHARD_LOSS_REASONS
 LOGGED_BAD_SAMPLES_PER_WORKER = 5
@@ -173,6 +175,9 @@ class ImageTextStream(IterableDataset):
         teacher_view: bool = False,  # the transform gives (student crop, teacher crop): transforms.TeacherViewCrops
         reinforced: tuple[str, ...] = (),  # read these teachers' stored targets; the transform is a StoredCrop
         naflex: NaFlexSchedule | None = None,
+        # LocCa: each sample's boxes move with its crop and it gets a decoder task (transform must then be a
+        # transforms.RandomCropFlip without flips)
+        decoder_tasks: DecoderTasks | None = None,
     ) -> None:
         super().__init__()
         self.sources = sources
@@ -194,6 +199,7 @@ class ImageTextStream(IterableDataset):
         self.teacher_view = teacher_view
         self.reinforced = reinforced
         self.naflex = naflex
+        self.decoder_tasks = decoder_tasks
 
     def _source_samples(self, source: Source, worker: int, position: tuple[int, int, int], skipped: Counter,
                         capped: bool):
@@ -290,6 +296,7 @@ class ImageTextStream(IterableDataset):
         view_buffers: tuple[torch.Tensor, ...] | None = None  # (window, G, 3, g, g), (window, L, 3, l, l)
         captions, labels, keys = [], [], []
         stored_rows: list = []  # reinforced: per sample, teacher -> (image embedding, text embedding, scale, bias)
+        decoder_texts: list[tuple[str, str, int]] = []  # (prompt, target, task) per sample, with decoder_tasks
         while True:
             active = [s.name for s in self.sources if s.name not in exhausted]
             if not active:
@@ -313,13 +320,20 @@ class ImageTextStream(IterableDataset):
                 # decoding runs in the training process) is never touched.
                 augment.manual_seed(slot_seed(self.layout.seed, "augment", name, self.layout.rank, worker, epoch,
                                               consumed))
-                transform = partial(self.transform, generator=augment, **sizing)
+                transform = self.transform.crop_with_region if self.decoder_tasks is not None else self.transform
+                transform = partial(transform, generator=augment, **sizing)
                 if self.reinforced:  # one of the stored augmentations, drawn from the sample's generator
                     stored = read_sample_files(raw, self.reinforced)
                     choice = int(torch.randint(len(stored.augmentations), (1,), generator=augment))
                     transform = partial(self.transform, params=stored.augmentations[choice])
                 image, caption, label = decode_sample(raw, transform, self.image_size,
                                                       decode_size=self.decode_size, min_image_size=self.min_image_size)
+                if self.decoder_tasks is not None:
+                    image, region = image
+                    boxes, phrases = read_boxes(raw.get("json"))
+                    moved, kept = crop_boxes(boxes, region, self.image_size)
+                    kept_phrases = [phrase for phrase, keep in zip(phrases, kept.tolist()) if keep]
+                    decoder_text = self.decoder_tasks(caption, moved[kept], kept_phrases, augment)
             except BadSample as bad:
                 skipped[bad.reason] += 1
                 self._check_skip_rate(skipped, seen, raw, bad)
@@ -345,6 +359,8 @@ class ImageTextStream(IterableDataset):
             captions.append(caption)
             labels.append(-1 if label is None else label)
             keys.append(str(raw["__key__"]))
+            if self.decoder_tasks is not None:
+                decoder_texts.append(decoder_text)
             if len(keys) < window:
                 continue
             window_end = StreamPosition(
@@ -375,12 +391,13 @@ class ImageTextStream(IterableDataset):
                     tokens=self.tokenizer(captions), keys=keys, labels=torch.tensor(labels),
                     stream_position=window_end, teacher_images=teacher_images, captions=captions,
                     teachers=self._stored_targets(stored_rows),
+                    **self._decoder_fields(decoder_texts),
                 )
             else:
                 yield from self._length_buckets(images, captions, labels, keys, window_start, window_end,
                                                 skip_batches, in_worker=info is not None)
             window_start, skip_batches = window_end, 0
-            captions, labels, keys, stored_rows = [], [], [], []
+            captions, labels, keys, stored_rows, decoder_texts = [], [], [], [], []
 
     def _stored_targets(self, rows: list[dict]) -> dict[str, TeacherTargets]:
         """A batch's stored teacher targets (reinforced data), teacher -> TeacherTargets."""
@@ -392,6 +409,15 @@ class ImageTextStream(IterableDataset):
                 logit_scale=None if scale[0] is None else torch.tensor(scale[0]),
                 logit_bias=None if bias[0] is None else torch.tensor(bias[0]))
         return targets
+
+    def _decoder_fields(self, decoder_texts: list[tuple[str, str, int]]) -> dict[str, torch.Tensor]:
+        """Batch.decoder_tokens, decoder_prompt_lengths and decoder_tasks, when the stream draws decoder tasks."""
+        if not decoder_texts:
+            return {}
+        prompts, targets, tasks = zip(*decoder_texts)
+        tokens, prompt_lengths = tokenize_decoder_texts(self.tokenizer, list(prompts), list(targets))
+        return {"decoder_tokens": tokens, "decoder_prompt_lengths": prompt_lengths,
+                "decoder_tasks": torch.tensor(tasks)}
 
     def _length_buckets(self, images: torch.Tensor, captions: list[str], labels: list[int], keys: list[str],
                         start: StreamPosition, end: StreamPosition, skip: int, in_worker: bool) -> Iterator[Batch]:

@@ -143,6 +143,14 @@ class RandomCropFlip:
         pixels = functional.pil_to_tensor(image)  # uint8 (3, H, W)
         return apply_crop(pixels, self.draw(*pixels.shape[-2:], generator), self.size, self.interpolation)
 
+    def crop_with_region(self, image: Image.Image,
+                         generator: torch.Generator) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+        """The random resized crop without the flip, and its region (top, left, height, width) in source pixels:
+        what moves a sample's boxes with it (contrastive.data.boxes.crop_boxes)."""
+        pixels = functional.pil_to_tensor(image)  # uint8 (3, H, W)
+        region = self.crop_box(*pixels.shape[-2:], generator)
+        return apply_crop(pixels, CropParams(*region, flip=False), self.size, self.interpolation), region
+
 
 @dataclass(frozen=True)
 class CropParams:

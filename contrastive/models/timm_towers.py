@@ -19,6 +19,8 @@ default_cfgs = generate_default_cfgs({
                                   "std": (0.5, 0.5, 0.5)},
     "naflexvit_tiny_patch7_siglip": {"input_size": (3, 28, 28), "num_classes": 0, "mean": (0.5, 0.5, 0.5),
                                      "std": (0.5, 0.5, 0.5)},
+    "vit_tiny_patch8_siglip_64": {"input_size": (3, 64, 64), "num_classes": 0, "mean": (0.5, 0.5, 0.5),
+                                  "std": (0.5, 0.5, 0.5)},
 })
 
 
@@ -42,3 +44,12 @@ def naflexvit_tiny_patch7_siglip(pretrained: bool = False, **kwargs) -> NaFlexVi
                        global_pool="map", pos_embed_interp_mode="bilinear", pos_embed_grid_size=(4, 4),
                        weight_init="jax")
     return _create_naflexvit("naflexvit_tiny_patch7_siglip", pretrained=False, cfg=cfg, **kwargs)
+
+
+@register_model
+def vit_tiny_patch8_siglip_64(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """The grounding demo's SigLIP tower for 64x64 canvases (contrastive.data.grounding): 64 patches of 8x8, so a
+    Fashion-MNIST item spans a few patches; otherwise vit_tiny_patch7_siglip_28."""
+    args = dict(img_size=64, patch_size=8, embed_dim=128, depth=4, num_heads=4, mlp_ratio=4.0, class_token=False,
+                global_pool="map", weight_init="jax")
+    return _create_vision_transformer("vit_tiny_patch8_siglip_64", pretrained=False, **{**args, **kwargs})

@@ -45,7 +45,7 @@ def batch_rows(batch: Batch, rows: slice) -> Batch:
     """The batch's examples in `rows` (views, no copies)."""
     optional = {name: None if getattr(batch, name) is None else getattr(batch, name)[rows]
                 for name in ("labels", "global_views", "local_views", "teacher_images", "patch_coord",
-                             "patch_valid")}
+                             "patch_valid", "decoder_tokens", "decoder_prompt_lengths", "decoder_tasks")}
     teachers = {name: replace(targets, **{field.name: getattr(targets, field.name)[rows] for field in fields(targets)
                                           if getattr(targets, field.name) is not None
                                           and getattr(targets, field.name).ndim > 0})
@@ -55,9 +55,10 @@ def batch_rows(batch: Batch, rows: slice) -> Batch:
 
 
 def forward(model: nn.Module, batch: Batch) -> ModelOutput:
-    """The model on a batch; the extra views and NaFlex patch positions go only to models that take them (they are
-    there only then)."""
-    views = {name: getattr(batch, name) for name in ("global_views", "local_views", "patch_coord", "patch_valid")
+    """The model on a batch; the extra views, NaFlex patch positions and decoder texts go only to models that take
+    them (they are there only then)."""
+    views = {name: getattr(batch, name) for name in ("global_views", "local_views", "patch_coord", "patch_valid",
+                                                     "decoder_tokens", "decoder_prompt_lengths")
              if getattr(batch, name) is not None}
     return model(batch.images, batch.tokens, **views)
 

@@ -158,7 +158,7 @@ class Trainer:
             self.cfg.data, self.stage.preprocess(preprocess_from_config(self.cfg.model)),
             self.stage.tokenizer(self.tokenizer), rank=self.env.rank, world_size=self.env.world_size,
             seed=self.cfg.seed, start_step=self.step, positions=self.data_positions,
-            pin_memory=self.env.device.type == "cuda",
+            pin_memory=self.env.device.type == "cuda", locca=getattr(self.objective, "locca", None),
             teacher_view=self.teachers.view if self.teachers is not None and not reinforced else None,
             reinforced=tuple(self.teachers.hashes) if reinforced else (),
         )

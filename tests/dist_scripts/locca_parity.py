@@ -1,0 +1,92 @@
+"""Run under torchrun: loss=siglip_locca on a tiny siglip_locca model, each rank on its slice of a seeded global
+batch, wrapped for DDP and then for FSDP2; rank 0 checks the loss and every parameter's gradient against the same
+model run in one process on the whole batch. Prints one line per strategy and exits non-zero on any mismatch.
+
+    torchrun --nproc_per_node=2 tests/dist_scripts/locca_parity.py
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from contrastive.dist import LocalCollectives, init_distributed, shutdown_distributed
+from contrastive.dist.parallel import parallelize
+from contrastive.losses import build_loss
+from contrastive.models import build_model
+from contrastive.types import Batch
+from tests.conftest import compose_config
+
+RTOL, ATOL = 1e-4, 1e-6  # fp32; the reductions differ in order from the one-process sums
+LOCAL_BATCH = 3
+
+
+def global_batch(world: int, vocab: int, length: int) -> Batch:
+    generator = torch.Generator().manual_seed(7)
+    size = world * LOCAL_BATCH
+    tokens = torch.randint(1, vocab, (size, length), generator=generator)
+    decoder_tokens = torch.randint(1, vocab, (size, length), generator=generator)
+    decoder_tokens[:, -3:] = 0  # padding, not scored
+    prompt_lengths = torch.randint(1, 5, (size,), generator=generator)
+    return Batch(images=torch.randn(size, 3, 64, 64, generator=generator), tokens=tokens,
+                 decoder_tokens=decoder_tokens, decoder_prompt_lengths=prompt_lengths,
+                 decoder_tasks=torch.arange(size) % 3)
+
+
+def rows(batch: Batch, start: int, stop: int) -> Batch:
+    return Batch(images=batch.images[start:stop], tokens=batch.tokens[start:stop],
+                 decoder_tokens=batch.decoder_tokens[start:stop],
+                 decoder_prompt_lengths=batch.decoder_prompt_lengths[start:stop],
+                 decoder_tasks=batch.decoder_tasks[start:stop])
+
+
+def loss_and_gradients(model, objective, batch: Batch, collectives) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    output = model(batch.images, batch.tokens, decoder_tokens=batch.decoder_tokens,
+                   decoder_prompt_lengths=batch.decoder_prompt_lengths)
+    loss = objective(output, batch, collectives).loss
+    loss.backward()
+    grads = {}
+    for name, parameter in model.named_parameters():
+        grad = parameter.grad
+        grads[name] = grad.full_tensor() if isinstance(grad, DTensor) else grad.clone()
+    return loss.detach(), grads
+
+
+def main() -> int:
+    env = init_distributed("cpu", "gloo")
+    cfg = compose_config(["model=tiny_siglip_locca", "loss=siglip_locca", "model.text.vocab_size=500",
+                          "model.text.context_length=12"])
+    torch.manual_seed(0)
+    reference = build_model(cfg.model)
+    objective = build_loss(cfg.loss)
+    batch = global_batch(env.world_size, 500, 12)
+    expected_loss, expected = loss_and_gradients(reference, objective, batch, LocalCollectives())
+    local = rows(batch, env.rank * LOCAL_BATCH, (env.rank + 1) * LOCAL_BATCH)
+    all_ok = True
+    for strategy in ("ddp", "fsdp"):
+        model = parallelize(copy.deepcopy(reference), env, strategy)
+        model.zero_grad(set_to_none=True)
+        loss, grads = loss_and_gradients(model, objective, local, env.collectives)
+        mean_loss = env.collectives.all_reduce_mean(loss)
+        if env.rank == 0:
+            plain = {name.removeprefix("module."): grad for name, grad in grads.items()}
+            failures = [] if plain.keys() == expected.keys() else ["parameter names differ"]
+            failures += [f"{name}: max abs diff {(plain[name] - grad).abs().max().item():.2e}"
+                         for name, grad in expected.items()
+                         if name in plain and not torch.allclose(plain[name], grad, rtol=RTOL, atol=ATOL)]
+            if not torch.allclose(mean_loss, expected_loss, rtol=1e-5):
+                failures.append(f"loss {mean_loss.item()} vs {expected_loss.item()}")
+            all_ok &= not failures
+            print(f"siglip_locca {strategy} world={env.world_size}: loss {mean_loss.item():.6f} (one process "
+                  f"{expected_loss.item():.6f}), {len(expected)} gradients: "
+                  + ("OK" if not failures else "FAIL " + "; ".join(failures[:5])), flush=True)
+    ok = env.collectives.broadcast_object(all_ok)
+    shutdown_distributed()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
