@@ -70,7 +70,7 @@ class Batch:
     so the trainer can checkpoint an exact data position.
     """
 
-    images: torch.Tensor  # (B, 3, H, W) float, normalised
+    images: torch.Tensor  # (B, 3, H, W) float, normalised; uint8 as the training stream yields it (BatchNormalize)
     tokens: torch.Tensor  # (B, L) int64, 0 = padding
     keys: list[str] = field(default_factory=list)
     labels: torch.Tensor | None = None  # (B,) int64, present on labelled data

@@ -18,7 +18,6 @@ from contrastive.data.shards import check_epoch_mode_slots, check_shards_exist, 
 from contrastive.data.stream import ImageTextStream, Source, StreamLayout, decode_sample
 from contrastive.data.transforms import (
     BadSample,
-    BatchNormalize,
     MultiViewCrops,
     Preprocess,
     build_train_transform,
@@ -101,7 +100,7 @@ def build_train_loader(
         for source in sources:  # fail now, not inside a worker
             check_epoch_mode_slots(len(source.urls), world_size, layout.num_workers, source.name)
     stream = ImageTextStream(
-        sources, layout, transform, BatchNormalize(preprocess.mean, preprocess.std), tokenizer,
+        sources, layout, transform, tokenizer,
         image_size, data.batch_size // world_size, max_skip_fraction=data.max_skip_fraction,
         decode_size=decode_size, min_image_size=data.min_image_size,
         start_step=start_step, positions=positions,

@@ -11,14 +11,16 @@ batches padded only to their own longest caption, and yielded in a shuffled orde
 the window's start and how many of its batches came before; a resume reads the window again and skips those.
 
 Sources are mixed per sample by weight. A capped source (epochs, max_samples) leaves the mix at its cap; when
-every source is capped the run is finite and contrastive.data.plan computes its last step. Workers then
-yield uint8 crops normalised per batch in place (straight into shared memory inside DataLoader workers).
+every source is capped the run is finite and contrastive.data.plan computes its last step. Workers write uint8
+crops straight into the batch's shared memory (inside DataLoader workers) and yield them as uint8: the trainer
+normalises on its device (transforms.BatchNormalize).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -121,13 +123,14 @@ def decode_sample(
     return image, caption, label
 
 
-def _batch_tensor(shape: torch.Size, in_worker: bool) -> torch.Tensor:
-    """A float32 tensor for one batch. In a DataLoader worker it is made in shared memory, so sending it to the
+def _batch_tensor(shape: tuple[int, ...], in_worker: bool) -> torch.Tensor:
+    """A uint8 tensor for one batch. In a DataLoader worker it is made in shared memory, so sending it to the
     main process passes a handle instead of copying the batch again (what torch's default_collate does)."""
     if not in_worker:
-        return torch.empty(shape)
-    storage = torch.empty(0)._typed_storage()._new_shared(shape.numel(), device="cpu")
-    return torch.empty(0).new(storage).view(shape)
+        return torch.empty(shape, dtype=torch.uint8)
+    numel = math.prod(shape)
+    storage = torch.empty(0, dtype=torch.uint8)._typed_storage()._new_shared(numel, device="cpu")
+    return torch.empty(0, dtype=torch.uint8).new(storage).view(shape)
 
 
 class ImageTextStream(IterableDataset):
@@ -138,7 +141,6 @@ class ImageTextStream(IterableDataset):
         sources: list[Source],
         layout: StreamLayout,
         transform: Callable,
-        normalize: Callable[[torch.Tensor], torch.Tensor],
         tokenizer: Callable[[list[str]], torch.Tensor],
         image_size: int,
         local_batch_size: int,
@@ -155,7 +157,6 @@ class ImageTextStream(IterableDataset):
         self.layout = layout
         # (PIL image, generator it draws from) -> uint8 (3, H, W), or transforms.MultiViewCrops's tuple of views
         self.transform = transform
-        self.normalize = normalize  # uint8 (B, 3, H, W) -> float32
         self.decode_size = decode_size or image_size
         self.tokenizer = tokenizer
         self.image_size = image_size
@@ -255,7 +256,11 @@ class ImageTextStream(IterableDataset):
         size = self.image_size
         window = self.local_batch_size * (self.bucket_batches or 1)  # samples gathered before batches are cut
         window_start, skip_batches = replace(position, bucket_batches_taken=0), position.bucket_batches_taken
-        images = torch.empty((window, 3, size, size), dtype=torch.uint8)
+        in_worker = info is not None
+        # Without bucketing a window is one batch, so crops go straight into the memory it is sent in; with bucketing
+        # the window buffer is reused and each batch is gathered out of it into memory of its own.
+        window_in_shared_memory = in_worker and self.bucket_batches is None
+        images = _batch_tensor((window, 3, size, size), window_in_shared_memory)
         view_buffers: tuple[torch.Tensor, ...] | None = None  # (window, G, 3, g, g), (window, L, 3, l, l)
         captions, labels, keys = [], [], []
         while True:
@@ -291,8 +296,7 @@ class ImageTextStream(IterableDataset):
             if isinstance(image, tuple):
                 image, *views = image
                 if view_buffers is None:
-                    view_buffers = tuple(torch.empty((window, *v.shape), dtype=torch.uint8)
-                                         for v in views)
+                    view_buffers = tuple(_batch_tensor((window, *v.shape), window_in_shared_memory) for v in views)
                 for buffer, view in zip(view_buffers, views):
                     buffer[len(keys)] = view
             images[len(keys)] = image
@@ -307,18 +311,17 @@ class ImageTextStream(IterableDataset):
                 skipped=dict(skipped), samples_seen=seen,
             )
             if self.bucket_batches is None:
-                normalized_views = [self.normalize(v, out=_batch_tensor(v.shape, in_worker=info is not None))
-                                    for v in view_buffers or ()]
                 yield Batch(
-                    images=self.normalize(images, out=_batch_tensor(images.shape, in_worker=info is not None)),
-                    global_views=normalized_views[0] if normalized_views else None,
-                    local_views=normalized_views[1] if normalized_views else None,
+                    images=images,
+                    global_views=view_buffers[0] if view_buffers else None,
+                    local_views=view_buffers[1] if view_buffers else None,
                     tokens=self.tokenizer(captions), keys=keys, labels=torch.tensor(labels),
                     stream_position=window_end,
                 )
+                images, view_buffers = _batch_tensor(images.shape, window_in_shared_memory), None  # sent: fresh ones
             else:
                 yield from self._length_buckets(images, captions, labels, keys, window_start, window_end,
-                                                skip_batches, in_worker=info is not None)
+                                                skip_batches, in_worker)
             window_start, skip_batches = window_end, 0
             captions, labels, keys = [], [], []
 
@@ -338,7 +341,8 @@ class ImageTextStream(IterableDataset):
             rows = torch.tensor(members)
             width = int(lengths[rows].max())
             yield Batch(
-                images=self.normalize(images[rows], out=_batch_tensor(images[rows].shape, in_worker)),
+                images=torch.index_select(images, 0, rows, out=_batch_tensor((len(members), *images.shape[1:]),
+                                                                             in_worker)),
                 tokens=tokens[rows, :width].contiguous(), keys=[keys[i] for i in members],
                 labels=torch.tensor([labels[i] for i in members]),
                 stream_position=end if number == len(batches) - 1 else replace(start, bucket_batches_taken=number + 1),
