@@ -7,7 +7,8 @@ Two sets of shards, JPEGs with one-line captions:
 Both pipelines make 224x224 random-resized crops (scale 0.9-1.0, bicubic), normalise, tokenize, and batch in the
 same number of DataLoader workers with the same batch size. Ours yields uint8 batches that the trainer normalises on
 its device; here that normalisation runs in the main process on the CPU, inside the timing. Reported: samples per
-wall second and per CPU second of all processes, timed after the first batch of every worker (start-up excluded),
+wall second and per CPU second of all processes (for ours also without the main process's normalisation, which a
+GPU node's device does), timed after the first batch of every worker (start-up excluded),
 medians over rounds that alternate ours and open_clip (which goes first alternates too), ours / open_clip per set,
 and the load average before and after (the machine may be shared).
 
@@ -109,17 +110,24 @@ def _tree_cpu_seconds(pid: int) -> float:
     return total
 
 
-def time_batches(loader, batches: int, workers: int, batch_size: int, finish=lambda batch: batch) -> dict:
+def time_batches(loader, batches: int, workers: int, batch_size: int, finish=None) -> dict:
     """Samples per wall second and per CPU second (all processes), over `batches` batches timed from when every
-    worker has delivered its first batch; `finish` is what the consumer still does to a batch before the model."""
+    worker has delivered its first batch. `finish` is what the consumer still does to a batch before the model, on
+    the CPU here; its CPU time is also reported apart, for a device that would do it instead."""
     iterator = iter(loader)
     for _ in range(max(1, workers)):
-        finish(next(iterator))
-    start, cpu_start = time.perf_counter(), _tree_cpu_seconds(os.getpid())
+        next(iterator)
+    start, cpu_start, finish_cpu = time.perf_counter(), _tree_cpu_seconds(os.getpid()), 0.0
     for _ in range(batches):
-        finish(next(iterator))
+        batch = next(iterator)
+        if finish is not None:
+            finish_start = time.thread_time()
+            finish(batch)
+            finish_cpu += time.thread_time() - finish_start
     wall, cpu = time.perf_counter() - start, _tree_cpu_seconds(os.getpid()) - cpu_start
-    return {"samples_per_second": batches * batch_size / wall, "samples_per_cpu_second": batches * batch_size / cpu}
+    samples = batches * batch_size
+    return {"samples_per_second": samples / wall, "samples_per_cpu_second": samples / cpu,
+            "samples_per_cpu_second_finish_on_device": samples / (cpu - finish_cpu)}
 
 
 def _our_parts():
@@ -269,12 +277,19 @@ def main() -> None:
             for pipeline, measured in pipelines.items():
                 for measure in ("samples_per_second", "samples_per_cpu_second"):
                     entry[f"{pipeline}_{measure}"] = statistics.median(run[measure] for run in measured)
+                if pipeline == "ours":
+                    entry["ours_samples_per_cpu_second_normalised_on_device"] = statistics.median(
+                        run["samples_per_cpu_second_finish_on_device"] for run in measured)
                 print(f"{name:<12}{pipeline:<12}{entry[pipeline + '_samples_per_second']:>12.1f}"
                       f"{entry[pipeline + '_samples_per_cpu_second']:>15.1f}")
             entry["ratio"] = entry["ours_samples_per_second"] / entry["open_clip_samples_per_second"]
             entry["cpu_ratio"] = entry["ours_samples_per_cpu_second"] / entry["open_clip_samples_per_cpu_second"]
+            # the CPU work of a GPU node, where our uint8 batches are normalised on the device
+            entry["cpu_ratio_normalised_on_device"] = (entry["ours_samples_per_cpu_second_normalised_on_device"]
+                                                      / entry["open_clip_samples_per_cpu_second"])
             figures["sets"][name] = entry
             print(f"{name:<12}{'ours/open_clip':<12}{entry['ratio']:>12.2f}{entry['cpu_ratio']:>15.2f}"
+                  f"   normalised on the device: {entry['cpu_ratio_normalised_on_device']:.2f} per CPU-s"
                   + (f"   target >= {TARGET_RATIO}" if name == "256px" else ""))
     figures["load_average_after"] = os.getloadavg()
     print(f"load average (1, 5, 15 min): before {figures['load_average_before']}, "
