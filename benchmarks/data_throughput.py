@@ -1,9 +1,19 @@
 """Training-data throughput: our stream against open_clip's `open_clip_train.data.get_wds_dataset`, same run.
 
-Both read the same shards of 256x256 JPEGs with captions, make 224x224 random-resized crops (scale 0.9-1.0,
-bicubic), normalise, tokenize, and batch in the same number of DataLoader workers with the same batch size.
-Reported: samples per wall second and per CPU second of all processes (steady on a shared machine), timed
-after the first batch of every worker (start-up excluded), medians of alternating rounds, and ours / reference.
+Two sets of shards, JPEGs with one-line captions:
+  256px       what img2dataset writes by default (image_size=256, resize_mode=border, JPEG quality 95): photo-like
+              pictures of random aspect, their longer side resized to 256 and centred on a black 256x256 square
+  500-1000px  originals, each side drawn from 500-1000 px (quality 90)
+Both pipelines make 224x224 random-resized crops (scale 0.9-1.0, bicubic), normalise, tokenize, and batch in the
+same number of DataLoader workers with the same batch size. Ours yields uint8 batches that the trainer normalises on
+its device; here that normalisation runs in the main process on the CPU, inside the timing. Reported: samples per
+wall second and per CPU second of all processes (for ours also without the main process's normalisation, which a
+GPU node's device does), timed after the first batch of every worker (start-up excluded),
+medians over rounds that alternate ours and open_clip (which goes first alternates too), ours / open_clip per set,
+and the load average before and after (the machine may be shared).
+
+--profile prints where our per-sample time goes instead (one process, no workers): reading the tar, decoding,
+the crop and resize, copying into the batch, tokenizing and normalising (per batch, shown per sample).
 
 open_clip's pipeline crashes with webdataset >= 0.2.90 (open_clip issue #935, KeyError 'fname') and
 open_clip_torch[training] pins webdataset <= 0.2.86, so the reference runs in an interpreter of its own:
@@ -23,39 +33,61 @@ import argparse
 import io
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 224
-SOURCE_SIZE = 256
+CROP_SCALE = (0.9, 1.0)
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
+TARGET_RATIO = 2.5  # on the 256px set (issue 18)
+# name -> (samples, samples per shard, smallest and largest side of the original, img2dataset's 256 px border resize)
+SETS = {"256px": (4096, 256, (200, 400), True), "500-1000px": (1024, 128, (500, 1000), False)}
 
 
-def build_shards(root: Path, samples: int, per_shard: int) -> str:
-    """Photo-like JPEGs (smooth gradients plus noise, quality 90) with one-line captions; returns a brace pattern."""
+def photo_like(rng, height: int, width: int):
+    """Smooth colour gradients plus sensor-like noise: decodes and resizes like a photo, unlike a flat test card."""
+    import numpy as np
+
+    rows, columns = np.linspace(0, 160, height), np.linspace(0, 160, width)
+    base = columns[None, :, None] + rows[::-1][:, None, None] * rng.random(3)[None, None, :]
+    return np.clip(base * 0.8 + rng.normal(0, 12, (height, width, 3)), 0, 255).astype(np.uint8)
+
+
+def build_shards(root: Path, name: str) -> str:
+    """The set's shards under root/name (made once, then reused); returns their brace pattern."""
     import numpy as np
     from PIL import Image
 
-    root.mkdir(parents=True, exist_ok=True)
+    samples, per_shard, (low, high), border_256 = SETS[name]
+    directory = root / name
+    directory.mkdir(parents=True, exist_ok=True)
     shards = -(-samples // per_shard)
-    pattern = str(root / f"{{0..{shards - 1}}}.tar")
-    if (root / f"{shards - 1}.tar").exists():
+    pattern = str(directory / f"{{0..{shards - 1}}}.tar")
+    if (directory / f"{shards - 1}.tar").exists():
         return pattern
     rng = np.random.default_rng(0)
-    ramp = np.linspace(0, 160, SOURCE_SIZE)
     for shard in range(shards):
-        with tarfile.open(root / f"{shard}.tar", "w") as archive:
+        with tarfile.open(directory / f"{shard}.tar", "w") as archive:
             for index in range(shard * per_shard, min(samples, (shard + 1) * per_shard)):
-                base = ramp[None, :, None] + ramp[::-1][:, None, None] * rng.random(3)[None, None, :]
-                pixels = np.clip(base * 0.8 + rng.normal(0, 12, (SOURCE_SIZE, SOURCE_SIZE, 3)), 0, 255)
+                height, width = (int(side) for side in rng.integers(low, high + 1, size=2))
+                image = Image.fromarray(photo_like(rng, height, width))
+                if border_256:  # img2dataset's default: longer side to 256, centred on a black square
+                    scale = 256 / max(height, width)
+                    image = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.LANCZOS)
+                    square = Image.new("RGB", (256, 256))
+                    square.paste(image, ((256 - image.width) // 2, (256 - image.height) // 2))
+                    image = square
                 buffer = io.BytesIO()
-                Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="JPEG", quality=90)
+                image.save(buffer, format="JPEG", quality=95 if border_256 else 90)
                 caption = f"a photo of object number {index} on a plain background.".encode()
                 for extension, data in (("jpg", buffer.getvalue()), ("txt", caption)):
                     info = tarfile.TarInfo(f"{index:08d}.{extension}")
@@ -78,41 +110,93 @@ def _tree_cpu_seconds(pid: int) -> float:
     return total
 
 
-def time_batches(loader, batches: int, workers: int, batch_size: int) -> dict[str, float]:
+def time_batches(loader, batches: int, workers: int, batch_size: int, finish=None) -> dict:
     """Samples per wall second and per CPU second (all processes), over `batches` batches timed from when every
-    worker has delivered its first batch. CPU seconds hold still on a machine shared with other jobs."""
+    worker has delivered its first batch. `finish` is what the consumer still does to a batch before the model, on
+    the CPU here; its CPU time is also reported apart, for a device that would do it instead."""
     iterator = iter(loader)
     for _ in range(max(1, workers)):
         next(iterator)
-    start, cpu_start = time.perf_counter(), _tree_cpu_seconds(os.getpid())
+    start, cpu_start, finish_cpu = time.perf_counter(), _tree_cpu_seconds(os.getpid()), 0.0
     for _ in range(batches):
-        next(iterator)
+        batch = next(iterator)
+        if finish is not None:
+            finish_start = time.thread_time()
+            finish(batch)
+            finish_cpu += time.thread_time() - finish_start
     wall, cpu = time.perf_counter() - start, _tree_cpu_seconds(os.getpid()) - cpu_start
-    return {"samples_per_second": batches * batch_size / wall, "samples_per_cpu_second": batches * batch_size / cpu}
+    samples = batches * batch_size
+    return {"samples_per_second": samples / wall, "samples_per_cpu_second": samples / cpu,
+            "samples_per_cpu_second_finish_on_device": samples / (cpu - finish_cpu)}
+
+
+def _our_parts():
+    import torch
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from contrastive.data.transforms import BatchNormalize, build_train_transform, train_decode_size
+
+    torch.set_num_threads(1)
+    return (build_train_transform(IMAGE_SIZE, crop_scale=CROP_SCALE), train_decode_size(IMAGE_SIZE, CROP_SCALE),
+            BatchNormalize(list(MEAN), list(STD)), SimpleTokenizer(context_length=77))
 
 
 def run_ours(pattern: str, args: argparse.Namespace) -> dict[str, float]:
-    import torch
-    from open_clip.tokenizer import SimpleTokenizer
     from torch.utils.data import DataLoader
 
     from contrastive.data.shards import expand_shards
     from contrastive.data.stream import ImageTextStream, Source, StreamLayout
-    from contrastive.data.transforms import BatchNormalize, build_train_transform, train_decode_size
 
-    torch.set_num_threads(1)
-    tokenizer = SimpleTokenizer(context_length=77)
+    transform, decode_size, normalize, tokenizer = _our_parts()
     layout = StreamLayout(rank=0, world_size=1, num_workers=max(1, args.workers), seed=0, resampled=True,
                           shuffle_buffer=args.shuffle_buffer)
-    stream = ImageTextStream(
-        [Source("bench", expand_shards(pattern), 1.0)], layout,
-        build_train_transform(IMAGE_SIZE, crop_scale=(0.9, 1.0)),
-        BatchNormalize(list(MEAN), list(STD)), tokenizer, IMAGE_SIZE, args.batch_size,
-        decode_size=train_decode_size(IMAGE_SIZE, (0.9, 1.0)),
-    )
+    stream = ImageTextStream([Source("bench", expand_shards(pattern), 1.0)], layout, transform, tokenizer,
+                             IMAGE_SIZE, args.batch_size, decode_size=decode_size)
     loader = DataLoader(stream, batch_size=None, num_workers=args.workers, persistent_workers=args.workers > 0,
                         prefetch_factor=4 if args.workers else None)
-    return time_batches(loader, args.batches, args.workers, args.batch_size)
+    return time_batches(loader, args.batches, args.workers, args.batch_size, normalize.batch)
+
+
+def profile_ours(pattern: str, samples: int, batch_size: int) -> dict[str, float]:
+    """Milliseconds per sample in each stage of our per-sample path, one process."""
+    import torch
+
+    from contrastive.data.reader import iter_shard
+    from contrastive.data.shards import expand_shards
+    from contrastive.data.transforms import decode_image
+
+    transform, decode_size, normalize, tokenizer = _our_parts()
+    seconds = dict.fromkeys(("read", "decode", "crop_resize", "collate", "tokenize", "normalize"), 0.0)
+    generator = torch.Generator()
+    images = torch.empty((batch_size, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8)
+    captions: list[str] = []
+    raws = (raw for url in expand_shards(pattern) for raw in iter_shard(url, Counter()))
+    for index in range(samples):
+        start = time.perf_counter()
+        raw = next(raws)
+        decode_start = time.perf_counter()
+        image = decode_image(raw["jpg"], decode_size)
+        crop_start = time.perf_counter()
+        generator.manual_seed(index)
+        crop = transform(image, generator)
+        collate_start = time.perf_counter()
+        images[index % batch_size] = crop
+        captions.append(raw["txt"].decode())
+        end = time.perf_counter()
+        for stage, begun, ended in (("read", start, decode_start), ("decode", decode_start, crop_start),
+                                    ("crop_resize", crop_start, collate_start), ("collate", collate_start, end)):
+            seconds[stage] += ended - begun
+        if len(captions) == batch_size:
+            start = time.perf_counter()
+            tokenizer(captions)
+            middle = time.perf_counter()
+            normalize(images)
+            seconds["tokenize"] += middle - start
+            seconds["normalize"] += time.perf_counter() - middle
+            captions = []
+    per_sample = {stage: 1000 * total / samples for stage, total in seconds.items()}
+    per_sample["total"] = sum(per_sample.values())
+    return per_sample
 
 
 def run_reference(pattern: str, args: argparse.Namespace) -> dict[str, float]:
@@ -132,50 +216,84 @@ def run_reference(pattern: str, args: argparse.Namespace) -> dict[str, float]:
     return time_batches(data.dataloader, args.batches, args.workers, args.batch_size)
 
 
+def _commit() -> str:
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                           text=True, check=False)
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards-dir", type=Path, default=Path(tempfile.gettempdir()) / "contrastive-bench-shards")
-    parser.add_argument("--samples", type=int, default=4096)
-    parser.add_argument("--samples-per-shard", type=int, default=256)
+    parser.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS))
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batches", type=int, default=40, help="timed batches, after start-up")
     parser.add_argument("--shuffle-buffer", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3, help="alternating runs of each; medians are reported")
+    parser.add_argument("--profile", action="store_true", help="print our per-stage times instead (one process)")
+    parser.add_argument("--profile-samples", type=int, default=512)
     parser.add_argument("--reference-python", default=sys.executable,
                         help="interpreter with open_clip_train and webdataset<=0.2.86 (see the docstring)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--run-reference", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    pattern = build_shards(args.shards_dir, args.samples, args.samples_per_shard)
+    patterns = {name: build_shards(args.shards_dir, name) for name in args.sets}
     if args.run_reference:
-        print(json.dumps(run_reference(pattern, args)))
+        print(json.dumps(run_reference(patterns[args.sets[0]], args)))
         return
-
-    command = [args.reference_python, __file__, "--run-reference", "--shards-dir", str(args.shards_dir),
-               "--samples", str(args.samples), "--samples-per-shard", str(args.samples_per_shard),
-               "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--batches", str(args.batches),
-               "--shuffle-buffer", str(args.shuffle_buffer)]
-    env = {**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
-    ours, reference = [], []
-    for _ in range(args.rounds):  # alternate, so load from other jobs falls on both alike
-        ours.append(run_ours(pattern, args))
-        result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-        if result.returncode != 0:
-            sys.exit(f"reference run failed ({args.reference_python}):\n{result.stderr[-3000:]}")
-        reference.append(json.loads(result.stdout.strip().splitlines()[-1]))
-    figures = {"image_size": IMAGE_SIZE, "source_size": SOURCE_SIZE, "batch_size": args.batch_size,
-               "workers": args.workers, "timed_batches": args.batches, "rounds": args.rounds, "target_ratio": 1.5}
-    print(f"{'pipeline':<30}{'samples/s':>12}{'samples/CPU-s':>15}")
-    for name, runs in (("ours", ours), ("open_clip", reference)):
-        for measure in ("samples_per_second", "samples_per_cpu_second"):
-            figures[f"{name}_{measure}"] = statistics.median(run[measure] for run in runs)
-        label = "contrastive ImageTextStream" if name == "ours" else "open_clip get_wds_dataset"
-        print(f"{label:<30}{figures[name + '_samples_per_second']:>12.1f}"
-              f"{figures[name + '_samples_per_cpu_second']:>15.1f}")
-    figures["ratio"] = figures["ours_samples_per_second"] / figures["open_clip_samples_per_second"]
-    figures["cpu_ratio"] = figures["ours_samples_per_cpu_second"] / figures["open_clip_samples_per_cpu_second"]
-    print(f"{'ratio (ours / open_clip)':<30}{figures['ratio']:>12.2f}{figures['cpu_ratio']:>15.2f}   target >= 1.5")
+    sys.path.insert(0, str(REPO))  # our code from this checkout, installed or not
+    figures = {"commit": _commit(), "command": shlex.join([sys.executable, *sys.argv]), "image_size": IMAGE_SIZE,
+               "crop_scale": CROP_SCALE, "batch_size": args.batch_size, "workers": args.workers,
+               "load_average_before": os.getloadavg(), "sets": {}}
+    if args.profile:
+        figures["profile_ms_per_sample"] = {
+            name: profile_ours(pattern, args.profile_samples, args.batch_size) for name, pattern in patterns.items()}
+        for name, stages in figures["profile_ms_per_sample"].items():
+            print(f"{name:<12}" + "  ".join(f"{stage} {ms:.3f}" for stage, ms in stages.items()) + "  (ms/sample)")
+    else:
+        figures.update(timed_batches=args.batches, rounds=args.rounds, target_ratio_256px=TARGET_RATIO)
+        env = {**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
+        runs = {name: {"ours": [], "open_clip": []} for name in args.sets}
+        for round_index in range(args.rounds):  # alternate, so load from other jobs falls on both alike
+            for name in args.sets:
+                command = [args.reference_python, __file__, "--run-reference", "--sets", name,
+                           "--shards-dir", str(args.shards_dir), "--batch-size", str(args.batch_size),
+                           "--workers", str(args.workers), "--batches", str(args.batches),
+                           "--shuffle-buffer", str(args.shuffle_buffer)]
+                for pipeline in (("ours", "open_clip") if round_index % 2 == 0 else ("open_clip", "ours")):
+                    if pipeline == "ours":
+                        runs[name]["ours"].append(run_ours(patterns[name], args))
+                        continue
+                    result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+                    if result.returncode != 0:
+                        sys.exit(f"reference run failed ({args.reference_python}):\n{result.stderr[-3000:]}")
+                    runs[name]["open_clip"].append(json.loads(result.stdout.strip().splitlines()[-1]))
+        print(f"{'set':<12}{'pipeline':<12}{'samples/s':>12}{'samples/CPU-s':>15}")
+        for name, pipelines in runs.items():
+            entry = {"round_ratios": [ours["samples_per_second"] / reference["samples_per_second"]
+                                      for ours, reference in zip(pipelines["ours"], pipelines["open_clip"])]}
+            for pipeline, measured in pipelines.items():
+                for measure in ("samples_per_second", "samples_per_cpu_second"):
+                    entry[f"{pipeline}_{measure}"] = statistics.median(run[measure] for run in measured)
+                if pipeline == "ours":
+                    entry["ours_samples_per_cpu_second_normalised_on_device"] = statistics.median(
+                        run["samples_per_cpu_second_finish_on_device"] for run in measured)
+                print(f"{name:<12}{pipeline:<12}{entry[pipeline + '_samples_per_second']:>12.1f}"
+                      f"{entry[pipeline + '_samples_per_cpu_second']:>15.1f}")
+            entry["ratio"] = entry["ours_samples_per_second"] / entry["open_clip_samples_per_second"]
+            entry["cpu_ratio"] = entry["ours_samples_per_cpu_second"] / entry["open_clip_samples_per_cpu_second"]
+            # the CPU work of a GPU node, where our uint8 batches are normalised on the device
+            entry["cpu_ratio_normalised_on_device"] = (entry["ours_samples_per_cpu_second_normalised_on_device"]
+                                                      / entry["open_clip_samples_per_cpu_second"])
+            figures["sets"][name] = entry
+            print(f"{name:<12}{'ours/open_clip':<12}{entry['ratio']:>12.2f}{entry['cpu_ratio']:>15.2f}"
+                  f"   normalised on the device: {entry['cpu_ratio_normalised_on_device']:.2f} per CPU-s"
+                  + (f"   target >= {TARGET_RATIO}" if name == "256px" else ""))
+    figures["load_average_after"] = os.getloadavg()
+    print(f"load average (1, 5, 15 min): before {figures['load_average_before']}, "
+          f"after {figures['load_average_after']}")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
 

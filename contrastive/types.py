@@ -90,7 +90,9 @@ class Batch:
     so the trainer can checkpoint an exact data position.
     """
 
-    images: torch.Tensor  # (B, 3, H, W) float, normalised; NaFlex: (B, N, P*P*3) patches (contrastive.data.naflex)
+    # (B, 3, H, W) float, normalised; uint8 as the training stream yields it (BatchNormalize); NaFlex: (B, N, P*P*3)
+    # float patches, normalised in the stream's workers (contrastive.data.naflex)
+    images: torch.Tensor
     tokens: torch.Tensor  # (B, L) int64, 0 = padding
     keys: list[str] = field(default_factory=list)
     labels: torch.Tensor | None = None  # (B,) int64, present on labelled data
@@ -115,6 +117,13 @@ class Batch:
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copies of the tensors. DataLoader(pin_memory=True) calls this (it passes a dataclass through
+        unpinned otherwise), so that `to(device, non_blocking=True)` is a copy that does not wait."""
+        pinned = {f.name: getattr(self, f.name).pin_memory() for f in fields(self)
+                  if isinstance(getattr(self, f.name), torch.Tensor)}
+        return replace(self, **pinned)
 
     def to(self, device: torch.device, non_blocking: bool = True) -> Batch:
         moved = {

@@ -18,7 +18,7 @@ from contrastive.cli.data import main
 from contrastive.curation.where import parse_where
 from contrastive.data.loader import build_sources
 from contrastive.data.stream import ImageTextStream, StreamLayout
-from contrastive.data.transforms import BatchNormalize, build_train_transform
+from contrastive.data.transforms import build_train_transform
 from contrastive.errors import ConfigError
 from contrastive.models import build_tokenizer
 from tests.conftest import compose_config
@@ -201,7 +201,7 @@ def test_training_stream_reads_only_the_keep_list(tmp_path, scored):
     sources = build_sources(data)
     layout = StreamLayout(rank=0, world_size=1, num_workers=1, seed=0, resampled=True, shuffle_buffer=4)
     tokenizer = build_tokenizer(compose_config(["model=test_tiny"]).model)
-    stream = ImageTextStream(sources, layout, build_train_transform(28), BatchNormalize([0.5] * 3, [0.5] * 3),
+    stream = ImageTextStream(sources, layout, build_train_transform(28),
                              tokenizer, 28, 5, min_image_size=8)
     iterator = iter(stream)
     seen = [key for _ in range(20) for key in next(iterator).keys]

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from contrastive.data.stream import ImageTextStream, Source, StreamLayout
-from contrastive.data.transforms import BatchNormalize, build_train_transform, decode_image
+from contrastive.data.transforms import build_train_transform, decode_image
 from contrastive.models import build_tokenizer
 from tests.conftest import compose_config
 from tests.data_factory import jpeg, png, write_tar
@@ -24,15 +24,14 @@ def tokenizer():
 def _read_one_pass(shard: str, tokenizer) -> tuple[dict, dict]:
     """key -> uint8-valued (3, 28, 28) image of every sample used in one pass, and the skip counts of that pass."""
     layout = StreamLayout(rank=0, world_size=1, num_workers=1, seed=0, resampled=False, shuffle_buffer=0)
-    # mean 0 and std 1/255: the "normalised" batch holds the uint8 pixel values themselves.
     stream = ImageTextStream([Source("s", [shard], 1.0)], layout, build_train_transform(28, crop_scale=(1.0, 1.0)),
-                             BatchNormalize([0.0] * 3, [1 / 255] * 3), tokenizer, 28, 1)
+                             tokenizer, 28, 1)
     used = {}
     for batch in stream:
         key = batch.keys[0]
         if key in used:  # the next pass began
             return used, batch.stream_position.skipped
-        used[key] = batch.images[0]
+        used[key] = batch.images[0].float()  # the stream yields the uint8 pixel values themselves
     raise AssertionError("unreachable: the stream is endless")
 
 

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from contrastive.data.plan import count_shard_samples, plan_finite_run
 from contrastive.data.stream import ImageTextStream, Source, StreamLayout
-from contrastive.data.transforms import BatchNormalize, build_train_transform
+from contrastive.data.transforms import build_train_transform
 from contrastive.models import build_tokenizer
 from tests.conftest import compose_config, torchrun
 from tests.data_factory import bad_shard_set, good_samples, write_tar
@@ -29,7 +29,7 @@ def _stream(sources, tokenizer, *, rank=0, world_size=1, num_workers=1, resample
             positions=None, shuffle_buffer=8):
     layout = StreamLayout(rank=rank, world_size=world_size, num_workers=num_workers, seed=3, resampled=resampled,
                           shuffle_buffer=shuffle_buffer)
-    return ImageTextStream(sources, layout, build_train_transform(28), BatchNormalize([0.5] * 3, [0.5] * 3),
+    return ImageTextStream(sources, layout, build_train_transform(28),
                            tokenizer, 28, batch, min_image_size=8, start_step=start_step, positions=positions)
 
 

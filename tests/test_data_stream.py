@@ -14,7 +14,7 @@ from contrastive.config import ModelConfig
 from contrastive.data.loader import build_train_loader
 from contrastive.data.shards import expand_shards, shards_for_slot
 from contrastive.data.stream import ImageTextStream, Source, StreamLayout
-from contrastive.data.transforms import BatchNormalize, Preprocess, build_train_transform
+from contrastive.data.transforms import Preprocess, build_train_transform
 from contrastive.models import build_tokenizer
 from contrastive.models.towers import model_image_size
 from contrastive.types import StreamPosition
@@ -32,7 +32,7 @@ def _stream(shards: list[str], tokenizer, *, rank=0, world_size=1, num_workers=1
     layout = StreamLayout(rank=rank, world_size=world_size, num_workers=num_workers, seed=7, resampled=resampled,
                           shuffle_buffer=shuffle_buffer)
     return ImageTextStream(sources or [Source("demo", shards, 1.0)], layout, build_train_transform(28),
-                           BatchNormalize([0.5] * 3, [0.5] * 3), tokenizer, 28, batch,
+                           tokenizer, 28, batch,
                            max_skip_fraction=max_skip_fraction, start_step=start_step, positions=positions)
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from contrastive.cli.data import main as data_main
 from contrastive.data.stream import ImageTextStream, Source, StreamLayout
-from contrastive.data.transforms import BatchNormalize, build_train_transform
+from contrastive.data.transforms import build_train_transform
 from contrastive.models import build_tokenizer
 from tests.conftest import compose_config, run
 from tests.data_factory import BAD_SAMPLES, bad_shard_set, png, write_tar
@@ -30,7 +30,7 @@ def _observed_epoch_orders(tmp_path, shard_count: int, epochs: int, seed: int) -
     model_cfg = compose_config(["model=test_tiny"]).model
     layout = StreamLayout(rank=0, world_size=1, num_workers=1, seed=seed, resampled=False, shuffle_buffer=0)
     stream = ImageTextStream([Source("twin", urls, 1.0)], layout, build_train_transform(28),
-                             BatchNormalize([0.5] * 3, [0.5] * 3), build_tokenizer(model_cfg), 28, 1)
+                             build_tokenizer(model_cfg), 28, 1)
     keys = [batch.keys[0] for batch in itertools.islice(stream, shard_count * epochs)]
     order = [int(key.removeprefix("shard")) for key in keys]
     return [order[e * shard_count:(e + 1) * shard_count] for e in range(epochs)]

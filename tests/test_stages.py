@@ -89,6 +89,6 @@ def test_flop_counter_counts_each_stage_at_its_sizes(demo_root, tmp_path):
     small, full = trainer.flops_per_sample[0], trainer.flops_per_sample[1]
     from contrastive.train.flops import flops_per_sample
 
-    batch = next(iter(trainer.loader))
+    batch = trainer.normalize.batch(next(iter(trainer.loader)))
     assert full == pytest.approx(flops_per_sample(trainer.model, trainer.objective, batch))
     assert 0.2 * full < small < 0.6 * full

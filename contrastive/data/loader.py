@@ -21,7 +21,6 @@ from contrastive.data.shards import check_epoch_mode_slots, check_shards_exist, 
 from contrastive.data.stream import ImageTextStream, NaFlexSchedule, Source, StreamLayout, decode_sample
 from contrastive.data.transforms import (
     BadSample,
-    BatchNormalize,
     MultiViewCrops,
     Preprocess,
     StoredCrop,
@@ -112,14 +111,13 @@ def build_train_loader(
     if reinforced:
         transform = StoredCrop(image_size, preprocess.interpolation)
         decode_size = FULL_RESOLUTION  # stored crop boxes are in the full-resolution image's pixels
-    normalize = BatchNormalize(preprocess.mean, preprocess.std)
-    naflex = None
+    naflex = patch_normalize = None
     if data.naflex_seq_lens:
         if preprocess.patch_size is None:
             raise ConfigError("data.naflex_seq_lens needs a NaFlex image tower (model.vision.timm_model_name "
                               "naflexvit_*)")
         transform = NaFlexResize(preprocess.patch_size, preprocess.interpolation, data.horizontal_flip)
-        normalize = PatchNormalize(preprocess.mean, preprocess.std, preprocess.patch_size)
+        patch_normalize = PatchNormalize(preprocess.mean, preprocess.std, preprocess.patch_size)
         naflex = NaFlexSchedule(list(data.naflex_seq_lens), list(data.naflex_seq_len_weights) or None)
         decode_size = naflex_decode_size(preprocess.patch_size, max(data.naflex_seq_lens))
         image_size = None
@@ -131,12 +129,13 @@ def build_train_loader(
         for source in sources:  # fail now, not inside a worker
             check_epoch_mode_slots(len(source.urls), world_size, layout.num_workers, source.name)
     stream = ImageTextStream(
-        sources, layout, transform, normalize, tokenizer,
+        sources, layout, transform, tokenizer,
         image_size, data.batch_size // world_size, max_skip_fraction=data.max_skip_fraction,
         decode_size=decode_size, min_image_size=data.min_image_size,
         start_step=start_step, positions=positions,
         retry=RetryPolicy(attempts=data.read_attempts, first_wait_s=data.retry_wait_s),
         bucket_batches=data.bucket_batches if data.length_bucketing else None, naflex=naflex,
+        patch_normalize=patch_normalize,
         teacher_view=teacher_view is not None, reinforced=reinforced,
         decoder_tasks=None if locca is None else DecoderTasks(
             (locca.caption, locca.referring, locca.grounded_caption), locca.location_bins, image_size),

@@ -11,19 +11,22 @@ batches padded only to their own longest caption, and yielded in a shuffled orde
 the window's start and how many of its batches came before; a resume reads the window again and skips those.
 
 Sources are mixed per sample by weight. A capped source (epochs, max_samples) leaves the mix at its cap; when
-every source is capped the run is finite and contrastive.data.plan computes its last step. Workers then
-yield uint8 crops normalised per batch in place (straight into shared memory inside DataLoader workers).
-
+every source is capped the run is finite and contrastive.data.plan computes its last step. Workers write uint8
+crops straight into the batch's shared memory (inside DataLoader workers) and yield them as uint8: the trainer
+normalises on its device (transforms.BatchNormalize).
 NaFlex (contrastive.data.naflex): each batch is for a known training step: a DataLoader worker's first batch is
 for step start_step + its index, and each further one num_workers steps later (the round-robin above). The
 step's sequence length, a function of (seed, step), sizes every image of the batch; batches carry patches,
-their coordinates and validity instead of crops. Positions and skip counts are kept exactly as for crops.
+their coordinates and validity instead of crops, normalised in the workers (padding must stay
+zero, which needs each image's mask). Positions and skip
+counts are kept exactly as for crops.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -144,13 +147,14 @@ def decode_sample(
     return image, caption, label
 
 
-def _batch_tensor(shape: torch.Size, in_worker: bool) -> torch.Tensor:
-    """A float32 tensor for one batch. In a DataLoader worker it is made in shared memory, so sending it to the
+def _batch_tensor(shape: tuple[int, ...], in_worker: bool) -> torch.Tensor:
+    """A uint8 tensor for one batch. In a DataLoader worker it is made in shared memory, so sending it to the
     main process passes a handle instead of copying the batch again (what torch's default_collate does)."""
     if not in_worker:
-        return torch.empty(shape)
-    storage = torch.empty(0)._typed_storage()._new_shared(shape.numel(), device="cpu")
-    return torch.empty(0).new(storage).view(shape)
+        return torch.empty(shape, dtype=torch.uint8)
+    numel = math.prod(shape)
+    storage = torch.empty(0, dtype=torch.uint8)._typed_storage()._new_shared(numel, device="cpu")
+    return torch.empty(0, dtype=torch.uint8).new(storage).view(shape)
 
 
 class ImageTextStream(IterableDataset):
@@ -161,7 +165,6 @@ class ImageTextStream(IterableDataset):
         sources: list[Source],
         layout: StreamLayout,
         transform: Callable,
-        normalize: Callable[[torch.Tensor], torch.Tensor],
         tokenizer: Callable[[list[str]], torch.Tensor],
         image_size: int | None,  # None: NaFlex, each image sized by its step's sequence length
         local_batch_size: int,
@@ -175,6 +178,8 @@ class ImageTextStream(IterableDataset):
         teacher_view: bool = False,  # the transform gives (student crop, teacher crop): transforms.TeacherViewCrops
         reinforced: tuple[str, ...] = (),  # read these teachers' stored targets; the transform is a StoredCrop
         naflex: NaFlexSchedule | None = None,
+        # NaFlex: naflex.PatchNormalize, applied in the workers (padding patches must stay zero, which needs the mask)
+        patch_normalize: Callable | None = None,
         # LocCa: each sample's boxes move with its crop and it gets a decoder task (transform must then be a
         # transforms.RandomCropFlip without flips)
         decoder_tasks: DecoderTasks | None = None,
@@ -185,7 +190,7 @@ class ImageTextStream(IterableDataset):
         # (PIL image, generator it draws from) -> uint8 (3, H, W), or transforms.MultiViewCrops's tuple of views;
         # NaFlex: (PIL image, generator, max_patches) -> naflex.NaFlexImage
         self.transform = transform
-        self.normalize = normalize  # uint8 (B, 3, H, W) -> float32; NaFlex: naflex.PatchNormalize
+        self.patch_normalize = patch_normalize
         self.decode_size = decode_size or image_size
         self.tokenizer = tokenizer
         self.image_size = image_size
@@ -289,7 +294,11 @@ class ImageTextStream(IterableDataset):
         size = self.image_size
         window = self.local_batch_size * (self.bucket_batches or 1)  # samples gathered before batches are cut
         window_start, skip_batches = replace(position, bucket_batches_taken=0), position.bucket_batches_taken
-        images = torch.empty((window, 3, size, size), dtype=torch.uint8) if self.naflex is None else None
+        in_worker = info is not None
+        # Without bucketing a window is one batch, so crops go straight into the memory it is sent in; with bucketing
+        # the window buffer is reused and each batch is gathered out of it into memory of its own.
+        window_in_shared_memory = in_worker and self.bucket_batches is None
+        images = _batch_tensor((window, 3, size, size), window_in_shared_memory) if self.naflex is None else None
         step = self.start_step + loader_worker  # the training step of this worker's next batch (NaFlex)
         sizing = {} if self.naflex is None else {"max_patches": self.naflex.seq_len(self.layout.seed, step)}
         naflex_images: list[NaFlexImage] = []
@@ -342,8 +351,7 @@ class ImageTextStream(IterableDataset):
             if isinstance(image, tuple):
                 image, *views = image
                 if view_buffers is None:
-                    view_buffers = tuple(torch.empty((window, *v.shape), dtype=torch.uint8)
-                                         for v in views)
+                    view_buffers = tuple(_batch_tensor((window, *v.shape), window_in_shared_memory) for v in views)
                 for buffer, view in zip(view_buffers, views):
                     buffer[len(keys)] = view
             if self.naflex is not None:
@@ -371,8 +379,8 @@ class ImageTextStream(IterableDataset):
             if self.naflex is not None:
                 packed = pack(naflex_images, sizing["max_patches"])
                 yield Batch(
-                    images=self.normalize(packed.patches, packed.valid,
-                                          out=_batch_tensor(packed.patches.shape, in_worker=info is not None)),
+                    images=self.patch_normalize(packed.patches, packed.valid,
+                                                out=_batch_tensor(packed.patches.shape, in_worker)),
                     patch_coord=packed.coord, patch_valid=packed.valid,
                     tokens=self.tokenizer(captions), keys=keys, labels=torch.tensor(labels),
                     stream_position=window_end,
@@ -381,21 +389,22 @@ class ImageTextStream(IterableDataset):
                 sizing = {"max_patches": self.naflex.seq_len(self.layout.seed, step)}
                 naflex_images = []
             elif self.bucket_batches is None:
-                teacher_images = view_buffers[0].clone() if self.teacher_view else None  # uint8, teachers normalise
-                normalized_views = [self.normalize(v, out=_batch_tensor(v.shape, in_worker=info is not None))
-                                    for v in view_buffers or ()] if not self.teacher_view else []
+                views = view_buffers or ()
                 yield Batch(
-                    images=self.normalize(images, out=_batch_tensor(images.shape, in_worker=info is not None)),
-                    global_views=normalized_views[0] if normalized_views else None,
-                    local_views=normalized_views[1] if normalized_views else None,
+                    images=images,
+                    global_views=views[0] if views and not self.teacher_view else None,
+                    local_views=views[1] if len(views) > 1 else None,
+                    # uint8: each teacher resizes and normalises its view its own way (transforms.teacher_input)
+                    teacher_images=views[0] if self.teacher_view else None,
                     tokens=self.tokenizer(captions), keys=keys, labels=torch.tensor(labels),
-                    stream_position=window_end, teacher_images=teacher_images, captions=captions,
+                    stream_position=window_end, captions=captions,
                     teachers=self._stored_targets(stored_rows),
                     **self._decoder_fields(decoder_texts),
                 )
+                images, view_buffers = _batch_tensor(images.shape, window_in_shared_memory), None  # sent: fresh ones
             else:
                 yield from self._length_buckets(images, captions, labels, keys, window_start, window_end,
-                                                skip_batches, in_worker=info is not None)
+                                                skip_batches, in_worker)
             window_start, skip_batches = window_end, 0
             captions, labels, keys, stored_rows, decoder_texts = [], [], [], [], []
 
@@ -435,7 +444,8 @@ class ImageTextStream(IterableDataset):
             rows = torch.tensor(members)
             width = int(lengths[rows].max())
             yield Batch(
-                images=self.normalize(images[rows], out=_batch_tensor(images[rows].shape, in_worker)),
+                images=torch.index_select(images, 0, rows, out=_batch_tensor((len(members), *images.shape[1:]),
+                                                                             in_worker)),
                 tokens=tokens[rows, :width].contiguous(), keys=[keys[i] for i in members],
                 captions=[captions[i] for i in members],
                 labels=torch.tensor([labels[i] for i in members]),

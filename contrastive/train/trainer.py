@@ -25,6 +25,7 @@ from contrastive.config import TrainConfig, validate
 from contrastive.data.loader import build_train_loader, plan_run
 from contrastive.data.remote import RECOVERED_READ
 from contrastive.data.stream import SHARD_LOSS_REASONS, SKIP_REASONS
+from contrastive.data.transforms import BatchNormalize
 from contrastive.dist import DistEnv, init_distributed
 from contrastive.dist.parallel import gather_model_state, is_sharded, parallelize
 from contrastive.encoders import encoder_from_model, preprocess_from_config
@@ -110,6 +111,8 @@ class Trainer:
         self.model.randomness.place(self.env.device, cfg.seed + self.env.rank)  # patch dropout, CapPa's draw
         apply_locks(self.model, cfg.lock)  # before the wrap and the optimiser, which keep only trainable parameters
         self.tokenizer = build_tokenizer(cfg.model)
+        preprocess = preprocess_from_config(cfg.model)
+        self.normalize = BatchNormalize(preprocess.mean, preprocess.std)  # the stream's uint8 batches, on the device
         self.bf16 = cfg.trainer.precision == "bf16" or (cfg.trainer.precision == "auto"
                                                         and self.env.device.type == "cuda")
         self.parallel_model = parallelize(self.model, self.env, cfg.dist.strategy, cfg.dist.activation_checkpointing,
@@ -200,7 +203,8 @@ class Trainer:
                     del batches  # stops its workers; their prefetched batches are read again at the new size
                     self.loader = self._build_loader()
                     batches = iter(self.loader)
-                batch = next(batches).to(env.device)
+                # uint8 through pinned memory, copied without waiting, converted to float on the device
+                batch = self.normalize.batch(next(batches).to(env.device, non_blocking=True))
                 self.data_positions[batch.stream_position.worker] = batch.stream_position
                 if self.distiller is not None:
                     self.distiller.begin_step(self.step, self.model.visual)

@@ -1,0 +1,117 @@
+"""The fast training image path (decode with JPEG draft scaling, crop and resize on uint8 tensors, normalisation on
+the device) against the plain computation: a full-resolution PIL decode, PIL's bicubic crop-and-resize of the same
+box (torchvision's draws from the same seed), and the normalisation formula. Issue 18 bounds what the model sees."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from contrastive.data.transforms import BatchNormalize, build_train_transform, decode_image, train_decode_size
+from contrastive.types import Batch
+
+IMAGE_SIZE = 224
+CROP_SCALE = (0.9, 1.0)
+SEEDS = range(6)
+# Mean absolute error, in 0-255 grey levels per channel value, between the fast path and the plain one. The same
+# resize on the same pixels differs only by rounding; a JPEG decoded at 1/2 or 1/4 DCT scale differs by libjpeg's
+# scaling filter against the bicubic one.
+SAME_SCALE_MAE = 0.1  # measured 0.006 (256 px JPEGs) to 0.04 (Fashion-MNIST); a box off by one seed: 7.5
+DRAFT_SCALE_MAE = 1.5  # measured 0.2 to 1.1 at 500-1000 px
+
+
+def jpeg(pixels: np.ndarray, quality: int = 90) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def fashion_mnist_images(demo_root, count: int) -> list[bytes]:
+    """The PNG bytes of the first `count` demo samples (Fashion-MNIST, 28x28 greyscale)."""
+    with tarfile.open(sorted((demo_root / "train").glob("*.tar"))[0]) as archive:
+        members = [m for m in archive.getmembers() if m.name.endswith(".png")][:count]
+        return [archive.extractfile(member).read() for member in members]
+
+
+def fashion_mnist_poster(demo_root, height: int, width: int) -> bytes:
+    """A large JPEG of real content: 16 demo items in a 4x4 grid, enlarged to height x width."""
+    items = [np.asarray(Image.open(io.BytesIO(data))) for data in fashion_mnist_images(demo_root, 16)]
+    grid = np.concatenate([np.concatenate(items[row * 4:row * 4 + 4], axis=1) for row in range(4)], axis=0)
+    poster = Image.fromarray(grid).convert("RGB").resize((width, height), Image.BICUBIC)
+    return jpeg(np.asarray(poster))
+
+
+def photo_like(height: int, width: int) -> bytes:
+    """Smooth colour gradients plus noise, as benchmarks/data_throughput.py draws them."""
+    rng = np.random.default_rng(height * width)
+    base = (np.linspace(0, 160, width)[None, :, None]
+            + np.linspace(160, 0, height)[:, None, None] * rng.random(3)[None, None, :])
+    return jpeg(np.clip(base * 0.8 + rng.normal(0, 12, (height, width, 3)), 0, 255).astype(np.uint8))
+
+
+def plain_crop(data: bytes, image_size: int, seed: int) -> np.ndarray:
+    """The reference: torchvision's box for this seed, drawn on the grid the image is decoded on (a JPEG much larger
+    than the crop is decoded at a reduced DCT scale, which PIL's draft reports), then cut from the full-resolution
+    decode and resized with PIL's bicubic filter. (image_size, image_size, 3) uint8."""
+    full = Image.open(io.BytesIO(data)).convert("RGB")
+    reduced = Image.open(io.BytesIO(data))
+    if reduced.format == "JPEG":
+        reduced.draft("RGB", (train_decode_size(image_size, CROP_SCALE),) * 2)
+    torch.manual_seed(seed)
+    top, left, height, width = v2.RandomResizedCrop.get_params(
+        torch.empty(3, reduced.height, reduced.width), list(CROP_SCALE), [3 / 4, 4 / 3])
+    scale_x, scale_y = full.width / reduced.width, full.height / reduced.height
+    box = (left * scale_x, top * scale_y, (left + width) * scale_x, (top + height) * scale_y)
+    return np.asarray(full.resize((image_size, image_size), Image.BICUBIC, box=box))
+
+
+def fast_crop(data: bytes, image_size: int, seed: int) -> np.ndarray:
+    transform = build_train_transform(image_size, "bicubic", crop_scale=CROP_SCALE)
+    image = decode_image(data, train_decode_size(image_size, CROP_SCALE))
+    return transform(image, torch.Generator().manual_seed(seed)).permute(1, 2, 0).numpy()
+
+
+def mean_absolute_error(images: list[bytes], image_size: int) -> float:
+    errors = [np.abs(fast_crop(data, image_size, seed).astype(float) - plain_crop(data, image_size, seed)).mean()
+              for data in images for seed in SEEDS]
+    return float(np.mean(errors))
+
+
+def test_fashion_mnist_crops_match_pil_crop_and_resize(demo_root):
+    assert mean_absolute_error(fashion_mnist_images(demo_root, 8), 24) < SAME_SCALE_MAE
+
+
+@pytest.mark.parametrize(("height", "width"), [(256, 256), (240, 320)])
+def test_256px_jpeg_crops_match_pil_crop_and_resize(height, width):
+    """img2dataset's default size: decoded at full scale, so only rounding differs."""
+    assert mean_absolute_error([photo_like(height, width)], IMAGE_SIZE) < SAME_SCALE_MAE
+
+
+@pytest.mark.parametrize(("height", "width"), [(1000, 750), (520, 700)])
+def test_large_jpeg_crops_decoded_at_reduced_scale_stay_close_to_full_resolution(demo_root, height, width):
+    """Originals of 500-1000 px are decoded at 1/2 or 1/4 scale; the crop box is the same share of the image."""
+    reduced = Image.open(io.BytesIO(photo_like(height, width)))
+    reduced.draft("RGB", (train_decode_size(IMAGE_SIZE, CROP_SCALE),) * 2)
+    assert reduced.width < width, "the draft scaling this test is about did not happen"
+    for data in (photo_like(height, width), fashion_mnist_poster(demo_root, height, width)):
+        assert mean_absolute_error([data], IMAGE_SIZE) < DRAFT_SCALE_MAE
+
+
+def test_device_normalisation_is_the_float_formula_on_every_view():
+    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8, generator=generator)
+    views = torch.randint(0, 256, (4, 2, 3, 8, 8), dtype=torch.uint8, generator=generator)
+    batch = BatchNormalize(mean, std).batch(Batch(images=images, tokens=torch.zeros(4, 3), global_views=views))
+    for uint8, normalised in ((images, batch.images), (views, batch.global_views)):
+        expected = (uint8.double() / 255 - torch.tensor(mean).double().view(3, 1, 1)) / torch.tensor(std).double().view(
+            3, 1, 1)
+        assert normalised.dtype == torch.float32
+        assert torch.allclose(normalised.double(), expected, atol=1e-5)
+    assert batch.local_views is None
