@@ -145,7 +145,8 @@ def test_the_objectives_declared_accumulation_picks_the_step():
     step = build_forward_backward(model, ScaledClip(), LocalCollectives(), steps=2, randomness=model.randomness)
     assert isinstance(step, FeatureCache)
     assert {name: LOSSES.get(name).accumulation for name in list_losses()} == {
-        "clip": FEATURE_CACHE, "siglip": FEATURE_CACHE, "cappa": PER_EXAMPLE_MEAN, "coca": WHOLE_BATCH}
+        "clip": FEATURE_CACHE, "siglip": FEATURE_CACHE, "cappa": PER_EXAMPLE_MEAN, "coca": WHOLE_BATCH,
+        "siglip_locca": WHOLE_BATCH}
 
 
 def test_micro_batches_must_divide_the_local_batch():
