@@ -1,4 +1,5 @@
-"""SigLIP 2's late self-distillation against the plain sigmoid loss at equal steps: dense-probe mIoU and zero-shot.
+"""SigLIP 2's late self-distillation against the plain sigmoid loss at equal steps: dense-probe mIoU, grounding-probe
+accuracy and zero-shot.
 
     python benchmarks/self_distillation_quality.py --json benchmarks/results/self_distillation_quality.json
     python benchmarks/self_distillation_quality.py --smoke --json /tmp/self_distillation_smoke.json   # what CI runs
@@ -12,9 +13,10 @@ against an EMA teacher, with the global and local views of experiment=demo_sigli
   canvases of a grounding set (contrastive.data.grounding, --canvas-size px, fed at --dense-image-size px so the
   tower, whose position embeddings resample, sees a finer patch grid), scored by mIoU and pixel accuracy on its test
   canvases;
+- the grounding probe (contrastive-eval grounding, called as that command calls it: the encoder's own image size,
+  --probe-steps steps, probe seed 0): a box-regression probe on the frozen patch tokens, fitted on the same train
+  canvases, scored by the share of test (canvas, phrase) pairs whose box reaches IoU >= 0.5;
 - zero-shot classification on the first --test-samples Fashion-MNIST test images.
-The grounding-probe accuracy of issue 22 needs issue 21's `contrastive-eval grounding`, which this branch lacks: it
-is not reported.
 
 The JSON holds every run, mean and sample standard deviation per arm, per metric the difference of the means and
 whether it exceeds twice the larger standard deviation (only such a difference counts), the load average, the git
@@ -47,12 +49,14 @@ from contrastive.dist import shutdown_distributed  # noqa: E402
 from contrastive.encoders import load_encoder  # noqa: E402
 from contrastive.eval.dense import DenseProbeEvaluation  # noqa: E402
 from contrastive.eval.evaluators import build_evaluators  # noqa: E402
+from contrastive.eval.grounding import ProbeSettings, evaluate_grounding  # noqa: E402
 from contrastive.eval.linear_probe import WEIGHT_DECAYS  # noqa: E402
 from contrastive.train.trainer import Trainer  # noqa: E402
 
 ARMS = ("sigmoid", "siglip2")
-METRICS = ("dense_miou", "dense_pixel_acc", "zeroshot_acc1")
+METRICS = ("dense_miou", "dense_pixel_acc", "grounding_acc_iou50", "zeroshot_acc1")
 SMOKE_WEIGHT_DECAYS = (1e-3,)  # one probe fit instead of a search: the smoke run checks mechanisms, not scores
+SMOKE_PROBE_STEPS = 5  # grounding-probe steps at smoke size, for the same reason
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,16 +73,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--test-canvases", type=int, default=150)
     parser.add_argument("--canvas-size", type=int, default=56)
     parser.add_argument("--dense-image-size", type=int, default=56, help="a multiple of the 7 px patch")
+    parser.add_argument("--probe-steps", type=int, default=ProbeSettings.steps,
+                        help="grounding-probe steps (contrastive-eval grounding --probe-steps)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (trainer.threads_per_process); on a shared CPU one is fastest")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes (CI): 1 seed x 3 steps, the switch at step 1, 64 samples, 16 canvases, "
-                             "one probe weight decay")
+                             "one probe weight decay, 5 grounding-probe steps")
     args = parser.parse_args(argv)
     if args.smoke:
         args.seeds, args.steps, args.start, args.batch_size = 1, 3, 0.34, 8
         args.train_samples, args.test_samples, args.train_canvases, args.test_canvases = 64, 64, 16, 8
         args.canvas_size = args.dense_image_size = 28
+        args.probe_steps = SMOKE_PROBE_STEPS
     return args
 
 
@@ -99,8 +106,8 @@ def run_overrides(args: argparse.Namespace, data_root: Path, eval_root: Path, ar
     return overrides
 
 
-def train_one(args: argparse.Namespace, roots: dict[str, Path], dense: DenseProbeEvaluation, arm: str,
-              seed: int) -> dict:
+def train_one(args: argparse.Namespace, roots: dict[str, Path], grounding_root: Path, dense: DenseProbeEvaluation,
+              arm: str, seed: int) -> dict:
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=run_overrides(args, roots["train"], roots["test"], arm, seed))
     shutil.rmtree(cfg.run_dir, ignore_errors=True)  # every run starts afresh, whatever an earlier one left
@@ -110,11 +117,16 @@ def train_one(args: argparse.Namespace, roots: dict[str, Path], dense: DenseProb
     seconds = time.perf_counter() - started
     trainer.loader = None  # stops its data-loader worker
     shutdown_distributed()
-    dense_metrics = dense.run(load_encoder(cfg.run_dir), torch.device("cpu"))  # at the trainer's thread count
+    encoder = load_encoder(cfg.run_dir)
+    dense_metrics = dense.run(encoder, torch.device("cpu"))  # at the trainer's thread count
+    grounding_metrics = evaluate_grounding(encoder, grounding_root, torch.device("cpu"),
+                                           ProbeSettings(steps=args.probe_steps, seed=0))
     return {
         "arm": arm, "seed": seed,
         "dense_miou": dense_metrics["miou"], "dense_pixel_acc": dense_metrics["pixel_acc"],
         "dense_patch_acc": dense_metrics["patch_acc"], "dense_weight_decay": dense_metrics["weight_decay"],
+        "grounding_acc_iou50": grounding_metrics["probe_acc_iou50"],
+        "grounding_mean_iou": grounding_metrics["probe_mean_iou"],
         "zeroshot_acc1": result.eval_metrics["eval/fashion-mnist/acc1"],
         "final_loss": result.final_loss, "train_seconds": seconds,
     }
@@ -162,10 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for seed in range(args.seeds):
         for arm in ARMS:
-            runs.append(train_one(args, roots, dense, arm, seed))
+            runs.append(train_one(args, roots, grounding, dense, arm, seed))
             run = runs[-1]
             print(f"seed {seed} {arm:7s}: dense mIoU {run['dense_miou']:.4f}, pixel acc {run['dense_pixel_acc']:.4f}, "
-                  f"zero-shot acc1 {run['zeroshot_acc1']:.4f}, {run['train_seconds']:.0f} s", flush=True)
+                  f"grounding acc@IoU0.5 {run['grounding_acc_iou50']:.4f}, zero-shot acc1 {run['zeroshot_acc1']:.4f}, "
+                  f"{run['train_seconds']:.0f} s", flush=True)
     summary = summarise(runs)
     for arm in ARMS:
         print(f"{arm:7s}: " + ", ".join(f"{metric} {summary[arm][f'{metric}_mean']:.4f} +- "
@@ -179,7 +192,6 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python", f"benchmarks/{Path(__file__).name}",
                              *(sys.argv[1:] if argv is None else argv)]),
         "settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
-        "grounding_probe": "not run: issue 21's contrastive-eval grounding is not on this branch",
         "load_average": {"before": load_before, "after": os.getloadavg()},
         "runs": runs, "summary": summary,
     }
