@@ -73,7 +73,7 @@ FIXED_ARMS = ("center_crop", "squash")
 METRICS = ("retrieval_recall1", "zeroshot_acc1")
 PATCH = 7  # model=tiny_naflex_siglip's patch side
 ITEM = 28  # pixels per item side (Fashion-MNIST's)
-CONTEXT_LENGTH = 32  # tokens: three class names with "a ..., then" fit ("T-shirt/top" alone is several)
+CONTEXT_LENGTH = 24  # tokens: three class names with "a ..., then" fit ("T-shirt/top" alone is several)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
