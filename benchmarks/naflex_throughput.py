@@ -11,7 +11,8 @@ sequences of length L (data.naflex_seq_lens=[L]). Both arms run the same tower, 
 NaFlexVit takes ordinary images too), so only the input representation differs. Tokens are the patches the tower
 attends over that carry an image: all L of them for the fixed arm, the valid ones for NaFlex (padding is counted as
 overhead, not as tokens). The data path is the training stream in this process (data.num_workers=0), read for
---steps batches; the full step is forward, sigmoid loss and backward on those batches, timed per step, the two
+--steps batches; the full step is the trainer's normalisation of uint8 images (the fixed arm's; NaFlex patches
+arrive normalised from the data path), forward, sigmoid loss and backward on those batches, timed per step, the two
 arms alternating step by step so machine noise hits them alike. Figures are medians over steps; ratios are NaFlex
 over fixed at the same L, measured in the same run.
 """
@@ -36,6 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from contrastive.config import LossConfig, register_configs  # noqa: E402
 from contrastive.data.loader import build_train_loader  # noqa: E402
+from contrastive.data.transforms import BatchNormalize  # noqa: E402
 from contrastive.dist.collectives import LocalCollectives  # noqa: E402
 from contrastive.encoders import preprocess_from_config  # noqa: E402
 from contrastive.losses import build_loss  # noqa: E402
@@ -98,9 +100,10 @@ def image_tokens(batch) -> int:
     return len(batch) * (batch.images.shape[-1] // PATCH) * (batch.images.shape[-2] // PATCH)
 
 
-def step_seconds(model, loss, batch) -> float:
+def step_seconds(model, loss, normalize: BatchNormalize, batch) -> float:
     model.zero_grad(set_to_none=True)
     started = time.perf_counter()
+    batch = normalize.batch(batch)  # the trainer's per-step normalisation: fixed-size uint8 images only
     extra = {} if batch.patch_coord is None else {"patch_coord": batch.patch_coord, "patch_valid": batch.patch_valid}
     loss(model(batch.images, batch.tokens, **extra), batch, LocalCollectives()).loss.backward()
     return time.perf_counter() - started
@@ -133,11 +136,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         model = build_model(cfg.model).train()
         loss = build_loss(LossConfig(name="siglip"))
-        step_seconds(model, loss, arms["fixed"]["batches"][0])  # warm-up
+        preprocess = preprocess_from_config(cfg.model)
+        normalize = BatchNormalize(preprocess.mean, preprocess.std)
+        step_seconds(model, loss, normalize, arms["fixed"]["batches"][0])  # warm-up
         timings = {name: [] for name in arms}
         for step in range(args.steps):
             for name in arms:
-                timings[name].append(step_seconds(model, loss, arms[name]["batches"][step]))
+                timings[name].append(step_seconds(model, loss, normalize, arms[name]["batches"][step]))
         for name, arm in arms.items():
             median = statistics.median(timings[name])
             arm["step_seconds_median"] = median

@@ -97,9 +97,9 @@ def _naflex_stream(shards, tokenizer, *, num_workers, start_step=0, positions=No
     layout = StreamLayout(rank=0, world_size=1, num_workers=num_workers, seed=3, resampled=True,
                           shuffle_buffer=shuffle_buffer)
     return ImageTextStream([Source("naflex", shards, 1.0)], layout, NaFlexResize(7, "bilinear", True),
-                           PatchNormalize([0.5] * 3, [0.5] * 3, 7), tokenizer, None, 8, decode_size=80,
+                           tokenizer, None, 8, decode_size=80,
                            start_step=start_step, positions=positions, max_skip_fraction=max_skip_fraction,
-                           naflex=NaFlexSchedule(SEQ_LENS))
+                           naflex=NaFlexSchedule(SEQ_LENS), patch_normalize=PatchNormalize([0.5] * 3, [0.5] * 3, 7))
 
 
 def _batches(stream, count, num_workers):

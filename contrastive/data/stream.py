@@ -147,14 +147,15 @@ def decode_sample(
     return image, caption, label
 
 
-def _batch_tensor(shape: tuple[int, ...], in_worker: bool) -> torch.Tensor:
-    """A uint8 tensor for one batch. In a DataLoader worker it is made in shared memory, so sending it to the
-    main process passes a handle instead of copying the batch again (what torch's default_collate does)."""
+def _batch_tensor(shape: tuple[int, ...], in_worker: bool, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """A tensor for one batch (uint8 images; float32 for NaFlex patches, normalised in the workers). In a DataLoader
+    worker it is made in shared memory, so sending it to the main process passes a handle instead of copying the
+    batch again (what torch's default_collate does)."""
     if not in_worker:
-        return torch.empty(shape, dtype=torch.uint8)
+        return torch.empty(shape, dtype=dtype)
     numel = math.prod(shape)
-    storage = torch.empty(0, dtype=torch.uint8)._typed_storage()._new_shared(numel, device="cpu")
-    return torch.empty(0, dtype=torch.uint8).new(storage).view(shape)
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel, device="cpu")
+    return torch.empty(0, dtype=dtype).new(storage).view(shape)
 
 
 class ImageTextStream(IterableDataset):
@@ -380,7 +381,8 @@ class ImageTextStream(IterableDataset):
                 packed = pack(naflex_images, sizing["max_patches"])
                 yield Batch(
                     images=self.patch_normalize(packed.patches, packed.valid,
-                                                out=_batch_tensor(packed.patches.shape, in_worker)),
+                                                out=_batch_tensor(packed.patches.shape, in_worker,
+                                                                  torch.float32)),
                     patch_coord=packed.coord, patch_valid=packed.valid,
                     tokens=self.tokenizer(captions), keys=keys, labels=torch.tensor(labels),
                     stream_position=window_end,
