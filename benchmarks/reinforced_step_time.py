@@ -11,8 +11,9 @@ matter here) is run once by `contrastive-data reinforce` before the rounds. The 
 a change in the shared machine's load falls on both.
 
 Per arm and round: the seconds of each training step after the first --warmup-steps (the trainer's
-samples_per_second with trainer.log_every=1), and the seconds per batch of the data loader alone (the same loader,
-no model step: where the data path's share of the step goes). Reported: medians over every round's steps, and the
+samples_per_second with trainer.log_every=1), the seconds per batch of the data loader alone (the same loader,
+no model step), and the seconds of the model step alone (forward, backward and optimiser step on one of the
+loader's batches, no loader): where the step's time goes. Reported: medians over every round's steps, and the
 reinforced / scratch ratios. The JSON holds the commit, the command and the load average before and after.
 """
 
@@ -38,6 +39,7 @@ from contrastive.cli.data import main as data_main  # noqa: E402
 from contrastive.config import register_configs  # noqa: E402
 from contrastive.data.demo import build_demo_dataset  # noqa: E402
 from contrastive.dist import shutdown_distributed  # noqa: E402
+from contrastive.train.optim import optimizer_step  # noqa: E402
 from contrastive.train.trainer import Trainer  # noqa: E402
 
 ARMS = ("scratch", "reinforced")
@@ -51,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=12, help="training steps per arm and round")
     parser.add_argument("--warmup-steps", type=int, default=2, help="first steps of each run left out (start-up)")
     parser.add_argument("--data-batches", type=int, default=12, help="loader-only batches per arm and round")
+    parser.add_argument("--model-steps", type=int, default=8, help="model-only steps per arm and round")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--train-samples", type=int, default=1024, help="first N Fashion-MNIST train images")
@@ -63,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.smoke:
         args.rounds, args.steps, args.warmup_steps, args.data_batches, args.batch_size = 1, 3, 1, 3, 16
+        args.model_steps = 2
         args.train_samples, args.num_workers, args.teacher_steps = 64, 0, 1
         args.teacher_model = args.student_model = "test_tiny"
     return args
@@ -92,22 +96,30 @@ def step_seconds(args: argparse.Namespace, roots: dict[str, Path], arm: str) -> 
     return [args.batch_size / rate for rate in rates[args.warmup_steps:]]
 
 
-def loader_seconds(args: argparse.Namespace, roots: dict[str, Path], arm: str) -> list[float]:
-    """Seconds per batch of the arm's data loader alone, after its first batch (worker start-up)."""
+def loader_and_model_seconds(args: argparse.Namespace, roots: dict[str, Path], arm: str) -> tuple[list, list]:
+    """Seconds per batch of the arm's data loader alone, after its first batch (worker start-up); then seconds of
+    the model step alone (forward, backward, optimiser step) on one of its batches, after a first one."""
     cfg = compose_run(args, roots, arm, args.steps, args.batch_size)
     shutil.rmtree(cfg.run_dir, ignore_errors=True)
     trainer = Trainer(cfg)
     batches = iter(trainer.loader)
     next(batches)
-    seconds = []
+    loader = []
     for _ in range(args.data_batches):
         started = time.perf_counter()
-        next(batches)
-        seconds.append(time.perf_counter() - started)
+        batch = next(batches)
+        loader.append(time.perf_counter() - started)
     del batches
     trainer.loader = None
+    batch = trainer.normalize.batch(batch)
+    model = []
+    for _ in range(args.model_steps + 1):
+        started = time.perf_counter()
+        trainer.forward_backward(batch)
+        optimizer_step(trainer.model.parameters(), trainer.optimizer, cfg.optim.grad_clip_norm)
+        model.append(time.perf_counter() - started)
     shutdown_distributed()
-    return seconds
+    return loader, model[1:]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,21 +144,29 @@ def main(argv: list[str] | None = None) -> int:
                       "--crop-scale", *map(str, args.crop_scale), "--device", "cpu"]) == 0
     steps = {arm: [] for arm in ARMS}
     loads = {arm: [] for arm in ARMS}
+    models = {arm: [] for arm in ARMS}
     for round_index in range(args.rounds):
         for arm in ARMS if round_index % 2 == 0 else reversed(ARMS):  # ABBA: neither arm always runs first
             steps[arm].extend(step_seconds(args, roots, arm))
-            loads[arm].extend(loader_seconds(args, roots, arm))
+            loader, model = loader_and_model_seconds(args, roots, arm)
+            loads[arm].extend(loader)
+            models[arm].extend(model)
             print(f"round {round_index} {arm:10s}: step {statistics.median(steps[arm]):.4f} s, "
-                  f"loader {statistics.median(loads[arm]):.4f} s/batch (medians so far)", flush=True)
+                  f"loader {statistics.median(loads[arm]):.4f} s/batch, model step "
+                  f"{statistics.median(models[arm]):.4f} s (medians so far)", flush=True)
     summary = {arm: {"step_seconds_median": statistics.median(steps[arm]),
                      "loader_seconds_per_batch_median": statistics.median(loads[arm]),
+                     "model_step_seconds_median": statistics.median(models[arm]),
                      "steps_measured": len(steps[arm])} for arm in ARMS}
     summary["step_time_reinforced_over_scratch"] = (summary["reinforced"]["step_seconds_median"]
                                                     / summary["scratch"]["step_seconds_median"])
     summary["loader_time_reinforced_over_scratch"] = (summary["reinforced"]["loader_seconds_per_batch_median"]
                                                       / summary["scratch"]["loader_seconds_per_batch_median"])
+    summary["model_step_time_reinforced_over_scratch"] = (summary["reinforced"]["model_step_seconds_median"]
+                                                          / summary["scratch"]["model_step_seconds_median"])
     print(f"reinforced / scratch: {summary['step_time_reinforced_over_scratch']:.3f}x the step time, "
-          f"{summary['loader_time_reinforced_over_scratch']:.3f}x the loader time per batch")
+          f"{summary['loader_time_reinforced_over_scratch']:.3f}x the loader time per batch, "
+          f"{summary['model_step_time_reinforced_over_scratch']:.3f}x the model step alone")
     report = {
         "benchmark": "reinforced_step_time", "commit": commit,
         "command": " ".join(["python", f"benchmarks/{Path(__file__).name}",
@@ -154,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "total_seconds": time.perf_counter() - started,
-        "step_seconds": steps, "loader_seconds_per_batch": loads, "summary": summary,
+        "step_seconds": steps, "loader_seconds_per_batch": loads, "model_step_seconds": models,
+        "summary": summary,
     }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
