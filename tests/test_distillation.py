@@ -21,6 +21,7 @@ from torchvision.transforms.v2 import functional
 from contrastive.checkpoint_io import checkpoint_path
 from contrastive.cli.data import main as data_main
 from contrastive.config import DistillationConfig, TeacherConfig
+from contrastive.data.reinforced import from_npy, normalized_rows
 from contrastive.data.transforms import RandomCropFlip, TeacherViewCrops
 from contrastive.dist import init_distributed
 from contrastive.encoders import load_encoder, weights_hash
@@ -200,3 +201,22 @@ def test_demo_distillation_recipes_run_on_two_ranks(recipe, demo_root, teachers,
     assert rows[-1]["step"] == 3
     assert {"contrastive_loss", "distill/demo/contrastive", "distill/demo/feature"} <= set(rows[-1])
     assert all(np.isfinite(row["loss"]) for row in rows if "loss" in row)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_stored_embeddings_read_as_numpy_writes_them_and_normalise_to_unit_rows(dtype):
+    """The reinforced reader's .npy parsing (a cached header, the values viewed in place) gives what np.load gives,
+    refuses corrupt bytes with a ValueError (a counted bad sample upstream), and the batch's stored rows come out as
+    the float64 unit vectors of the stored values, to float32 precision."""
+    rows = np.random.default_rng(0).normal(size=(5, 12)).astype(dtype)
+    for array in (rows, rows[0], rows.reshape(5, 3, 4)):
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        parsed = from_npy(buffer.getvalue())
+        assert parsed.dtype == array.dtype and parsed.shape == array.shape
+        np.testing.assert_array_equal(parsed, array)
+    for corrupt in (buffer.getvalue()[:-4], b"not an npy file at all", b""):
+        with pytest.raises(ValueError):
+            from_npy(corrupt)
+    expected = rows.astype(np.float64) / np.linalg.norm(rows.astype(np.float64), axis=1, keepdims=True)
+    torch.testing.assert_close(normalized_rows(list(rows)), torch.from_numpy(expected).float(), atol=1e-7, rtol=0)

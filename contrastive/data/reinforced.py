@@ -12,9 +12,12 @@ stored as float16 by default (float32 on request).
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,8 +45,26 @@ def to_npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+@functools.lru_cache(maxsize=256)
+def _npy_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran order, dtype) of an .npy header. Parsing one (numpy evaluates it as a Python literal) costs
+    more than the rest of a reinforced sample's reading, and a data set's headers repeat: one shape per teacher."""
+    stream = io.BytesIO(header)
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(stream)
+    return np.lib.format.read_array_header_2_0(stream)
+
+
 def from_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
+    """An .npy file's array (read-only, a view of `data`); ValueError where the bytes are no .npy of plain values."""
+    # magic (6 bytes), version (2), header length (2 bytes in version 1, 4 from version 2), header
+    length_bytes = 2 if data[6:7] == b"\x01" else 4
+    header_end = 8 + length_bytes + int.from_bytes(data[8:8 + length_bytes], "little")
+    shape, fortran_order, dtype = _npy_header(bytes(data[:header_end]))
+    if fortran_order or dtype.hasobject:
+        raise ValueError("a stored embedding must be a C-ordered array of numbers")
+    return np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=header_end).reshape(shape)
 
 
 @dataclass
@@ -90,7 +111,7 @@ def read_sample_files(raw: dict, teachers: tuple[str, ...]) -> StoredTargets:
                          {n: i["logit_bias"] for n, i in teacher_info.items()})
 
 
-def normalized_row(embedding: np.ndarray) -> torch.Tensor:
-    """A stored embedding (fp16 rounding moves it off the unit sphere) as an fp32 unit vector."""
-    vector = torch.from_numpy(embedding.astype(np.float32))
-    return vector / vector.norm().clamp_min(1e-12)
+def normalized_rows(embeddings: Sequence[np.ndarray]) -> torch.Tensor:
+    """Stored embeddings (fp16 rounding moves them off the unit sphere), (D,) each -> fp32 unit rows (N, D), in one
+    tensor operation per batch."""
+    return torch.nn.functional.normalize(torch.from_numpy(np.stack(embeddings).astype(np.float32)), dim=-1, eps=1e-12)

@@ -39,7 +39,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from contrastive.data.boxes import DecoderTasks, crop_boxes, read_boxes, tokenize_decoder_texts
 from contrastive.data.naflex import NaFlexImage, pack, seq_len_for_step
 from contrastive.data.reader import RawSample, iter_shard
-from contrastive.data.reinforced import normalized_row, read_sample_files
+from contrastive.data.reinforced import normalized_rows, read_sample_files
 from contrastive.data.remote import DEFAULT_RETRY, RetryPolicy
 from contrastive.data.shards import shards_for_slot, slot_seed
 from contrastive.data.transforms import IMAGE_EXTENSIONS, BadSample, decode_image
@@ -305,7 +305,7 @@ class ImageTextStream(IterableDataset):
         naflex_images: list[NaFlexImage] = []
         view_buffers: tuple[torch.Tensor, ...] | None = None  # (window, G, 3, g, g), (window, L, 3, l, l)
         captions, labels, keys = [], [], []
-        stored_rows: list = []  # reinforced: per sample, teacher -> (image embedding, text embedding, scale, bias)
+        stored_rows: list = []  # reinforced: per sample, teacher -> (image, text embedding as stored, scale, bias)
         decoder_texts: list[tuple[str, str, int]] = []  # (prompt, target, task) per sample, with decoder_tasks
         while True:
             active = [s.name for s in self.sources if s.name not in exhausted]
@@ -360,9 +360,7 @@ class ImageTextStream(IterableDataset):
             else:
                 images[len(keys)] = image
             if self.reinforced:
-                stored_rows.append({name: (normalized_row(stored.image_embeddings[name][choice]),
-                                           None if stored.text_embeddings[name] is None
-                                           else normalized_row(stored.text_embeddings[name]),
+                stored_rows.append({name: (stored.image_embeddings[name][choice], stored.text_embeddings[name],
                                            stored.logit_scales[name], stored.logit_biases[name])
                                     for name in self.reinforced})
             captions.append(caption)
@@ -416,7 +414,8 @@ class ImageTextStream(IterableDataset):
         for name in self.reinforced:
             image, text, scale, bias = zip(*(row[name] for row in rows))
             targets[name] = TeacherTargets(
-                image_features=torch.stack(image), text_features=None if text[0] is None else torch.stack(text),
+                image_features=normalized_rows(image),
+                text_features=None if text[0] is None else normalized_rows(text),
                 logit_scale=None if scale[0] is None else torch.tensor(scale[0]),
                 logit_bias=None if bias[0] is None else torch.tensor(bias[0]))
         return targets
