@@ -40,7 +40,6 @@ import math
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tarfile
 import time
@@ -54,6 +53,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.provenance import git_commit  # noqa: E402
 from contrastive.cli.data import main as data_cli  # noqa: E402
 from contrastive.config import register_configs  # noqa: E402
 from contrastive.curation.dedup import TRANSFORMS, transformed_copy  # noqa: E402
@@ -213,13 +213,6 @@ def summarise(runs: list[dict]) -> dict:
     summary["sigma"] = sigma
     summary["beyond_2_sigma"] = len({run["seed"] for run in runs}) >= 3 and abs(difference) > 2 * sigma
     return summary
-
-
-def git_commit() -> str:
-    result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                           cwd=REPO).stdout.strip()
-    return (result.stdout.strip() or "unknown") + (" (with uncommitted changes)" if dirty else "")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from hydra import compose, initialize_config_dir
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.provenance import git_commit  # noqa: E402
 from contrastive.config import register_configs  # noqa: E402
 from contrastive.data.demo import build_demo_dataset  # noqa: E402
 from contrastive.data.loader import build_train_loader  # noqa: E402
@@ -70,13 +70,6 @@ def text_tower_seconds(model: torch.nn.Module, tokens: torch.Tensor) -> float:
     started = time.perf_counter()
     model.encode_text(tokens).sum().backward()
     return time.perf_counter() - started
-
-
-def git_commit() -> str:
-    result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                           cwd=REPO).stdout.strip()
-    return (result.stdout.strip() or "unknown") + (" (with uncommitted changes)" if dirty else "")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,7 +43,6 @@ import math
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -57,6 +56,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.provenance import git_commit  # noqa: E402
 from contrastive.config import register_configs  # noqa: E402
 from contrastive.data import demo  # noqa: E402
 from contrastive.data.loader import build_train_loader  # noqa: E402
@@ -252,13 +252,6 @@ def summarise(runs: list[dict]) -> dict:
             # Counted only beyond twice the larger per-arm standard deviation (never with a single seed).
             summary[f"{metric}_naflex_minus_{fixed}_counts"] = sigma > 0 and abs(difference) > 2 * sigma
     return summary
-
-
-def git_commit() -> str:
-    result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                           cwd=REPO).stdout.strip()
-    return (result.stdout.strip() or "unknown") + (" (with uncommitted changes)" if dirty else "")
 
 
 def main(argv: list[str] | None = None) -> int:

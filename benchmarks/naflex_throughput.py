@@ -24,7 +24,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from hydra import compose, initialize_config_dir
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.provenance import git_commit  # noqa: E402
 from contrastive.config import LossConfig, register_configs  # noqa: E402
 from contrastive.data.loader import build_train_loader  # noqa: E402
 from contrastive.data.transforms import BatchNormalize  # noqa: E402
@@ -107,13 +107,6 @@ def step_seconds(model, loss, normalize: BatchNormalize, batch) -> float:
     extra = {} if batch.patch_coord is None else {"patch_coord": batch.patch_coord, "patch_valid": batch.patch_valid}
     loss(model(batch.images, batch.tokens, **extra), batch, LocalCollectives()).loss.backward()
     return time.perf_counter() - started
-
-
-def git_commit() -> str:
-    result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                           cwd=REPO).stdout.strip()
-    return (result.stdout.strip() or "unknown") + (" (with uncommitted changes)" if dirty else "")
 
 
 def main(argv: list[str] | None = None) -> int:

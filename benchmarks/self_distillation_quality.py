@@ -31,7 +31,6 @@ import logging
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ from hydra import compose, initialize_config_dir
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.provenance import git_commit  # noqa: E402
 from contrastive.config import register_configs  # noqa: E402
 from contrastive.data.demo import build_demo_dataset  # noqa: E402
 from contrastive.data.grounding import build_grounding_dataset  # noqa: E402
@@ -148,13 +148,6 @@ def summarise(runs: list[dict]) -> dict:
         # Counted only beyond twice the larger per-arm standard deviation (never with a single seed).
         summary[f"{metric}_difference_counts"] = sigma > 0 and abs(difference) > 2 * sigma
     return summary
-
-
-def git_commit() -> str:
-    result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                           cwd=REPO).stdout.strip()
-    return (result.stdout.strip() or "unknown") + (" (with uncommitted changes)" if dirty else "")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,6 @@ import json
 import logging
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from hydra import compose, initialize_config_dir
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.provenance import git_commit  # noqa: E402
 from contrastive.config import register_configs  # noqa: E402
 from contrastive.data.demo import build_demo_dataset  # noqa: E402
 from contrastive.dist import shutdown_distributed  # noqa: E402
@@ -127,13 +127,6 @@ def summarise(runs: list[dict]) -> dict:
     summary["staged_flops_over_fixed"] = summary["staged"]["total_flops"] / summary["fixed"]["total_flops"]
     summary["staged_seconds_over_fixed"] = summary["staged"]["seconds_mean"] / summary["fixed"]["seconds_mean"]
     return summary
-
-
-def git_commit() -> str:
-    result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                           cwd=REPO).stdout.strip()
-    return (result.stdout.strip() or "unknown") + (" (with uncommitted changes)" if dirty else "")
 
 
 def main(argv: list[str] | None = None) -> int:
