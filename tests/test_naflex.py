@@ -335,3 +335,16 @@ def test_the_connectors_take_naflex_grids_and_padding():
     valid = torch.arange(10)[None] < 6
     padded = torch.cat([tokens[:, :6], torch.randn(1, 4, 8) * 100], dim=1)
     torch.testing.assert_close(pooler(padded, valid), pooler(tokens[:, :6]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("text", ["16,abc", "16,,36", "0", "-16", "1.5"])
+def test_bad_seq_len_lists_are_one_config_error(text):
+    from contrastive.cli.eval import _seq_lens
+    with pytest.raises(ConfigError, match="--seq-len takes comma-separated positive patch counts"):
+        _seq_lens(text)
+
+
+def test_seq_len_lists_parse_as_written():
+    from contrastive.cli.eval import _seq_lens
+    assert _seq_lens("64, 144,256") == [64, 144, 256]
+    assert _seq_lens(None) == [None]

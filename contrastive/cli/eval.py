@@ -163,11 +163,11 @@ def _seq_lens(text: str | None) -> list[int | None]:
     """--seq-len "64,144" -> [64, 144]; absent -> [None] (the model's fixed resolution)."""
     if text is None:
         return [None]
-    try:
-        return [int(part) for part in text.split(",")]
-    except ValueError:
-        raise ConfigError(f"--seq-len takes comma-separated patch counts such as 64,144,256,576, "
-                          f"got {text!r}") from None
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdecimal() and int(part) > 0 for part in parts):
+        raise ConfigError(f"--seq-len takes comma-separated positive patch counts such as 64,144,256,576, "
+                          f"got {text!r}")
+    return [int(part) for part in parts]
 
 
 def _caption(args: argparse.Namespace) -> int:
