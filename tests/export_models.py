@@ -51,6 +51,7 @@ def randomized(cfg: ModelConfig, seed: int = 0) -> nn.Module:
 def registered_model_config(arch: str) -> ModelConfig:
     """The tiny config of each registered architecture (conf/model/tiny_<arch>.yaml)."""
     values = OmegaConf.load(CONF_DIR / f"model/tiny_{arch}.yaml")
-    if "parallel_prob" in values.get("decoder", {}):
+    decoder = values.get("decoder")
+    if decoder is not None and "parallel_prob" in decoder and OmegaConf.is_interpolation(decoder, "parallel_prob"):
         values.decoder.parallel_prob = 0.75  # interpolated from loss.* in the composed config
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), values))
