@@ -1,8 +1,9 @@
 """Gradient accumulation: K micro-batches give the gradients of one batch K times larger, negatives included.
 
 Run as a script under torchrun (see test_ddp_step_matches_full_batch_under_torchrun), it checks the same on 2 ranks
-with DDP, for the default step (K = 1) and the feature cache (K = 2): every rank's reduced gradients equal one
-process's gradients on the whole global batch.
+with DDP, for the default step (K = 1) and the feature cache (K = 2), for clip, siglip and siglip_locca (whose decoder
+term each micro-batch adds in pass 2): every rank's reduced gradients equal one process's gradients on the whole
+global batch.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from contrastive.config import LossConfig, ModelConfig
 from contrastive.dist.collectives import LocalCollectives
 from contrastive.losses import LOSSES, build_loss, list_losses
-from contrastive.losses.registry import FEATURE_CACHE, PER_EXAMPLE_MEAN, WHOLE_BATCH
+from contrastive.losses.registry import FEATURE_CACHE, FEATURE_CACHE_AND_PER_EXAMPLE_MEAN, PER_EXAMPLE_MEAN, WHOLE_BATCH
 from contrastive.models import build_model
 from contrastive.models.randomness import ModelRandomness
 from contrastive.train.step import FeatureCache, SummedMicroBatches, batch_rows, build_forward_backward
@@ -40,6 +41,42 @@ def random_batch(size: int, seed: int = 1) -> Batch:
     tokens[:, 8:] = 0  # padding
     return Batch(images=torch.randn(size, 3, 28, 28, generator=generator), tokens=tokens,
                  keys=[str(i) for i in range(size)])
+
+
+def tiny_locca(seed: int = 0) -> tuple[torch.nn.Module, object]:
+    """model=tiny_siglip_locca (a timm SigLIP tower of 64 patches, CapPa's decoder) with a 500-token vocabulary."""
+    from tests.conftest import compose_config
+
+    cfg = compose_config(["model=tiny_siglip_locca", "loss=siglip_locca", "model.text.vocab_size=500",
+                          "model.text.context_length=12"])
+    torch.manual_seed(seed)
+    return build_model(cfg.model), build_loss(cfg.loss)
+
+
+def locca_batch(size: int, seed: int = 1) -> Batch:
+    """Random captions and decoder texts whose prompts (1-4 tokens) and targets (padding from 5 to 11 tokens on)
+    differ in length, so a token count over the batch would weigh the examples differently from per-example means;
+    random tasks, every one drawn."""
+    generator = torch.Generator().manual_seed(seed)
+    decoder_tokens = torch.randint(1, 500, (size, 12), generator=generator)
+    ends = torch.randint(5, 12, (size,), generator=generator)
+    decoder_tokens[torch.arange(12)[None] >= ends[:, None]] = 0
+    tasks = torch.randint(0, 3, (size,), generator=generator)
+    tasks[:3] = torch.arange(3)
+    prompt_lengths = torch.randint(1, 5, (size,), generator=generator)
+    return Batch(images=torch.randn(size, 3, 64, 64, generator=generator),
+                 tokens=torch.randint(1, 500, (size, 12), generator=generator), keys=[str(i) for i in range(size)],
+                 decoder_tokens=decoder_tokens, decoder_prompt_lengths=prompt_lengths, decoder_tasks=tasks)
+
+
+def locca_full_batch(model, objective, batch: Batch, collectives=None):
+    """One forward and backward of loss=siglip_locca on the whole batch: (its LossOutput, every gradient)."""
+    model.zero_grad(set_to_none=True)
+    output = model(batch.images, batch.tokens, decoder_tokens=batch.decoder_tokens,
+                   decoder_prompt_lengths=batch.decoder_prompt_lengths)
+    result = objective(output, batch, collectives or LocalCollectives())
+    result.loss.backward()
+    return result, gradients(model)
 
 
 def full_batch_gradients(model, loss: str, batch: Batch, collectives=None) -> dict[str, torch.Tensor]:
@@ -105,6 +142,38 @@ def test_feature_cache_replays_patch_dropout_randomness():
     assert not torch.allclose(gradients(model)["clip.visual.conv1.weight"], expected["clip.visual.conv1.weight"])
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: on a shared 2-core machine a second thread mostly waits (this test: 44 s with two, 6 s with one,
+    measured under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_feature_cache_matches_full_batch_for_siglip_locca(one_thread):
+    """The sigmoid term on the cached features plus each micro-batch's decoder term: with 2 and with 4 micro-batches
+    the loss, each logged term and every gradient (decoder, both towers, scale and bias) equal one step on the whole
+    batch."""
+    model, objective = tiny_locca()
+    batch = locca_batch(8)
+    expected, expected_grads = locca_full_batch(model, objective, batch)
+    for name in ("decoder.head.weight", "clip.logit_scale", "clip.logit_bias"):
+        assert expected_grads[name].abs().max() > 0, name  # compared, not trivially zero
+    for steps in (2, 4):
+        model.zero_grad(set_to_none=True)
+        step = build_forward_backward(model, objective, LocalCollectives(), steps=steps, randomness=model.randomness)
+        assert isinstance(step, FeatureCache)
+        result = step(batch)
+        assert_same_gradients(gradients(model), expected_grads)
+        torch.testing.assert_close(result.loss, expected.loss.detach())
+        assert result.metrics.keys() == expected.metrics.keys()
+        for name, value in expected.metrics.items():
+            torch.testing.assert_close(result.metrics[name], value,
+                                       msg=lambda m, name=name, steps=steps: f"K={steps} {name}: {m}")
+
+
 def test_summed_micro_batches_match_full_batch_for_cappa():
     torch.manual_seed(0)
     decoder = dict(width=32, layers=1, heads=2, mlp_ratio=2.0, parallel_prob=1.0)  # no random draw per example
@@ -123,7 +192,8 @@ def test_summed_micro_batches_match_full_batch_for_cappa():
 def test_unsupported_objective_is_refused():
     with pytest.raises(ValueError, match="accumulation_steps=2 is not supported with CoCaLoss "
                                          ".accumulation='whole_batch'.: a feature cache fits loss=clip.siglip "
-                                         "and summed micro-batches fit loss=cappa"):
+                                         "and summed micro-batches fit loss=cappa .both at once: "
+                                         "loss=siglip_locca.; use"):
         build_forward_backward(torch.nn.Linear(1, 1), build_loss(LossConfig(name="coca")), LocalCollectives(), steps=2,
                                randomness=ModelRandomness())
 
@@ -146,7 +216,7 @@ def test_the_objectives_declared_accumulation_picks_the_step():
     assert isinstance(step, FeatureCache)
     assert {name: LOSSES.get(name).accumulation for name in list_losses()} == {
         "clip": FEATURE_CACHE, "siglip": FEATURE_CACHE, "cappa": PER_EXAMPLE_MEAN, "coca": WHOLE_BATCH,
-        "siglip_locca": WHOLE_BATCH}
+        "siglip_locca": FEATURE_CACHE_AND_PER_EXAMPLE_MEAN}
 
 
 def test_micro_batches_must_divide_the_local_batch():
@@ -182,9 +252,10 @@ def test_ddp_step_matches_full_batch_under_torchrun():
     from tests.conftest import torchrun
 
     result = torchrun([str(Path(__file__).resolve())], nproc=2)
-    # 2 ranks x (clip, siglip) x (K = 1, K = 2); the ranks' lines may interleave
-    assert result.stdout.count("same gradients") == 8, result.stdout
-    assert result.stdout.count("K=1: same gradients") == 4, result.stdout
+    # 2 ranks x (clip, siglip, siglip_locca) x (K = 1, K = 2); the ranks' lines may interleave
+    assert result.stdout.count("same gradients") == 12, result.stdout
+    assert result.stdout.count("K=1: same gradients") == 6, result.stdout
+    assert result.stdout.count("siglip_locca K=2: same gradients and loss") == 2, result.stdout
 
 
 def _distributed_check() -> None:
@@ -208,6 +279,18 @@ def _distributed_check() -> None:
             # DDP averages over ranks and each rank's loss is its rows' share, so the global loss is the rank mean.
             assert_same_gradients(gradients(model), expected)
             print(f"rank {env.rank} {loss} K={steps}: same gradients", flush=True)
+    global_batch = locca_batch(8)
+    local = batch_rows(global_batch, slice(env.rank * 4, (env.rank + 1) * 4))
+    for steps in (1, 2):
+        model, objective = tiny_locca(seed=env.rank)
+        reference, _ = tiny_locca(seed=0)
+        expected, expected_grads = locca_full_batch(reference, objective, global_batch)
+        step = build_forward_backward(parallelize(model, env), objective, env.collectives, steps=steps,
+                                      randomness=model.randomness)
+        result = step(local)
+        assert_same_gradients(gradients(model), expected_grads)
+        torch.testing.assert_close(env.collectives.all_reduce_mean(result.loss), expected.loss.detach())
+        print(f"rank {env.rank} siglip_locca K={steps}: same gradients and loss", flush=True)
     torch.distributed.destroy_process_group()
 
 

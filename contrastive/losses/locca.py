@@ -6,10 +6,13 @@ task (captioning, referring expression, grounded captioning) was drawn by the da
 (contrastive.data.boxes); the per-task decoder losses are logged beside the total, each the mean over that task's
 samples on this rank in this step (0 when the step drew none).
 
-Accumulation: the sigmoid term needs the whole global batch's features and the decoder term its caption logits,
-which no feature cache holds; so only trainer.accumulation_steps=1 is exact, and the step refuses more
-(contrastive.train.step). Under DDP and FSDP2 the decoder term is a per-example mean over equal local batches,
-so the ranks' mean is the global-batch value.
+Accumulation (trainer.accumulation_steps=K, contrastive.train.step.FeatureCache): the sigmoid term is a function of
+the whole batch's features, so it runs once on the cached features; the decoder term is a mean of per-example
+terms, each normalised by its own example's scored tokens (never by a count over the batch), so each micro-batch of
+B/K examples adds decoder_weight * (sum of its examples' terms) / B from its own forward, and the sum over
+micro-batches is the whole batch's term exactly. Each sample's task was drawn by the data pipeline from that
+sample's own generator, before the batch is split. Under DDP and FSDP2 the decoder term is a per-example mean over
+equal local batches, so the ranks' mean is the global-batch value.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch.nn.functional as F
 from contrastive.config import LossConfig
 from contrastive.errors import ConfigError
 from contrastive.losses.cappa import IGNORE_INDEX, refuse_block_size, require_captions
-from contrastive.losses.registry import LOSSES, WHOLE_BATCH
+from contrastive.losses.registry import FEATURE_CACHE_AND_PER_EXAMPLE_MEAN, LOSSES
 from contrastive.losses.siglip import siglip_loss
 from contrastive.types import DECODER_TASK_NAMES, Batch, Collectives, LossOutput, ModelOutput
 
@@ -33,7 +36,7 @@ def per_example_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch
 
 
 class SigLipLoccaLoss:
-    accumulation = WHOLE_BATCH
+    accumulation = FEATURE_CACHE_AND_PER_EXAMPLE_MEAN
 
     def __init__(self, cfg: LossConfig) -> None:
         refuse_block_size(cfg)
@@ -41,23 +44,38 @@ class SigLipLoccaLoss:
             raise ConfigError("loss.label_smoothing is not used by loss=siglip_locca (coordinates are exact targets)")
         self.cfg = cfg
         self.locca = cfg.locca  # read by the trainer: the data pipeline draws the decoder tasks
+        self.per_example_weight = cfg.locca.decoder_weight
 
-    def __call__(self, output: ModelOutput, batch: Batch, collectives: Collectives) -> LossOutput:
-        require_captions(output, "siglip_locca")
-        if output.logit_bias is None or batch.decoder_tasks is None:
-            raise ConfigError("loss=siglip_locca needs model.arch=siglip_locca with model.init_logit_bias set, and "
-                              "the data pipeline's decoder tasks")
+    def feature_terms(self, output: ModelOutput, batch: Batch, collectives: Collectives) -> LossOutput:
+        """The sigmoid term, over the global batch's features."""
+        if output.logit_bias is None:
+            raise ConfigError("loss=siglip_locca needs model.arch=siglip_locca with model.init_logit_bias set")
         sigmoid = siglip_loss(output.image_features, output.text_features, output.logit_scale, output.logit_bias,
                               collectives)
-        per_example = per_example_token_loss(output.caption_logits, output.caption_targets)  # (B,)
+        return LossOutput(loss=sigmoid, metrics={"contrastive_loss": sigmoid.detach(),
+                                                 "logit_scale": output.logit_scale.detach(),
+                                                 "logit_bias": output.logit_bias.detach()})
+
+    def per_example_terms(self, output: ModelOutput, batch: Batch) -> torch.Tensor:
+        """(B,): each example's decoder loss, the mean over its target tokens."""
+        require_captions(output, "siglip_locca")
+        if batch.decoder_tasks is None:
+            raise ConfigError("loss=siglip_locca needs the data pipeline's decoder tasks")
+        return per_example_token_loss(output.caption_logits, output.caption_targets)
+
+    def combine(self, features: LossOutput, per_example: torch.Tensor, batch: Batch) -> LossOutput:
+        """The total over the batch, with the decoder term and each task's logged."""
         decoder = per_example.mean()
-        metrics = {"contrastive_loss": sigmoid.detach(), "decoder_loss": decoder.detach(),
-                   "logit_scale": output.logit_scale.detach(), "logit_bias": output.logit_bias.detach()}
+        metrics = {**features.metrics, "decoder_loss": decoder.detach()}
         detached = per_example.detach()
         for task, name in enumerate(DECODER_TASK_NAMES):
             chosen = batch.decoder_tasks.to(detached.device) == task
             metrics[f"{name}_loss"] = (detached * chosen).sum() / chosen.sum().clamp(min=1)
-        return LossOutput(loss=sigmoid + self.cfg.locca.decoder_weight * decoder, metrics=metrics)
+        return LossOutput(loss=features.loss + self.per_example_weight * decoder, metrics=metrics)
+
+    def __call__(self, output: ModelOutput, batch: Batch, collectives: Collectives) -> LossOutput:
+        per_example = self.per_example_terms(output, batch)
+        return self.combine(self.feature_terms(output, batch, collectives), per_example, batch)
 
 
 LOSSES.register("siglip_locca")(SigLipLoccaLoss)

@@ -14,6 +14,10 @@ Which one runs is the objective's declared `accumulation` (contrastive.losses.re
   memory is one micro-batch's activations plus the (B, D) features. Pass 2 replays pass 1's random states per
   micro-batch (the model's generator, and torch's global ones for parts we do not own), so random model parts (patch
   dropout, timm's drop-path) draw the same values in both passes.
+  With an objective that also has per-example terms (feature_cache_and_per_example_mean: LocCa's decoder), pass 1
+  leaves out their inputs (the decoder texts), the cached loss is the feature terms alone, and pass 2 also
+  backpropagates weight * (sum of the micro-batch's per-example terms) / B from its own forward: their mean over the
+  whole batch, split exactly, without caching any (B, T, V) logits.
 
 Precision: the towers run under `autocast` (bf16 when trainer.precision asks for it); the objective always runs
 outside it, on fp32 outputs, so logits, the temperature, the bias and the loss itself are fp32.
@@ -29,7 +33,13 @@ import torch
 from torch import nn
 
 from contrastive.errors import ConfigError
-from contrastive.losses.registry import FEATURE_CACHE, PER_EXAMPLE_MEAN, Objective, losses_accumulating_by
+from contrastive.losses.registry import (
+    FEATURE_CACHE,
+    FEATURE_CACHE_AND_PER_EXAMPLE_MEAN,
+    PER_EXAMPLE_MEAN,
+    Objective,
+    losses_accumulating_by,
+)
 from contrastive.models.randomness import ModelRandomness, random_state, restore_random_state
 from contrastive.types import Batch, Collectives, LossOutput, ModelOutput
 
@@ -39,6 +49,9 @@ SHARED_FIELDS = ("logit_scale", "logit_bias")  # scalars, the same in every micr
 # Without gradient: the self-distillation teacher's outputs and masks (per example), its centres (shared)
 PER_EXAMPLE_CONSTANTS = ("teacher_global_logits", "teacher_patch_logits", "patch_mask")
 SHARED_CONSTANTS = ("global_centre", "patch_centre")
+# The batch fields only the per-example terms read (the LocCa decoder's texts): pass 1 leaves them out, so the
+# decoder runs once per micro-batch, in pass 2
+PER_EXAMPLE_INPUTS = ("decoder_tokens", "decoder_prompt_lengths")
 
 
 def batch_rows(batch: Batch, rows: slice) -> Batch:
@@ -139,12 +152,14 @@ class FeatureCache(_Step):
 
     def __call__(self, batch: Batch) -> LossOutput:
         parts = micro_batches(batch, self.steps)
+        split = self.objective.accumulation == FEATURE_CACHE_AND_PER_EXAMPLE_MEAN  # a PerExampleSplit
         # Pass 1: features of every micro-batch, no graph.
         rng_before, outputs = [], []
         with torch.no_grad(), self.autocast():
             for part in parts:
                 rng_before.append(random_state(self.randomness))
-                outputs.append(forward(self.model, part))
+                features_only = replace(part, **dict.fromkeys(PER_EXAMPLE_INPUTS)) if split else part
+                outputs.append(forward(self.model, features_only))
         rng_after = random_state(self.randomness)
         cached = self._concatenate(outputs)
         leaves = {name: getattr(cached, name) for name in (*PER_EXAMPLE_FIELDS, *SHARED_FIELDS)
@@ -152,11 +167,12 @@ class FeatureCache(_Step):
         for tensor in leaves.values():
             tensor.requires_grad_(True)
         # The loss over the whole local batch, and its gradients with respect to the cached outputs.
-        result = self.objective(cached, batch, self.collectives)
+        result = (self.objective.feature_terms if split else self.objective)(cached, batch, self.collectives)
         result.loss.backward()
         # Pass 2: each micro-batch again, with a graph, backpropagating its slice of the cached gradients. The
         # shared scale and bias get 1/K of theirs each time, so every parameter takes part in every backward.
         size = len(batch) // self.steps
+        per_example = []  # (B/K,) per micro-batch, detached, for the logged total
         for index, part in enumerate(parts):
             restore_random_state(self.randomness, rng_before[index])
             rows = slice(index * size, (index + 1) * size)
@@ -168,8 +184,16 @@ class FeatureCache(_Step):
                     tensors.append(getattr(output, name))
                     grad = leaf.grad[rows] if name in PER_EXAMPLE_FIELDS else leaf.grad / self.steps
                     grads.append(grad.to(tensors[-1].dtype))
+                if split:  # d(weight * mean over the B examples)/d(each example's term) = weight / B
+                    terms = self.objective.per_example_terms(output.to_float32(), part)
+                    tensors.append(terms)
+                    grads.append(torch.full_like(terms, self.objective.per_example_weight / len(batch)))
+                    per_example.append(terms.detach())
                 torch.autograd.backward(tensors, grads)
         restore_random_state(self.randomness, rng_after)
+        if split:
+            result = self.objective.combine(LossOutput(loss=result.loss.detach(), metrics=result.metrics),
+                                            torch.cat(per_example), batch)
         return LossOutput(loss=result.loss.detach(), metrics=result.metrics,
                           teacher_statistics=result.teacher_statistics)
 
@@ -202,13 +226,14 @@ def build_forward_backward(model: nn.Module, objective: Objective, collectives: 
     accumulation allows; `randomness` is the (unwrapped) model's."""
     if steps == 1:
         return SingleBatch(model, objective, collectives, autocast)
-    if objective.accumulation == FEATURE_CACHE:
+    if objective.accumulation in (FEATURE_CACHE, FEATURE_CACHE_AND_PER_EXAMPLE_MEAN):
         return FeatureCache(model, objective, collectives, autocast, steps, randomness=randomness)
     if objective.accumulation == PER_EXAMPLE_MEAN:
         return SummedMicroBatches(model, objective, collectives, autocast, steps)
     raise ConfigError(
         f"trainer.accumulation_steps={steps} is not supported with {type(objective).__name__} (accumulation="
         f"{objective.accumulation!r}): a feature cache fits loss={'|'.join(losses_accumulating_by(FEATURE_CACHE))} "
-        f"and summed micro-batches fit loss={'|'.join(losses_accumulating_by(PER_EXAMPLE_MEAN))}; use "
+        f"and summed micro-batches fit loss={'|'.join(losses_accumulating_by(PER_EXAMPLE_MEAN))} (both at once: "
+        f"loss={'|'.join(losses_accumulating_by(FEATURE_CACHE_AND_PER_EXAMPLE_MEAN))}); use "
         f"trainer.accumulation_steps=1 with a smaller data.batch_size or more ranks"
     )
