@@ -226,3 +226,46 @@ def test_demo_experiment_trains_on_two_ranks_logging_each_term(tmp_path):
         assert all(math.isfinite(row[term]) for term in terms), row
     weights = load_checkpoint(list_checkpoints(run_dir)[-1][1])["model"]
     assert any(name.startswith("decoder.") for name in weights) and "clip.logit_bias" in weights
+
+
+def test_a_resumed_stream_repeats_each_samples_task_and_targets(tmp_path):
+    """demo_siglip_locca's stream (2 loader workers, batches of 8) stopped after 5 batches, mid-epoch, and resumed
+    from the positions its batches carried: sample by sample, the same keys, decoder tasks, decoder texts (prompt and
+    target tokens) and crops as the uninterrupted stream. With batches of 4, every sample gets the same task and
+    texts: the draw is the sample's own, not its batch's (so neither a micro-batch split nor a resume moves it)."""
+    from contrastive.data.grounding import build_grounding_dataset
+    from contrastive.data.loader import build_train_loader
+    from contrastive.encoders import preprocess_from_config
+    from contrastive.models import build_tokenizer
+
+    root = build_grounding_dataset(tmp_path / "grounding", train_canvases=96, test_canvases=4, canvas_size=32)
+    cfg = compose_config(["experiment=demo_siglip_locca", f"data.sources.0.shards={root / 'train'}",
+                          "data.num_workers=2", "data.shuffle_buffer=20"])
+    tokenizer, preprocess = build_tokenizer(cfg.model), preprocess_from_config(cfg.model)
+
+    def batches(count: int, batch_size: int = 8, start_step: int = 0, positions=None) -> list[Batch]:
+        cfg.data.batch_size = batch_size
+        loader = build_train_loader(cfg.data, preprocess, tokenizer, rank=0, world_size=1, seed=cfg.seed,
+                                    start_step=start_step, positions=positions, locca=cfg.loss.locca)
+        iterator = iter(loader)
+        return [next(iterator) for _ in range(count)]
+
+    def per_sample(stream: list[Batch]) -> list[tuple]:
+        """(loader worker, key), task, decoder tokens, prompt length, crop; each worker reads the one shard on its
+        own, so a key comes once per worker."""
+        return [((batch.stream_position.worker, key), int(task), tokens.tolist(), int(prompt_length), image)
+                for batch in stream
+                for key, task, tokens, prompt_length, image in zip(
+                    batch.keys, batch.decoder_tasks, batch.decoder_tokens, batch.decoder_prompt_lengths, batch.images)]
+
+    straight = batches(16)  # 128 samples: past the 96-canvas epoch
+    stop = 5
+    positions = {batch.stream_position.worker: batch.stream_position for batch in straight[:stop]}
+    resumed = per_sample(batches(16 - stop, start_step=stop, positions=positions))
+    expected = per_sample(straight[stop:])
+    assert [sample[:4] for sample in resumed] == [sample[:4] for sample in expected]
+    assert all(torch.equal(ours[4], theirs[4]) for ours, theirs in zip(resumed, expected)), "crops differ"
+    assert {sample[1] for sample in expected} == {CAPTION, REFERRING, GROUNDED_CAPTION}  # every task compared
+    halves = {sample[0]: sample[1:4] for sample in per_sample(batches(16, batch_size=4))}
+    whole = {sample[0]: sample[1:4] for sample in per_sample(straight[:8])}
+    assert halves == whole  # the same 64 samples, 32 per worker
