@@ -29,6 +29,7 @@ from contrastive.dist import LocalCollectives
 from contrastive.errors import ConfigError
 from contrastive.losses import build_loss
 from contrastive.models.locca import prompt_masked_targets
+from contrastive.train.step import build_forward_backward
 from contrastive.types import Batch, ModelOutput
 from tests.conftest import compose_config, torchrun
 
@@ -163,17 +164,23 @@ def test_loss_is_sigmoid_plus_per_example_decoder_mean_with_each_task_logged():
     torch.testing.assert_close(result.metrics["grounded_caption_loss"], per_example[3])
 
 
-def test_flips_and_views_are_refused_in_one_line():
-    """Accumulation is not refused: test_accumulation.py::test_feature_cache_matches_full_batch_for_siglip_locca."""
+def test_flips_and_views_are_refused_in_one_line_and_accumulation_is_not():
+    """Accumulation's exactness: test_accumulation.py::test_feature_cache_matches_full_batch_for_siglip_locca."""
     from contrastive.config import validate
     from contrastive.losses import list_losses
     from contrastive.models import list_models
+    from contrastive.train.step import FeatureCache
 
     for override, message in (("data.horizontal_flip=true", "horizontal_flip=false"),
                               ("data.local_views=2", "takes no data.global_views")):
         cfg = compose_config(["experiment=demo_siglip_locca", override])
         with pytest.raises(ConfigError, match=message):
             validate(cfg, 2, model_archs=list_models(), loss_names=list_losses())
+    cfg = compose_config(["experiment=demo_siglip_locca", "trainer.accumulation_steps=4"])
+    validate(cfg, 2, model_archs=list_models(), loss_names=list_losses())
+    step = build_forward_backward(torch.nn.Linear(1, 1), build_loss(cfg.loss), LocalCollectives(),
+                                  cfg.trainer.accumulation_steps, randomness=None)
+    assert isinstance(step, FeatureCache)
 
 
 @pytest.mark.distributed
@@ -269,3 +276,4 @@ def test_a_resumed_stream_repeats_each_samples_task_and_targets(tmp_path):
     halves = {sample[0]: sample[1:4] for sample in per_sample(batches(16, batch_size=4))}
     whole = {sample[0]: sample[1:4] for sample in per_sample(straight[:8])}
     assert halves == whole  # the same 64 samples, 32 per worker
+
