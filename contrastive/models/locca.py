@@ -58,7 +58,8 @@ class SigLipLoccaModel(TwoTowerModel):
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, decoder_tokens: torch.Tensor | None = None,
                 decoder_prompt_lengths: torch.Tensor | None = None) -> ModelOutput:
-        """Without decoder texts (evaluation), the plain SigLIP outputs."""
+        """Without decoder texts (evaluation; the feature cache's first pass), the plain SigLIP outputs: the same
+        image features, from the same trunk and head, as with them."""
         if decoder_tokens is None:
             return super().forward(images, tokens)
         visual = self.clip.visual
