@@ -77,6 +77,10 @@ class TeacherTargets:
     logit_bias: torch.Tensor | None = None  # scalar, SigLIP teachers
     patch_tokens: torch.Tensor | None = None  # (B, N_t, W_t), online open_clip ViT teachers only
 
+    def pin_memory(self) -> TeacherTargets:
+        return replace(self, **{f.name: getattr(self, f.name).pin_memory()
+                                for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)})
+
     def to(self, device: torch.device, non_blocking: bool = True) -> TeacherTargets:
         return replace(self, **{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
                                 for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)})
@@ -123,7 +127,8 @@ class Batch:
         unpinned otherwise), so that `to(device, non_blocking=True)` is a copy that does not wait."""
         pinned = {f.name: getattr(self, f.name).pin_memory() for f in fields(self)
                   if isinstance(getattr(self, f.name), torch.Tensor)}
-        return replace(self, **pinned)
+        teachers = {name: targets.pin_memory() for name, targets in self.teachers.items()}  # reinforced data's
+        return replace(self, teachers=teachers, **pinned)
 
     def to(self, device: torch.device, non_blocking: bool = True) -> Batch:
         moved = {
