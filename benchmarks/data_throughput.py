@@ -62,13 +62,15 @@ def photo_like(rng, height: int, width: int):
     return np.clip(base * 0.8 + rng.normal(0, 12, (height, width, 3)), 0, 255).astype(np.uint8)
 
 
-def build_shards(root: Path, name: str) -> str:
-    """The set's shards under root/name (made once, then reused); returns their brace pattern."""
+def build_shards(root: Path, name: str, limit: int | None = None) -> str:
+    """The set's shards under root/name (made once, then reused); returns their brace pattern. `limit`: only its
+    first `limit` samples (the same images), in a folder of their own (a smoke run)."""
     import numpy as np
     from PIL import Image
 
     samples, per_shard, (low, high), border_256 = SETS[name]
-    directory = root / name
+    samples = samples if limit is None else min(samples, limit)
+    directory = root / (name if limit is None else f"{name}-first{samples}")
     directory.mkdir(parents=True, exist_ok=True)
     shards = -(-samples // per_shard)
     pattern = str(directory / f"{{0..{shards - 1}}}.tar")

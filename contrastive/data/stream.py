@@ -118,9 +118,10 @@ def shuffled(samples: Iterator[RawSample], buffer_size: int, rng: random.Random)
 
 def decode_sample(
     raw: RawSample, transform: Callable, image_size: int | None, *, decode_size: int | None = None,
-    min_image_size: int = 1, require_caption: bool = True,
+    min_image_size: int = 1, require_caption: bool = True, pixels: bool = False,
 ) -> tuple[torch.Tensor | NaFlexImage, str, int | None]:
-    """(image, caption, label); `image_size` None: the transform sizes each image itself (NaFlex)."""
+    """(image, caption, label); `image_size` None: the transform sizes each image itself (NaFlex). `pixels`: the
+    transform is handed uint8 (3, H, W) tensors instead of PIL images (transforms.decode_image)."""
     image_bytes = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
     if image_bytes is None:
         raise BadSample("missing_image", f"no {'/'.join(IMAGE_EXTENSIONS)} file")
@@ -138,7 +139,7 @@ def decode_sample(
             label = int(raw["cls"].decode("ascii").strip())
         except (UnicodeDecodeError, ValueError) as error:
             raise BadSample("bad_label", str(error)) from error
-    image = transform(decode_image(image_bytes, decode_size or image_size, min_image_size))
+    image = transform(decode_image(image_bytes, decode_size or image_size, min_image_size, pixels))
     if image_size is None:
         return image, caption, label
     plain = image[0] if isinstance(image, tuple) else image  # a multi-view transform's plain view comes first
@@ -336,8 +337,10 @@ class ImageTextStream(IterableDataset):
                     stored = read_sample_files(raw, self.reinforced)
                     choice = int(torch.randint(len(stored.augmentations), (1,), generator=augment))
                     transform = partial(self.transform, params=stored.augmentations[choice])
+                # crop transforms take uint8 tensors (transforms.as_pixels); NaFlex's resize takes PIL images
                 image, caption, label = decode_sample(raw, transform, self.image_size,
-                                                      decode_size=self.decode_size, min_image_size=self.min_image_size)
+                                                      decode_size=self.decode_size, min_image_size=self.min_image_size,
+                                                      pixels=self.naflex is None)
                 if self.decoder_tasks is not None:
                     image, region = image
                     boxes, phrases = read_boxes(raw.get("json"))
