@@ -118,6 +118,11 @@ class Batch:
     # patches are real rather than padding up to the step's sequence length N.
     patch_coord: torch.Tensor | None = None  # (B, N, 2) int64
     patch_valid: torch.Tensor | None = None  # (B, N) bool
+    # data.decode_device=cuda: per sample, the JPEG's bytes and its crop (top, left, height, width, flip) in the
+    # full-resolution image, for the trainer to decode on its device into `images`; None where the worker decoded
+    # the sample itself (not a JPEG), whose crop is already in `images`.
+    jpeg_bytes: list[bytes | None] = field(default_factory=list)
+    jpeg_crops: list[tuple[int, int, int, int, bool]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return self.images.shape[0]

@@ -49,7 +49,8 @@ def _full_batch() -> Batch:
         decoder_prompt_lengths=torch.tensor([1, 2]), decoder_tasks=torch.tensor([0, 2]), stream_position=position,
         teacher_images=torch.randint(0, 256, (2, 3, 6, 6), dtype=torch.uint8), captions=["a", "b"],
         teachers={"t": _teacher_targets()}, patch_coord=torch.zeros(2, 5, 2, dtype=torch.long),
-        patch_valid=torch.ones(2, 5, dtype=torch.bool),
+        patch_valid=torch.ones(2, 5, dtype=torch.bool), jpeg_bytes=[b"\xff\xd8", None],
+        jpeg_crops=[(0, 1, 2, 3, True), (0, 0, 0, 0, False)],
     )
     missing = {f.name for f in dataclasses.fields(Batch)} - set(values)
     assert not missing, f"Batch fields this test does not fill, so cannot check: {sorted(missing)}"

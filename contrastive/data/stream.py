@@ -42,7 +42,7 @@ from contrastive.data.reader import RawSample, iter_shard
 from contrastive.data.reinforced import normalized_rows, read_sample_files
 from contrastive.data.remote import DEFAULT_RETRY, RetryPolicy
 from contrastive.data.shards import shards_for_slot, slot_seed
-from contrastive.data.transforms import IMAGE_EXTENSIONS, BadSample, decode_image
+from contrastive.data.transforms import IMAGE_EXTENSIONS, BadSample, DeviceJpeg, DeviceJpegCrop, decode_image
 from contrastive.errors import InputError
 from contrastive.types import Batch, StreamPosition, TeacherTargets
 
@@ -53,6 +53,8 @@ SAMPLE_SKIP_REASONS = ("missing_image", "bad_caption_encoding", "missing_caption
                        "corrupt_image", "wrong_image_mode", "wrong_image_size", "missing_teacher_embeddings",
                        "bad_boxes")
 SHARD_LOSS_REASONS = ("truncated_shard", "unreadable_shard")  # after the remote reader's retries
+# data.decode_device=cuda: samples the workers decoded themselves (not JPEGs the device decodes); not a loss
+CPU_DECODED = "cpu_decoded"
 SKIP_REASONS = SAMPLE_SKIP_REASONS + SHARD_LOSS_REASONS
 LOGGED_BAD_SAMPLES_PER_WORKER = 5
 
@@ -119,9 +121,12 @@ def shuffled(samples: Iterator[RawSample], buffer_size: int, rng: random.Random)
 def decode_sample(
     raw: RawSample, transform: Callable, image_size: int | None, *, decode_size: int | None = None,
     min_image_size: int = 1, require_caption: bool = True, pixels: bool = False,
-) -> tuple[torch.Tensor | NaFlexImage, str, int | None]:
+    device_jpeg: Callable[[bytes], DeviceJpeg | None] | None = None,
+) -> tuple[torch.Tensor | NaFlexImage | DeviceJpeg, str, int | None]:
     """(image, caption, label); `image_size` None: the transform sizes each image itself (NaFlex). `pixels`: the
-    transform is handed uint8 (3, H, W) tensors instead of PIL images (transforms.decode_image)."""
+    transform is handed uint8 (3, H, W) tensors instead of PIL images (transforms.decode_image). `device_jpeg`
+    (data.decode_device=cuda): a JPEG it accepts is left undecoded for the trainer's device; others are decoded
+    here."""
     image_bytes = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
     if image_bytes is None:
         raise BadSample("missing_image", f"no {'/'.join(IMAGE_EXTENSIONS)} file")
@@ -139,6 +144,9 @@ def decode_sample(
             label = int(raw["cls"].decode("ascii").strip())
         except (UnicodeDecodeError, ValueError) as error:
             raise BadSample("bad_label", str(error)) from error
+    left_to_device = device_jpeg(image_bytes) if device_jpeg is not None else None
+    if left_to_device is not None:
+        return left_to_device, caption, label
     image = transform(decode_image(image_bytes, decode_size or image_size, min_image_size, pixels))
     if image_size is None:
         return image, caption, label
@@ -185,6 +193,8 @@ class ImageTextStream(IterableDataset):
         # LocCa: each sample's boxes move with its crop and it gets a decoder task (transform must then be a
         # transforms.RandomCropFlip without flips)
         decoder_tasks: DecoderTasks | None = None,
+        # data.decode_device=cuda: JPEGs it accepts are sent undecoded with their crops (Batch.jpeg_bytes)
+        device_jpeg: DeviceJpegCrop | None = None,
     ) -> None:
         super().__init__()
         self.sources = sources
@@ -207,6 +217,7 @@ class ImageTextStream(IterableDataset):
         self.reinforced = reinforced
         self.naflex = naflex
         self.decoder_tasks = decoder_tasks
+        self.device_jpeg = device_jpeg
 
     def _source_samples(self, source: Source, worker: int, position: tuple[int, int, int], skipped: Counter,
                         capped: bool):
@@ -306,6 +317,8 @@ class ImageTextStream(IterableDataset):
         naflex_images: list[NaFlexImage] = []
         view_buffers: tuple[torch.Tensor, ...] | None = None  # (window, G, 3, g, g), (window, L, 3, l, l)
         captions, labels, keys = [], [], []
+        jpeg_bytes: list[bytes | None] = []  # data.decode_device=cuda, per sample
+        jpeg_crops: list[tuple[int, int, int, int, bool]] = []
         stored_rows: list = []  # reinforced: per sample, teacher -> (image, text embedding as stored, scale, bias)
         decoder_texts: list[tuple[str, str, int]] = []  # (prompt, target, task) per sample, with decoder_tasks
         while True:
@@ -340,7 +353,9 @@ class ImageTextStream(IterableDataset):
                 # crop transforms take uint8 tensors (transforms.as_pixels); NaFlex's resize takes PIL images
                 image, caption, label = decode_sample(raw, transform, self.image_size,
                                                       decode_size=self.decode_size, min_image_size=self.min_image_size,
-                                                      pixels=self.naflex is None)
+                                                      pixels=self.naflex is None, device_jpeg=None
+                                                      if self.device_jpeg is None
+                                                      else partial(self.device_jpeg, generator=augment))
                 if self.decoder_tasks is not None:
                     image, region = image
                     boxes, phrases = read_boxes(raw.get("json"))
@@ -358,9 +373,15 @@ class ImageTextStream(IterableDataset):
                     view_buffers = tuple(_batch_tensor((window, *v.shape), window_in_shared_memory) for v in views)
                 for buffer, view in zip(view_buffers, views):
                     buffer[len(keys)] = view
+            if self.device_jpeg is not None:
+                left_to_device = isinstance(image, DeviceJpeg)
+                jpeg_bytes.append(image.data if left_to_device else None)
+                jpeg_crops.append(image.crop if left_to_device else (0, 0, 0, 0, False))
+                if not left_to_device:
+                    skipped[CPU_DECODED] += 1
             if self.naflex is not None:
                 naflex_images.append(image)
-            else:
+            elif not isinstance(image, DeviceJpeg):  # the device writes those rows
                 images[len(keys)] = image
             if self.reinforced:
                 stored_rows.append({name: (stored.image_embeddings[name][choice], stored.text_embeddings[name],
@@ -402,6 +423,7 @@ class ImageTextStream(IterableDataset):
                     tokens=self.tokenizer(captions), keys=keys, labels=torch.tensor(labels),
                     stream_position=window_end, captions=captions,
                     teachers=self._stored_targets(stored_rows),
+                    jpeg_bytes=jpeg_bytes, jpeg_crops=jpeg_crops,
                     **self._decoder_fields(decoder_texts),
                 )
                 images, view_buffers = _batch_tensor(images.shape, window_in_shared_memory), None  # sent: fresh ones
@@ -410,6 +432,7 @@ class ImageTextStream(IterableDataset):
                                                 skip_batches, in_worker)
             window_start, skip_batches = window_end, 0
             captions, labels, keys, stored_rows, decoder_texts = [], [], [], [], []
+            jpeg_bytes, jpeg_crops = [], []
 
     def _stored_targets(self, rows: list[dict]) -> dict[str, TeacherTargets]:
         """A batch's stored teacher targets (reinforced data), teacher -> TeacherTargets."""

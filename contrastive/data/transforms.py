@@ -4,6 +4,7 @@ callers make from the model config)."""
 from __future__ import annotations
 
 import io
+import logging
 import math
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -18,6 +19,7 @@ from torchvision.transforms.v2 import functional
 from contrastive.errors import ConfigError
 from contrastive.types import Batch
 
+log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CROP_RATIO = (3 / 4, 4 / 3)  # the aspect ratios (width / height) a random crop may have: torchvision's default
 
@@ -203,6 +205,86 @@ class RandomCropFlip:
         pixels = _planar(image)  # uint8 (3, H, W)
         region = self.crop_box(*pixels.shape[-2:], generator)
         return apply_crop(pixels, CropParams(*region, flip=False), self.size, self.interpolation), region
+
+
+@dataclass(frozen=True)
+class DeviceJpeg:
+    """A JPEG a DataLoader worker leaves for the trainer's device to decode (data.decode_device=cuda), with the crop
+    it drew: (top, left, height, width) in the full-resolution image's pixels, and the flip."""
+
+    data: bytes
+    crop: tuple[int, int, int, int, bool]
+
+
+class DeviceJpegCrop:
+    """(JPEG bytes, generator) -> DeviceJpeg, from the JPEG's header alone; None for a sample the worker decodes
+    itself (not a JPEG, CMYK, or cut short: no end marker).
+
+    The box is drawn as the CPU path draws it (the same generator draws on the same grid: the one draft mode
+    decodes at, whose size PIL's draft reports without decoding), then scaled to the full-resolution image, which
+    the device decodes (nvJPEG has no reduced DCT scale): exact at 256 px, within a rounding of the draft scale
+    above."""
+
+    def __init__(self, crop: RandomCropFlip, decode_size: int, min_size: int = 1) -> None:
+        self.crop, self.decode_size, self.min_size = crop, decode_size, min_size
+
+    def __call__(self, data: bytes, generator: torch.Generator) -> DeviceJpeg | None:
+        try:
+            image = Image.open(io.BytesIO(data))
+        except Exception:  # not an image PIL knows: the worker's decode counts it
+            return None
+        if image.format != "JPEG" or image.mode not in ("RGB", "L") or not data.endswith(JPEG_END):
+            return None
+        if min(image.size) < self.min_size:
+            raise BadSample("wrong_image_size", f"size {image.size} is below data.min_image_size={self.min_size}")
+        full_width, full_height = image.size
+        image.draft("RGB", (self.decode_size, self.decode_size))  # sets the reduced size; decodes nothing
+        params = self.crop.draw(image.height, image.width, generator)
+        scale_y, scale_x = full_height / image.height, full_width / image.width
+        top, left = min(round(params.top * scale_y), full_height - 1), min(round(params.left * scale_x), full_width - 1)
+        height = min(max(1, round(params.height * scale_y)), full_height - top)
+        width = min(max(1, round(params.width * scale_x)), full_width - left)
+        return DeviceJpeg(data, (top, left, height, width, params.flip))
+
+
+def decode_on_device(batch: Batch, interpolation: str, device: torch.device) -> Batch:
+    """The batch with its JPEGs (Batch.jpeg_bytes) decoded on `device` (torchvision's decode_jpeg, nvJPEG on CUDA),
+    cropped, resized to the batch's size (antialiased, in float32: CUDA has no uint8 antialiased kernel, rounded
+    back to uint8 as the CPU path's uint8 kernel rounds), flipped where drawn, and written into its uint8 images,
+    which must already be on `device` (Batch.to). Rows the worker decoded (None) are left as they are. A JPEG the
+    device cannot decode is left black and logged: it is in the batch already and cannot be skipped here."""
+    rows = [row for row, data in enumerate(batch.jpeg_bytes) if data is not None]
+    if not rows:
+        return replace(batch, jpeg_bytes=[], jpeg_crops=[])
+    images, size = batch.images, batch.images.shape[-1]
+    mode = _interpolation(interpolation).value
+    # decode_jpeg reads the encoded bytes from host memory (nvJPEG parses them there) and returns uint8 (3, H, W)
+    # on the device; frombuffer wants writable memory, hence the bytearray.
+    encoded = [torch.frombuffer(bytearray(batch.jpeg_bytes[row]), dtype=torch.uint8) for row in rows]
+    try:
+        decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:  # one bad JPEG fails the whole batched call: decode one by one
+        decoded = [_decode_one(data, device) for data in encoded]
+    for row, pixels in zip(rows, decoded):
+        if pixels is None:
+            images[row] = 0
+            continue
+        top, left, height, width, flip = batch.jpeg_crops[row]
+        crop = pixels[:, top:top + height, left:left + width].unsqueeze(0).to(torch.float32)
+        crop = torch.nn.functional.interpolate(crop, size=(size, size), mode=mode,
+                                               align_corners=None if mode == "nearest" else False,
+                                               antialias=mode != "nearest")[0]
+        crop = crop.round_().clamp_(0, 255).to(torch.uint8)
+        images[row] = crop.flip(-1) if flip else crop
+    return replace(batch, images=images, jpeg_bytes=[], jpeg_crops=[])
+
+
+def _decode_one(encoded: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    try:
+        return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError as error:
+        log.warning("a JPEG the worker's header check passed failed to decode on %s (left black): %s", device, error)
+        return None
 
 
 @dataclass(frozen=True)
