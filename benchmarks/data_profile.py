@@ -180,7 +180,7 @@ def _current(tokenizer) -> Callable:
 
     def run(raws, samples: int, batch_size: int, clock: StageClock) -> None:
         shape = (batch_size, 3, IMAGE_SIZE, IMAGE_SIZE)
-        images = clock.timed("collate", _batch_tensor, shape, True)
+        images = clock.timed("collate", _batch_tensor, shape, True, torch.uint8, True)
         captions: list[str] = []
         for index in range(samples):
             raw = clock.timed("read", next, raws)
@@ -192,7 +192,8 @@ def _current(tokenizer) -> Callable:
                 tokens = clock.timed("tokenise", tokenizer, captions)
                 clock.timed("collate", _shared, tokens)
                 clock.timed("normalise", normalize, images)  # on the trainer's device in training
-                images = clock.timed("collate", _batch_tensor, shape, True)  # the sent batch's memory is the receiver's
+                # the sent batch belongs to the receiver: a fresh one, channels-last as the stream makes it
+                images = clock.timed("collate", _batch_tensor, shape, True, torch.uint8, True)
                 captions = []
 
     return run

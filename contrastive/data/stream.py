@@ -156,15 +156,20 @@ def decode_sample(
     return image, caption, label
 
 
-def _batch_tensor(shape: tuple[int, ...], in_worker: bool, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+def _batch_tensor(shape: tuple[int, ...], in_worker: bool, dtype: torch.dtype = torch.uint8,
+                  channels_last: bool = False) -> torch.Tensor:
     """A tensor for one batch (uint8 images; float32 for NaFlex patches, normalised in the workers). In a DataLoader
     worker it is made in shared memory, so sending it to the main process passes a handle instead of copying the
-    batch again (what torch's default_collate does)."""
+    batch again (what torch's default_collate does). `channels_last`: (B, C, H, W) laid out as (B, H, W, C), as
+    the crops come out of the resize: writing one in is then a straight copy, not a transpose (which cost about as
+    much as the resize). BatchNormalize hands the model contiguous planes."""
+    memory = (shape[0], *shape[2:], shape[1]) if channels_last else shape
     if not in_worker:
-        return torch.empty(shape, dtype=dtype)
-    numel = math.prod(shape)
-    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel, device="cpu")
-    return torch.empty(0, dtype=dtype).new(storage).view(shape)
+        tensor = torch.empty(memory, dtype=dtype)
+    else:
+        storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape), device="cpu")
+        tensor = torch.empty(0, dtype=dtype).new(storage).view(memory)
+    return tensor.permute(0, 3, 1, 2) if channels_last else tensor
 
 
 class ImageTextStream(IterableDataset):
@@ -311,7 +316,8 @@ class ImageTextStream(IterableDataset):
         # Without bucketing a window is one batch, so crops go straight into the memory it is sent in; with bucketing
         # the window buffer is reused and each batch is gathered out of it into memory of its own.
         window_in_shared_memory = in_worker and self.bucket_batches is None
-        images = _batch_tensor((window, 3, size, size), window_in_shared_memory) if self.naflex is None else None
+        images = (_batch_tensor((window, 3, size, size), window_in_shared_memory, channels_last=True)
+                  if self.naflex is None else None)
         step = self.start_step + loader_worker  # the training step of this worker's next batch (NaFlex)
         sizing = {} if self.naflex is None else {"max_patches": self.naflex.seq_len(self.layout.seed, step)}
         naflex_images: list[NaFlexImage] = []
@@ -426,7 +432,8 @@ class ImageTextStream(IterableDataset):
                     jpeg_bytes=jpeg_bytes, jpeg_crops=jpeg_crops,
                     **self._decoder_fields(decoder_texts),
                 )
-                images, view_buffers = _batch_tensor(images.shape, window_in_shared_memory), None  # sent: fresh ones
+                images = _batch_tensor(images.shape, window_in_shared_memory, channels_last=True)  # sent: fresh ones
+                view_buffers = None
             else:
                 yield from self._length_buckets(images, captions, labels, keys, window_start, window_end,
                                                 skip_batches, in_worker)
@@ -472,7 +479,7 @@ class ImageTextStream(IterableDataset):
             width = int(lengths[rows].max())
             yield Batch(
                 images=torch.index_select(images, 0, rows, out=_batch_tensor((len(members), *images.shape[1:]),
-                                                                             in_worker)),
+                                                                             in_worker, channels_last=True)),
                 tokens=tokens[rows, :width].contiguous(), keys=[keys[i] for i in members],
                 captions=[captions[i] for i in members],
                 labels=torch.tensor([labels[i] for i in members]),

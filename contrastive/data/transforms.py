@@ -124,7 +124,8 @@ class BatchNormalize:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         shift, scale = self.shift.to(images.device), self.scale.to(images.device)
-        return images.to(torch.float32).sub_(shift).mul_(scale)  # in place: no second float copy
+        # contiguous planes whatever the layout the stream used (channels-last); in place: no second float copy
+        return images.to(torch.float32, memory_format=torch.contiguous_format).sub_(shift).mul_(scale)
 
     def batch(self, batch: Batch) -> Batch:
         """The batch with its images and any extra views normalised. NaFlex patches arrive normalised (the stream's
