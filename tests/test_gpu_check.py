@@ -15,7 +15,7 @@ import torch
 from tests.conftest import REPO, run
 
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
-PARTS = ("demo_data", "demo_train", "demo_zeroshot", "train_step", "loss_memory")
+PARTS = ("demo_data", "demo_train", "demo_zeroshot", "train_step", "loss_memory", "device_decode")
 
 
 def run_gpu_check(args: list[str], timeout: float) -> subprocess.CompletedProcess:
