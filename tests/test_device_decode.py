@@ -92,6 +92,19 @@ def test_device_decode_stays_close_to_the_cpu_paths_crops(demo_root, name, thres
     assert (decoded.images.float() - cpu.float()).abs().mean() < threshold
 
 
+def test_a_jpeg_that_fails_to_decode_is_left_black_and_the_rest_of_the_batch_decoded(caplog):
+    good = DeviceJpegCrop(_crop(), DECODE_SIZE)(photo_like(256, 256), torch.Generator().manual_seed(0))
+    alone = decode_on_device(Batch(images=torch.zeros((1, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8),
+                                   tokens=torch.zeros(1, 2), jpeg_bytes=[good.data], jpeg_crops=[good.crop]),
+                             "bicubic", torch.device("cpu")).images
+    broken = b"\xff\xd8 not a scan \xff\xd9"
+    batch = Batch(images=torch.full((2, 3, IMAGE_SIZE, IMAGE_SIZE), 7, dtype=torch.uint8), tokens=torch.zeros(2, 2),
+                  jpeg_bytes=[broken, good.data], jpeg_crops=[(0, 0, 8, 8, False), good.crop])
+    decoded = decode_on_device(batch, "bicubic", torch.device("cpu")).images
+    assert torch.equal(decoded[1], alone[0]) and not decoded[0].any()
+    assert "failed to decode" in caplog.text
+
+
 def test_a_stream_leaves_jpegs_to_the_device_and_decodes_pngs_itself_counted(tmp_path, tokenizer):
     """A shard mixing 256 px JPEGs and PNGs: the device path's batches, decoded on 'cpu', match the CPU path's
     batches from the same seed (PNG rows exactly), and each PNG is counted as cpu_decoded."""

@@ -253,7 +253,8 @@ def decode_on_device(batch: Batch, interpolation: str, device: torch.device) -> 
     cropped, resized to the batch's size (antialiased, in float32: CUDA has no uint8 antialiased kernel, rounded
     back to uint8 as the CPU path's uint8 kernel rounds), flipped where drawn, and written into its uint8 images,
     which must already be on `device` (Batch.to). Rows the worker decoded (None) are left as they are. A JPEG the
-    device cannot decode is left black and logged: it is in the batch already and cannot be skipped here."""
+    device cannot decode is decoded on the CPU; one neither can is left black and logged: it is in the batch
+    already and cannot be skipped here."""
     rows = [row for row, data in enumerate(batch.jpeg_bytes) if data is not None]
     if not rows:
         return replace(batch, jpeg_bytes=[], jpeg_crops=[])
@@ -281,10 +282,16 @@ def decode_on_device(batch: Batch, interpolation: str, device: torch.device) -> 
 
 
 def _decode_one(encoded: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """One JPEG on `device`, else decoded on the CPU (libjpeg-turbo takes JPEG variants nvJPEG may refuse) and
+    copied over; None (logged) when neither can."""
     try:
         return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        pass
+    try:
+        return decode_jpeg(encoded, mode=ImageReadMode.RGB).to(device)
     except RuntimeError as error:
-        log.warning("a JPEG the worker's header check passed failed to decode on %s (left black): %s", device, error)
+        log.warning("a JPEG the worker's header check passed failed to decode (left black): %s", error)
         return None
 
 
