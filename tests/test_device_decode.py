@@ -52,16 +52,17 @@ def _crop(horizontal_flip: bool = True):
     return build_train_transform(IMAGE_SIZE, "bicubic", crop_scale=CROP_SCALE, horizontal_flip=horizontal_flip)
 
 
-def _images(demo_root) -> dict[str, bytes]:
-    return {"256px": photo_like(256, 256), "240x320": photo_like(240, 320), "1000x750": photo_like(1000, 750),
-            "fashion_mnist_poster": fashion_mnist_poster(demo_root, 600, 520)}
+def _image(demo_root, name: str) -> bytes:
+    return {"256px": lambda: photo_like(256, 256), "240x320": lambda: photo_like(240, 320),
+            "1000x750": lambda: photo_like(1000, 750),
+            "fashion_mnist_poster": lambda: fashion_mnist_poster(demo_root, 600, 520)}[name]()
 
 
 @pytest.mark.parametrize("name", ["256px", "240x320", "1000x750", "fashion_mnist_poster"])
 def test_crop_boxes_are_torchvisions_draws_on_the_cpu_paths_grid(demo_root, name):
     """torchvision's RandomResizedCrop box for the seed, on the grid the CPU path decodes at (draft mode's), scaled
     to the full-resolution image the device decodes."""
-    data = _images(demo_root)[name]
+    data = _image(demo_root, name)
     full, reduced = Image.open(io.BytesIO(data)), Image.open(io.BytesIO(data))
     reduced.draft("RGB", (DECODE_SIZE, DECODE_SIZE))
     scale_y, scale_x = full.height / reduced.height, full.width / reduced.width
@@ -80,7 +81,7 @@ def test_crop_boxes_are_torchvisions_draws_on_the_cpu_paths_grid(demo_root, name
                                                  ("1000x750", DRAFT_SCALE_MAE),
                                                  ("fashion_mnist_poster", DRAFT_SCALE_MAE)])
 def test_device_decode_stays_close_to_the_cpu_paths_crops(demo_root, name, threshold):
-    data = _images(demo_root)[name]
+    data = _image(demo_root, name)
     crops = [DeviceJpegCrop(_crop(), DECODE_SIZE)(data, torch.Generator().manual_seed(seed)) for seed in SEEDS]
     batch = Batch(images=torch.zeros((len(SEEDS), 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8),
                   tokens=torch.zeros(len(SEEDS), 2), jpeg_bytes=[c.data for c in crops],
