@@ -14,6 +14,7 @@ and the load average before and after (the machine may be shared).
 
 --profile prints where our per-sample time goes instead (one process, no workers): reading the tar, decoding,
 the crop and resize, copying into the batch, tokenizing and normalising (per batch, shown per sample).
+benchmarks/data_profile.py profiles open_clip's pipeline and ours before issue 18 beside ours, stage by stage.
 
 open_clip's pipeline crashes with webdataset >= 0.2.90 (open_clip issue #935, KeyError 'fname') and
 open_clip_torch[training] pins webdataset <= 0.2.86, so the reference runs in an interpreter of its own:
@@ -62,13 +63,15 @@ def photo_like(rng, height: int, width: int):
     return np.clip(base * 0.8 + rng.normal(0, 12, (height, width, 3)), 0, 255).astype(np.uint8)
 
 
-def build_shards(root: Path, name: str) -> str:
-    """The set's shards under root/name (made once, then reused); returns their brace pattern."""
+def build_shards(root: Path, name: str, limit: int | None = None) -> str:
+    """The set's shards under root/name (made once, then reused); returns their brace pattern. `limit`: only its
+    first `limit` samples (the same images), in a folder of their own (a smoke run)."""
     import numpy as np
     from PIL import Image
 
     samples, per_shard, (low, high), border_256 = SETS[name]
-    directory = root / name
+    samples = samples if limit is None else min(samples, limit)
+    directory = root / (name if limit is None else f"{name}-first{samples}")
     directory.mkdir(parents=True, exist_ok=True)
     shards = -(-samples // per_shard)
     pattern = str(directory / f"{{0..{shards - 1}}}.tar")
@@ -175,7 +178,7 @@ def profile_ours(pattern: str, samples: int, batch_size: int) -> dict[str, float
         start = time.perf_counter()
         raw = next(raws)
         decode_start = time.perf_counter()
-        image = decode_image(raw["jpg"], decode_size)
+        image = decode_image(raw["jpg"], decode_size, pixels=True)  # as the stream decodes
         crop_start = time.perf_counter()
         generator.manual_seed(index)
         crop = transform(image, generator)

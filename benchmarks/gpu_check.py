@@ -10,6 +10,8 @@ Parts, each a subprocess with a time limit and its output kept in WORK_DIR/logs/
   demo_zeroshot  contrastive-eval zeroshot on the held-out split; on CUDA it passes at acc1 >= 0.80
   train_step     benchmarks/train_step.py: ViT-B/16 in bf16, ours against open_clip's loop: samples/s, MFU, memory
   loss_memory    benchmarks/loss_memory.py at local batches 16k and 32k: ours against open_clip's ClipLoss, SigLipLoss
+  device_decode  benchmarks/device_decode.py: data.decode_device=cuda against the CPU workers (images/s, 4 workers,
+                 256 px JPEGs) and its pixel error against the CPU path, decoded on the GPU (MAE < 0.5)
 
 The whole run keeps within --time-budget (8 minutes): each part's limit is cut to the time left, and a part
 that finds none left is skipped, which fails the check. Exit status 0 when every part passed, 1 when one did

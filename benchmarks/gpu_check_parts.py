@@ -35,6 +35,7 @@ class Sizes:
     eval: tuple[str, ...]  # `contrastive-eval zeroshot` arguments
     train_step: tuple[str, ...]  # benchmarks/train_step.py arguments
     loss_memory: tuple[str, ...]  # benchmarks/loss_memory.py arguments
+    device_decode: tuple[str, ...]  # benchmarks/device_decode.py arguments
 
 
 SIZES = {
@@ -47,6 +48,7 @@ SIZES = {
         train_step=("--models", "vit_b_16", "--batch-size", "256", "--processes", "2", "--warmup", "3",
                     "--repeats", "10", "--threads", "4"),
         loss_memory=("--batches", "16384,32768", "--repeats", "3"),
+        device_decode=("--samples", "2048", "--batch-size", "256", "--workers", "4", "--batches", "16"),
     ),
     "cpu": Sizes(
         data=("--samples-per-shard", "128", "--limit", "512"),
@@ -58,6 +60,7 @@ SIZES = {
         eval=("--workers", "0", "--batch-size", "256", "--threads", "2"),
         train_step=("--models", "test_tiny", "--processes", "1", "--warmup", "1", "--repeats", "3", "--threads", "1"),
         loss_memory=("--batches", "256", "--repeats", "1"),
+        device_decode=("--samples", "32", "--batch-size", "8", "--workers", "1", "--batches", "1"),
     ),
 }
 
@@ -192,6 +195,22 @@ def read_loss_memory(context: Context) -> dict:
                                          "rows")}
 
 
+def device_decode_command(context: Context) -> list[str]:
+    return [sys.executable, str(Path(__file__).with_name("device_decode.py")), "--device", context.device,
+            "--shards-dir", str(context.work_dir / "throughput_shards"), "--json", str(context.output("device_decode")),
+            *context.sizes.device_decode]
+
+
+def read_device_decode(context: Context) -> dict:
+    report = read_json(context.output("device_decode"))
+    for key in ("cpu_workers_images_per_second", "device_decode_images_per_second", "ratio"):
+        positive(report[key], key)
+    if not 0 <= report["mae"] < report["max_mae"]:
+        raise CheckFailed(f"device decode MAE {report['mae']!r} is not under {report['max_mae']}")
+    return {key: report[key] for key in ("device", "workers", "batch_size", "cpu_workers_images_per_second",
+                                         "device_decode_images_per_second", "ratio", "mae", "max_mae")}
+
+
 def describe_demo_data(figures: dict) -> str:
     source = "scikit-learn digits (FELL BACK)" if figures["fell_back_to_digits"] else figures["source_path"]
     return f"{figures['train_samples']} train / {figures['test_samples']} test samples from {source}"
@@ -218,6 +237,12 @@ def describe_train_step(figures: dict) -> str:
             f"({figures['memory_ratio_vs_open_clip']['ours']:.2f}x)")
 
 
+def describe_device_decode(figures: dict) -> str:
+    return (f"256 px, {figures['workers']} workers: CPU workers {figures['cpu_workers_images_per_second']:.0f} "
+            f"images/s, decoded on {figures['device']} {figures['device_decode_images_per_second']:.0f} "
+            f"({figures['ratio']:.2f}x); MAE {figures['mae']:.3f} < {figures['max_mae']}")
+
+
 def describe_loss_memory(figures: dict) -> str:
     return "; ".join(f"{row['loss']} {row['local_batch']}: {row['ours_peak_mib']:.0f} vs "
                      f"{row['open_clip_peak_mib']:.0f} MiB ({row['memory_ratio']:.2f}x), "
@@ -241,6 +266,7 @@ PARTS = (
     Part("demo_zeroshot", demo_zeroshot_command, read_demo_zeroshot, describe_demo_zeroshot, 90, ("demo_train",)),
     Part("train_step", train_step_command, read_train_step, describe_train_step, 240),
     Part("loss_memory", loss_memory_command, read_loss_memory, describe_loss_memory, 180),
+    Part("device_decode", device_decode_command, read_device_decode, describe_device_decode, 150),
 )
 
 

@@ -150,6 +150,9 @@ class DataConfig:
     # step draws from, by (seed, step), with these weights (empty: equal). Empty: fixed-resolution training.
     naflex_seq_lens: list[int] = field(default_factory=list)
     naflex_seq_len_weights: list[float] = field(default_factory=list)
+    # Where training JPEGs are decoded: cpu (in the loader workers) or cuda (the workers send the JPEG bytes and the
+    # crop boxes they drew; the trainer decodes, crops and resizes the batch on its GPU: transforms.decode_on_device)
+    decode_device: str = "cpu"
 
 
 @dataclass
@@ -358,6 +361,7 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, model_archs: Collection[s
     require(len({s.name for s in data.sources}) == len(data.sources), "data.sources names must be distinct")
     require(data.epochs is None or data.epochs > 0, f"data.epochs must be positive or null, got {data.epochs}")
     require(data.min_image_size > 0, f"data.min_image_size must be positive, got {data.min_image_size}")
+    _require_choice(data.decode_device, "data.decode_device", ("cpu", "cuda"))
     require(data.batch_size > 0, f"data.batch_size must be positive, got {data.batch_size}")
     require(data.batch_size % world_size == 0,
             f"data.batch_size={data.batch_size} is not divisible by the world size {world_size}")

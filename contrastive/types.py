@@ -77,6 +77,10 @@ class TeacherTargets:
     logit_bias: torch.Tensor | None = None  # scalar, SigLIP teachers
     patch_tokens: torch.Tensor | None = None  # (B, N_t, W_t), online open_clip ViT teachers only
 
+    def pin_memory(self) -> TeacherTargets:
+        return replace(self, **{f.name: getattr(self, f.name).pin_memory()
+                                for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)})
+
     def to(self, device: torch.device, non_blocking: bool = True) -> TeacherTargets:
         return replace(self, **{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
                                 for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)})
@@ -114,6 +118,11 @@ class Batch:
     # patches are real rather than padding up to the step's sequence length N.
     patch_coord: torch.Tensor | None = None  # (B, N, 2) int64
     patch_valid: torch.Tensor | None = None  # (B, N) bool
+    # data.decode_device=cuda: per sample, the JPEG's bytes and its crop (top, left, height, width, flip) in the
+    # full-resolution image, for the trainer to decode on its device into `images`; None where the worker decoded
+    # the sample itself (not a JPEG), whose crop is already in `images`.
+    jpeg_bytes: list[bytes | None] = field(default_factory=list)
+    jpeg_crops: list[tuple[int, int, int, int, bool]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -123,7 +132,8 @@ class Batch:
         unpinned otherwise), so that `to(device, non_blocking=True)` is a copy that does not wait."""
         pinned = {f.name: getattr(self, f.name).pin_memory() for f in fields(self)
                   if isinstance(getattr(self, f.name), torch.Tensor)}
-        return replace(self, **pinned)
+        teachers = {name: targets.pin_memory() for name, targets in self.teachers.items()}  # reinforced data's
+        return replace(self, teachers=teachers, **pinned)
 
     def to(self, device: torch.device, non_blocking: bool = True) -> Batch:
         moved = {

@@ -15,7 +15,7 @@ import torch
 from tests.conftest import REPO, run
 
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
-PARTS = ("demo_data", "demo_train", "demo_zeroshot", "train_step", "loss_memory")
+PARTS = ("demo_data", "demo_train", "demo_zeroshot", "train_step", "loss_memory", "device_decode")
 
 
 def run_gpu_check(args: list[str], timeout: float) -> subprocess.CompletedProcess:
@@ -58,7 +58,10 @@ def test_cpu_smoke_run_passes_and_reports_every_part(tmp_path):
     assert all(finite_positive(row["memory_ratio"]) and finite_positive(row["time_ratio"]) for row in rows)
 
     summary = report_path.with_suffix(".txt").read_text()
-    assert "PASSED (5/5 parts)" in summary and all(name in summary for name in PARTS)
+    decode = figures["device_decode"]
+    assert decode["device"] == "cpu" and 0 <= decode["mae"] < decode["max_mae"]
+    assert finite_positive(decode["cpu_workers_images_per_second"]) and finite_positive(decode["ratio"])
+    assert "PASSED (6/6 parts)" in summary and all(name in summary for name in PARTS)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")

@@ -13,7 +13,13 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from contrastive.data.transforms import BatchNormalize, build_train_transform, decode_image, train_decode_size
+from contrastive.data.transforms import (
+    BadSample,
+    BatchNormalize,
+    build_train_transform,
+    decode_image,
+    train_decode_size,
+)
 from contrastive.types import Batch
 
 IMAGE_SIZE = 224
@@ -72,8 +78,9 @@ def plain_crop(data: bytes, image_size: int, seed: int) -> np.ndarray:
 
 
 def fast_crop(data: bytes, image_size: int, seed: int) -> np.ndarray:
+    """The stream's path: decoded to a uint8 tensor (torchvision's decoder where draft mode would not reduce)."""
     transform = build_train_transform(image_size, "bicubic", crop_scale=CROP_SCALE)
-    image = decode_image(data, train_decode_size(image_size, CROP_SCALE))
+    image = decode_image(data, train_decode_size(image_size, CROP_SCALE), pixels=True)
     return transform(image, torch.Generator().manual_seed(seed)).permute(1, 2, 0).numpy()
 
 
@@ -101,6 +108,26 @@ def test_large_jpeg_crops_decoded_at_reduced_scale_stay_close_to_full_resolution
     assert reduced.width < width, "the draft scaling this test is about did not happen"
     for data in (photo_like(height, width), fashion_mnist_poster(demo_root, height, width)):
         assert mean_absolute_error([data], IMAGE_SIZE) < DRAFT_SCALE_MAE
+
+
+@pytest.mark.parametrize("source", ["256px_rgb", "256px_greyscale", "fashion_mnist_png", "draft_reduced_jpeg"])
+def test_decoded_pixels_are_pils_decode_exactly(demo_root, source):
+    """decode_image(pixels=True) hands the transforms PIL's pixels, bit for bit, whichever decoder ran."""
+    data = {"256px_rgb": lambda: photo_like(240, 320),
+            "256px_greyscale": lambda: jpeg(np.asarray(Image.open(io.BytesIO(photo_like(256, 256))).convert("L"))),
+            "fashion_mnist_png": lambda: fashion_mnist_images(demo_root, 1)[0],
+            "draft_reduced_jpeg": lambda: photo_like(1000, 750)}[source]()
+    decode_size = train_decode_size(IMAGE_SIZE, CROP_SCALE)
+    expected = np.asarray(decode_image(data, decode_size)).transpose(2, 0, 1)
+    pixels = decode_image(data, decode_size, pixels=True)
+    assert pixels.dtype == torch.uint8 and pixels.shape == expected.shape
+    assert np.array_equal(pixels.numpy(), expected)
+
+
+def test_a_truncated_jpeg_is_still_a_corrupt_image_with_pixels():
+    with pytest.raises(BadSample) as refused:
+        decode_image(photo_like(256, 256)[:-2000], 237, pixels=True)
+    assert refused.value.reason == "corrupt_image"
 
 
 def test_device_normalisation_is_the_float_formula_on_every_view():

@@ -21,6 +21,7 @@ from contrastive.data.shards import check_epoch_mode_slots, check_shards_exist, 
 from contrastive.data.stream import ImageTextStream, NaFlexSchedule, Source, StreamLayout, decode_sample
 from contrastive.data.transforms import (
     BadSample,
+    DeviceJpegCrop,
     MultiViewCrops,
     Preprocess,
     StoredCrop,
@@ -91,6 +92,9 @@ def build_train_loader(
     student augmentation (Batch.teacher_images). `reinforced`: read these teachers' stored targets and replay one of
     each sample's stored augmentations instead of drawing a new one. `locca`: draw each sample's LocCa decoder
     task (boxes move with the crop; loss=siglip_locca)."""
+    device_decode = data.decode_device == "cuda"
+    if device_decode:
+        _check_device_decode(data, teacher_view is not None or bool(reinforced) or locca is not None)
     sources = build_sources(data)
     image_size = preprocess.image_size
     transform = build_train_transform(
@@ -139,11 +143,24 @@ def build_train_loader(
         teacher_view=teacher_view is not None, reinforced=reinforced,
         decoder_tasks=None if locca is None else DecoderTasks(
             (locca.caption, locca.referring, locca.grounded_caption), locca.location_bins, image_size),
+        device_jpeg=DeviceJpegCrop(transform, decode_size, data.min_image_size) if device_decode else None,
     )
     return DataLoader(
         stream, batch_size=None, num_workers=data.num_workers, pin_memory=pin_memory,
         persistent_workers=data.num_workers > 0, prefetch_factor=4 if data.num_workers > 0 else None,
     )
+
+
+def _check_device_decode(data: DataConfig, teachers_or_boxes: bool) -> None:
+    """data.decode_device=cuda: a CUDA device, and the plain crop path (one random resized crop per sample)."""
+    if not torch.cuda.is_available():
+        raise ConfigError("data.decode_device=cuda needs a CUDA device, and torch sees none "
+                          "(torch.cuda.is_available() is False): use data.decode_device=cpu")
+    if (data.naflex_seq_lens or data.global_views or data.local_views or data.length_bucketing
+            or teachers_or_boxes):
+        raise ConfigError("data.decode_device=cuda decodes the plain random resized crop only: it does not combine "
+                          "with data.naflex_seq_lens, data.global_views/local_views, data.length_bucketing, "
+                          "distillation teachers or LocCa boxes (use data.decode_device=cpu)")
 
 
 class LabelledShards(IterableDataset):

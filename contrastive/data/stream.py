@@ -42,7 +42,7 @@ from contrastive.data.reader import RawSample, iter_shard
 from contrastive.data.reinforced import normalized_rows, read_sample_files
 from contrastive.data.remote import DEFAULT_RETRY, RetryPolicy
 from contrastive.data.shards import shards_for_slot, slot_seed
-from contrastive.data.transforms import IMAGE_EXTENSIONS, BadSample, decode_image
+from contrastive.data.transforms import IMAGE_EXTENSIONS, BadSample, DeviceJpeg, DeviceJpegCrop, decode_image
 from contrastive.errors import InputError
 from contrastive.types import Batch, StreamPosition, TeacherTargets
 
@@ -53,6 +53,8 @@ SAMPLE_SKIP_REASONS = ("missing_image", "bad_caption_encoding", "missing_caption
                        "corrupt_image", "wrong_image_mode", "wrong_image_size", "missing_teacher_embeddings",
                        "bad_boxes")
 SHARD_LOSS_REASONS = ("truncated_shard", "unreadable_shard")  # after the remote reader's retries
+# data.decode_device=cuda: samples the workers decoded themselves (not JPEGs the device decodes); not a loss
+CPU_DECODED = "cpu_decoded"
 SKIP_REASONS = SAMPLE_SKIP_REASONS + SHARD_LOSS_REASONS
 LOGGED_BAD_SAMPLES_PER_WORKER = 5
 
@@ -118,9 +120,13 @@ def shuffled(samples: Iterator[RawSample], buffer_size: int, rng: random.Random)
 
 def decode_sample(
     raw: RawSample, transform: Callable, image_size: int | None, *, decode_size: int | None = None,
-    min_image_size: int = 1, require_caption: bool = True,
-) -> tuple[torch.Tensor | NaFlexImage, str, int | None]:
-    """(image, caption, label); `image_size` None: the transform sizes each image itself (NaFlex)."""
+    min_image_size: int = 1, require_caption: bool = True, pixels: bool = False,
+    device_jpeg: Callable[[bytes], DeviceJpeg | None] | None = None,
+) -> tuple[torch.Tensor | NaFlexImage | DeviceJpeg, str, int | None]:
+    """(image, caption, label); `image_size` None: the transform sizes each image itself (NaFlex). `pixels`: the
+    transform is handed uint8 (3, H, W) tensors instead of PIL images (transforms.decode_image). `device_jpeg`
+    (data.decode_device=cuda): a JPEG it accepts is left undecoded for the trainer's device; others are decoded
+    here."""
     image_bytes = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
     if image_bytes is None:
         raise BadSample("missing_image", f"no {'/'.join(IMAGE_EXTENSIONS)} file")
@@ -138,7 +144,10 @@ def decode_sample(
             label = int(raw["cls"].decode("ascii").strip())
         except (UnicodeDecodeError, ValueError) as error:
             raise BadSample("bad_label", str(error)) from error
-    image = transform(decode_image(image_bytes, decode_size or image_size, min_image_size))
+    left_to_device = device_jpeg(image_bytes) if device_jpeg is not None else None
+    if left_to_device is not None:
+        return left_to_device, caption, label
+    image = transform(decode_image(image_bytes, decode_size or image_size, min_image_size, pixels))
     if image_size is None:
         return image, caption, label
     plain = image[0] if isinstance(image, tuple) else image  # a multi-view transform's plain view comes first
@@ -147,15 +156,20 @@ def decode_sample(
     return image, caption, label
 
 
-def _batch_tensor(shape: tuple[int, ...], in_worker: bool, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+def _batch_tensor(shape: tuple[int, ...], in_worker: bool, dtype: torch.dtype = torch.uint8,
+                  channels_last: bool = False) -> torch.Tensor:
     """A tensor for one batch (uint8 images; float32 for NaFlex patches, normalised in the workers). In a DataLoader
     worker it is made in shared memory, so sending it to the main process passes a handle instead of copying the
-    batch again (what torch's default_collate does)."""
+    batch again (what torch's default_collate does). `channels_last`: (B, C, H, W) laid out as (B, H, W, C), as
+    the crops come out of the resize: writing one in is then a straight copy, not a transpose (which cost about as
+    much as the resize). BatchNormalize hands the model contiguous planes."""
+    memory = (shape[0], *shape[2:], shape[1]) if channels_last else shape
     if not in_worker:
-        return torch.empty(shape, dtype=dtype)
-    numel = math.prod(shape)
-    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel, device="cpu")
-    return torch.empty(0, dtype=dtype).new(storage).view(shape)
+        tensor = torch.empty(memory, dtype=dtype)
+    else:
+        storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape), device="cpu")
+        tensor = torch.empty(0, dtype=dtype).new(storage).view(memory)
+    return tensor.permute(0, 3, 1, 2) if channels_last else tensor
 
 
 class ImageTextStream(IterableDataset):
@@ -184,6 +198,8 @@ class ImageTextStream(IterableDataset):
         # LocCa: each sample's boxes move with its crop and it gets a decoder task (transform must then be a
         # transforms.RandomCropFlip without flips)
         decoder_tasks: DecoderTasks | None = None,
+        # data.decode_device=cuda: JPEGs it accepts are sent undecoded with their crops (Batch.jpeg_bytes)
+        device_jpeg: DeviceJpegCrop | None = None,
     ) -> None:
         super().__init__()
         self.sources = sources
@@ -206,6 +222,7 @@ class ImageTextStream(IterableDataset):
         self.reinforced = reinforced
         self.naflex = naflex
         self.decoder_tasks = decoder_tasks
+        self.device_jpeg = device_jpeg
 
     def _source_samples(self, source: Source, worker: int, position: tuple[int, int, int], skipped: Counter,
                         capped: bool):
@@ -299,12 +316,15 @@ class ImageTextStream(IterableDataset):
         # Without bucketing a window is one batch, so crops go straight into the memory it is sent in; with bucketing
         # the window buffer is reused and each batch is gathered out of it into memory of its own.
         window_in_shared_memory = in_worker and self.bucket_batches is None
-        images = _batch_tensor((window, 3, size, size), window_in_shared_memory) if self.naflex is None else None
+        images = (_batch_tensor((window, 3, size, size), window_in_shared_memory, channels_last=True)
+                  if self.naflex is None else None)
         step = self.start_step + loader_worker  # the training step of this worker's next batch (NaFlex)
         sizing = {} if self.naflex is None else {"max_patches": self.naflex.seq_len(self.layout.seed, step)}
         naflex_images: list[NaFlexImage] = []
         view_buffers: tuple[torch.Tensor, ...] | None = None  # (window, G, 3, g, g), (window, L, 3, l, l)
         captions, labels, keys = [], [], []
+        jpeg_bytes: list[bytes | None] = []  # data.decode_device=cuda, per sample
+        jpeg_crops: list[tuple[int, int, int, int, bool]] = []
         stored_rows: list = []  # reinforced: per sample, teacher -> (image, text embedding as stored, scale, bias)
         decoder_texts: list[tuple[str, str, int]] = []  # (prompt, target, task) per sample, with decoder_tasks
         while True:
@@ -336,8 +356,12 @@ class ImageTextStream(IterableDataset):
                     stored = read_sample_files(raw, self.reinforced)
                     choice = int(torch.randint(len(stored.augmentations), (1,), generator=augment))
                     transform = partial(self.transform, params=stored.augmentations[choice])
+                # crop transforms take uint8 tensors (transforms.as_pixels); NaFlex's resize takes PIL images
                 image, caption, label = decode_sample(raw, transform, self.image_size,
-                                                      decode_size=self.decode_size, min_image_size=self.min_image_size)
+                                                      decode_size=self.decode_size, min_image_size=self.min_image_size,
+                                                      pixels=self.naflex is None, device_jpeg=None
+                                                      if self.device_jpeg is None
+                                                      else partial(self.device_jpeg, generator=augment))
                 if self.decoder_tasks is not None:
                     image, region = image
                     boxes, phrases = read_boxes(raw.get("json"))
@@ -355,9 +379,15 @@ class ImageTextStream(IterableDataset):
                     view_buffers = tuple(_batch_tensor((window, *v.shape), window_in_shared_memory) for v in views)
                 for buffer, view in zip(view_buffers, views):
                     buffer[len(keys)] = view
+            if self.device_jpeg is not None:
+                left_to_device = isinstance(image, DeviceJpeg)
+                jpeg_bytes.append(image.data if left_to_device else None)
+                jpeg_crops.append(image.crop if left_to_device else (0, 0, 0, 0, False))
+                if not left_to_device:
+                    skipped[CPU_DECODED] += 1
             if self.naflex is not None:
                 naflex_images.append(image)
-            else:
+            elif not isinstance(image, DeviceJpeg):  # the device writes those rows
                 images[len(keys)] = image
             if self.reinforced:
                 stored_rows.append({name: (stored.image_embeddings[name][choice], stored.text_embeddings[name],
@@ -399,14 +429,17 @@ class ImageTextStream(IterableDataset):
                     tokens=self.tokenizer(captions), keys=keys, labels=torch.tensor(labels),
                     stream_position=window_end, captions=captions,
                     teachers=self._stored_targets(stored_rows),
+                    jpeg_bytes=jpeg_bytes, jpeg_crops=jpeg_crops,
                     **self._decoder_fields(decoder_texts),
                 )
-                images, view_buffers = _batch_tensor(images.shape, window_in_shared_memory), None  # sent: fresh ones
+                images = _batch_tensor(images.shape, window_in_shared_memory, channels_last=True)  # sent: fresh ones
+                view_buffers = None
             else:
                 yield from self._length_buckets(images, captions, labels, keys, window_start, window_end,
                                                 skip_batches, in_worker)
             window_start, skip_batches = window_end, 0
             captions, labels, keys, stored_rows, decoder_texts = [], [], [], [], []
+            jpeg_bytes, jpeg_crops = [], []
 
     def _stored_targets(self, rows: list[dict]) -> dict[str, TeacherTargets]:
         """A batch's stored teacher targets (reinforced data), teacher -> TeacherTargets."""
@@ -446,7 +479,7 @@ class ImageTextStream(IterableDataset):
             width = int(lengths[rows].max())
             yield Batch(
                 images=torch.index_select(images, 0, rows, out=_batch_tensor((len(members), *images.shape[1:]),
-                                                                             in_worker)),
+                                                                             in_worker, channels_last=True)),
                 tokens=tokens[rows, :width].contiguous(), keys=[keys[i] for i in members],
                 captions=[captions[i] for i in members],
                 labels=torch.tensor([labels[i] for i in members]),

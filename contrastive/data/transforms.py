@@ -4,6 +4,7 @@ callers make from the model config)."""
 from __future__ import annotations
 
 import io
+import logging
 import math
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -11,12 +12,14 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional
 
 from contrastive.errors import ConfigError
 from contrastive.types import Batch
 
+log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CROP_RATIO = (3 / 4, 4 / 3)  # the aspect ratios (width / height) a random crop may have: torchvision's default
 
@@ -47,15 +50,27 @@ def _eight_bit_greyscale(image: Image.Image) -> Image.Image:
     return Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8), mode="L")
 
 
-def decode_image(data: bytes, decode_size: int, min_size: int = 1) -> Image.Image:
+JPEG_END = b"\xff\xd9"  # the end-of-image marker; a JPEG without it is cut short
+
+
+def decode_image(data: bytes, decode_size: int, min_size: int = 1,
+                 pixels: bool = False) -> Image.Image | torch.Tensor:
     """Decode to RGB. A JPEG larger than twice `decode_size` is decoded at a reduced DCT scale (libjpeg's draft
-    mode: 1/2, 1/4 or 1/8, never below `decode_size` on either side), which skips most of the decoding work."""
+    mode: 1/2, 1/4 or 1/8, never below `decode_size` on either side), which skips most of the decoding work.
+
+    `pixels`: return uint8 (3, H, W) with channels-last memory (as_pixels) instead of a PIL image. A JPEG that draft
+    mode would not reduce is then decoded by torchvision's decode_jpeg straight into a tensor, without the copy out
+    of PIL: the same libjpeg-turbo and the same pixels (tests/test_image_path.py). Truncated JPEGs (no end marker)
+    and CMYK ones stay on PIL's path, which refuses or converts them as before."""
     try:
         image = Image.open(io.BytesIO(data))
         if image.mode not in RGB_CONVERTIBLE_MODES | SIXTEEN_BIT_MODES:
             raise BadSample("wrong_image_mode", f"mode {image.mode}")
         if min(image.size) < min_size:
             raise BadSample("wrong_image_size", f"size {image.size} is below data.min_image_size={min_size}")
+        if (pixels and image.format == "JPEG" and image.mode in ("RGB", "L") and data.endswith(JPEG_END)
+                and min(side // decode_size for side in image.size) < 2):  # PIL's draft: no reduction below 2
+            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         if image.format == "JPEG":
             image.draft("RGB", (decode_size, decode_size))
         image.load()  # decode here, so corrupt data is a BadSample and not an error in the transform
@@ -65,9 +80,24 @@ def decode_image(data: bytes, decode_size: int, min_size: int = 1) -> Image.Imag
             image = image.convert("RGB")
     except BadSample:
         raise
-    except Exception as error:  # PIL raises many types for bad bytes
+    except Exception as error:  # PIL and torchvision raise many types for bad bytes
         raise BadSample("corrupt_image", str(error)) from error
-    return image
+    return as_pixels(image) if pixels else image
+
+
+def as_pixels(image: Image.Image | torch.Tensor) -> torch.Tensor:
+    """uint8 (3, H, W): a tensor as it is; a PIL RGB image copied once out of PIL (pil_to_tensor copies twice), its
+    memory channels-last, which torch's uint8 resize takes its vectorised path on."""
+    if isinstance(image, torch.Tensor):
+        return image
+    with warnings.catch_warnings():  # the pixels are only read, never written: PIL's read-only buffer will do
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.asarray(image)).permute(2, 0, 1)
+
+
+def _planar(image: Image.Image | torch.Tensor) -> torch.Tensor:
+    """uint8 (3, H, W), contiguous planes: what torchvision's functional ops were given before tensors came in."""
+    return image.contiguous() if isinstance(image, torch.Tensor) else functional.pil_to_tensor(image)
 
 
 def naflex_decode_size(patch_size: int, max_patches: int) -> int:
@@ -94,7 +124,8 @@ class BatchNormalize:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         shift, scale = self.shift.to(images.device), self.scale.to(images.device)
-        return images.to(torch.float32).sub_(shift).mul_(scale)  # in place: no second float copy
+        # contiguous planes whatever the layout the stream used (channels-last); in place: no second float copy
+        return images.to(torch.float32, memory_format=torch.contiguous_format).sub_(shift).mul_(scale)
 
     def batch(self, batch: Batch) -> Batch:
         """The batch with its images and any extra views normalised. NaFlex patches arrive normalised (the stream's
@@ -155,12 +186,10 @@ class RandomCropFlip:
         flip = self.horizontal_flip and torch.rand(1, generator=generator).item() < 0.5
         return CropParams(top, left, crop_height, crop_width, flip)
 
-    def __call__(self, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
-        with warnings.catch_warnings():  # the pixels are only read, never written: PIL's read-only buffer will do
-            warnings.simplefilter("ignore", UserWarning)
-            pixels = torch.from_numpy(np.asarray(image))  # uint8 (H, W, 3): one copy out of PIL (pil_to_tensor: two)
-        top, left, height, width = self.crop_box(*pixels.shape[:2], generator)
-        crop = pixels[top:top + height, left:left + width].permute(2, 0, 1).unsqueeze(0)  # (1, 3, h, w) channels-last
+    def __call__(self, image: Image.Image | torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        pixels = as_pixels(image)  # (3, H, W) channels-last
+        top, left, height, width = self.crop_box(*pixels.shape[-2:], generator)
+        crop = pixels[:, top:top + height, left:left + width].unsqueeze(0)  # (1, 3, h, w)
         # torch's kernel straight away (torchvision's resized_crop calls the same one after its checks); channels-last
         # uint8 takes its vectorised path (planar input runs ~3x slower)
         crop = torch.nn.functional.interpolate(crop, size=(self.size, self.size), mode=self.interpolation.value,
@@ -170,13 +199,100 @@ class RandomCropFlip:
             crop = crop.flip(-1)
         return crop
 
-    def crop_with_region(self, image: Image.Image,
+    def crop_with_region(self, image: Image.Image | torch.Tensor,
                          generator: torch.Generator) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
         """The random resized crop without the flip, and its region (top, left, height, width) in source pixels:
         what moves a sample's boxes with it (contrastive.data.boxes.crop_boxes)."""
-        pixels = functional.pil_to_tensor(image)  # uint8 (3, H, W)
+        pixels = _planar(image)  # uint8 (3, H, W)
         region = self.crop_box(*pixels.shape[-2:], generator)
         return apply_crop(pixels, CropParams(*region, flip=False), self.size, self.interpolation), region
+
+
+@dataclass(frozen=True)
+class DeviceJpeg:
+    """A JPEG a DataLoader worker leaves for the trainer's device to decode (data.decode_device=cuda), with the crop
+    it drew: (top, left, height, width) in the full-resolution image's pixels, and the flip."""
+
+    data: bytes
+    crop: tuple[int, int, int, int, bool]
+
+
+class DeviceJpegCrop:
+    """(JPEG bytes, generator) -> DeviceJpeg, from the JPEG's header alone; None for a sample the worker decodes
+    itself (not a JPEG, CMYK, or cut short: no end marker).
+
+    The box is drawn as the CPU path draws it (the same generator draws on the same grid: the one draft mode
+    decodes at, whose size PIL's draft reports without decoding), then scaled to the full-resolution image, which
+    the device decodes (nvJPEG has no reduced DCT scale): exact at 256 px, within a rounding of the draft scale
+    above."""
+
+    def __init__(self, crop: RandomCropFlip, decode_size: int, min_size: int = 1) -> None:
+        self.crop, self.decode_size, self.min_size = crop, decode_size, min_size
+
+    def __call__(self, data: bytes, generator: torch.Generator) -> DeviceJpeg | None:
+        try:
+            image = Image.open(io.BytesIO(data))
+        except Exception:  # not an image PIL knows: the worker's decode counts it
+            return None
+        if image.format != "JPEG" or image.mode not in ("RGB", "L") or not data.endswith(JPEG_END):
+            return None
+        if min(image.size) < self.min_size:
+            raise BadSample("wrong_image_size", f"size {image.size} is below data.min_image_size={self.min_size}")
+        full_width, full_height = image.size
+        image.draft("RGB", (self.decode_size, self.decode_size))  # sets the reduced size; decodes nothing
+        params = self.crop.draw(image.height, image.width, generator)
+        scale_y, scale_x = full_height / image.height, full_width / image.width
+        top, left = min(round(params.top * scale_y), full_height - 1), min(round(params.left * scale_x), full_width - 1)
+        height = min(max(1, round(params.height * scale_y)), full_height - top)
+        width = min(max(1, round(params.width * scale_x)), full_width - left)
+        return DeviceJpeg(data, (top, left, height, width, params.flip))
+
+
+def decode_on_device(batch: Batch, interpolation: str, device: torch.device) -> Batch:
+    """The batch with its JPEGs (Batch.jpeg_bytes) decoded on `device` (torchvision's decode_jpeg, nvJPEG on CUDA),
+    cropped, resized to the batch's size (antialiased, in float32: CUDA has no uint8 antialiased kernel, rounded
+    back to uint8 as the CPU path's uint8 kernel rounds), flipped where drawn, and written into its uint8 images,
+    which must already be on `device` (Batch.to). Rows the worker decoded (None) are left as they are. A JPEG the
+    device cannot decode is decoded on the CPU; one neither can is left black and logged: it is in the batch
+    already and cannot be skipped here."""
+    rows = [row for row, data in enumerate(batch.jpeg_bytes) if data is not None]
+    if not rows:
+        return replace(batch, jpeg_bytes=[], jpeg_crops=[])
+    images, size = batch.images, batch.images.shape[-1]
+    mode = _interpolation(interpolation).value
+    # decode_jpeg reads the encoded bytes from host memory (nvJPEG parses them there) and returns uint8 (3, H, W)
+    # on the device; frombuffer wants writable memory, hence the bytearray.
+    encoded = [torch.frombuffer(bytearray(batch.jpeg_bytes[row]), dtype=torch.uint8) for row in rows]
+    try:
+        decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:  # one bad JPEG fails the whole batched call: decode one by one
+        decoded = [_decode_one(data, device) for data in encoded]
+    for row, pixels in zip(rows, decoded):
+        if pixels is None:
+            images[row] = 0
+            continue
+        top, left, height, width, flip = batch.jpeg_crops[row]
+        crop = pixels[:, top:top + height, left:left + width].unsqueeze(0).to(torch.float32)
+        crop = torch.nn.functional.interpolate(crop, size=(size, size), mode=mode,
+                                               align_corners=None if mode == "nearest" else False,
+                                               antialias=mode != "nearest")[0]
+        crop = crop.round_().clamp_(0, 255).to(torch.uint8)
+        images[row] = crop.flip(-1) if flip else crop
+    return replace(batch, images=images, jpeg_bytes=[], jpeg_crops=[])
+
+
+def _decode_one(encoded: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """One JPEG on `device`, else decoded on the CPU (libjpeg-turbo takes JPEG variants nvJPEG may refuse) and
+    copied over; None (logged) when neither can."""
+    try:
+        return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        pass
+    try:
+        return decode_jpeg(encoded, mode=ImageReadMode.RGB).to(device)
+    except RuntimeError as error:
+        log.warning("a JPEG the worker's header check passed failed to decode (left black): %s", error)
+        return None
 
 
 @dataclass(frozen=True)
@@ -211,8 +327,9 @@ class TeacherViewCrops:
         self.student, self.teacher_size = student, teacher_size
         self.teacher_interpolation = _interpolation(teacher_interpolation)
 
-    def __call__(self, image: Image.Image, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        pixels = functional.pil_to_tensor(image)
+    def __call__(self, image: Image.Image | torch.Tensor,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = _planar(image)
         params = self.student.draw(*pixels.shape[-2:], generator)
         return (apply_crop(pixels, params, self.student.size, self.student.interpolation),
                 apply_crop(pixels, params, self.teacher_size, self.teacher_interpolation))
@@ -224,8 +341,8 @@ class StoredCrop:
     def __init__(self, size: int, interpolation: str) -> None:
         self.size, self.interpolation = size, _interpolation(interpolation)
 
-    def __call__(self, image: Image.Image, params: CropParams) -> torch.Tensor:
-        return apply_crop(functional.pil_to_tensor(image), params, self.size, self.interpolation)
+    def __call__(self, image: Image.Image | torch.Tensor, params: CropParams) -> torch.Tensor:
+        return apply_crop(_planar(image), params, self.size, self.interpolation)
 
 
 def teacher_input(pixels: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
@@ -261,7 +378,8 @@ class MultiViewCrops:
         self.plain, self.global_crop, self.local_crop = plain, global_crop, local_crop
         self.global_views, self.local_views = global_views, local_views
 
-    def __call__(self, image: Image.Image, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    def __call__(self, image: Image.Image | torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        image = as_pixels(image)  # copied out of PIL once for all the views
         plain = self.plain(image, generator)
         global_views = torch.stack([self.global_crop(image, generator) for _ in range(self.global_views)])
         local_views = torch.stack([self.local_crop(image, generator) for _ in range(self.local_views)])

@@ -24,8 +24,8 @@ from contrastive import checkpoint_io
 from contrastive.config import TrainConfig, validate
 from contrastive.data.loader import build_train_loader, plan_run
 from contrastive.data.remote import RECOVERED_READ
-from contrastive.data.stream import SHARD_LOSS_REASONS, SKIP_REASONS
-from contrastive.data.transforms import BatchNormalize
+from contrastive.data.stream import CPU_DECODED, SHARD_LOSS_REASONS, SKIP_REASONS
+from contrastive.data.transforms import BatchNormalize, decode_on_device
 from contrastive.dist import DistEnv, init_distributed
 from contrastive.dist.parallel import gather_model_state, is_sharded, parallelize
 from contrastive.encoders import encoder_from_model, preprocess_from_config
@@ -157,8 +157,10 @@ class Trainer:
         if len(self.stages) > 1 and self.env.is_main:
             log.info("%s", self.stage.describe())
         reinforced = self.teachers is not None and self.cfg.loss.distillation.reinforced
+        preprocess = self.stage.preprocess(preprocess_from_config(self.cfg.model))
+        self.decode_interpolation = preprocess.interpolation  # data.decode_device=cuda resizes on the device
         return build_train_loader(
-            self.cfg.data, self.stage.preprocess(preprocess_from_config(self.cfg.model)),
+            self.cfg.data, preprocess,
             self.stage.tokenizer(self.tokenizer), rank=self.env.rank, world_size=self.env.world_size,
             seed=self.cfg.seed, start_step=self.step, positions=self.data_positions,
             pin_memory=self.env.device.type == "cuda", locca=getattr(self.objective, "locca", None),
@@ -204,7 +206,10 @@ class Trainer:
                     self.loader = self._build_loader()
                     batches = iter(self.loader)
                 # uint8 through pinned memory, copied without waiting, converted to float on the device
-                batch = self.normalize.batch(next(batches).to(env.device, non_blocking=True))
+                batch = next(batches).to(env.device, non_blocking=True)
+                if batch.jpeg_bytes:  # data.decode_device=cuda: the workers sent JPEGs and their crops
+                    batch = decode_on_device(batch, self.decode_interpolation, env.device)
+                batch = self.normalize.batch(batch)
                 self.data_positions[batch.stream_position.worker] = batch.stream_position
                 if self.distiller is not None:
                     self.distiller.begin_step(self.step, self.model.visual)
@@ -269,13 +274,14 @@ class Trainer:
         names = ["loss", *result.metrics]
         terms = torch.stack([result.loss.detach().float(), *(v.detach().float() for v in result.metrics.values())])
         skipped = [float(sum(p.skipped.get(reason, 0) for p in self.data_positions.values()))
-                   for reason in (*SKIP_REASONS, RECOVERED_READ)]
+                   for reason in (*SKIP_REASONS, RECOVERED_READ, CPU_DECODED)]
         counts = torch.tensor([*skipped, float(self.preemption_requested)], device=self.env.device)
         summed = self.env.collectives.all_reduce_sum(torch.cat([terms, counts]))
         values = torch.cat([summed, grad_norm.detach().float().reshape(1), nonfinite.counters()]).tolist()
         terms_sum, values = values[:len(names)], values[len(names):]
         reasons = len(SKIP_REASONS)
-        skipped_sum, recovered_reads, values = values[:reasons], values[reasons], values[reasons + 1:]
+        skipped_sum, recovered_reads, cpu_decoded = values[:reasons], values[reasons], values[reasons + 1]
+        values = values[reasons + 2:]
         preemption_requests, grad_norm_value, *counters = values
         self._check_nonfinite(nonfinite.read(counters), result)
         metrics = {name: total / self.env.world_size for name, total in zip(names, terms_sum)}
@@ -284,6 +290,8 @@ class Trainer:
         metrics["data_lost_shards"] = sum(count for reason, count in zip(SKIP_REASONS, skipped_sum)
                                           if reason in SHARD_LOSS_REASONS)
         metrics["data_recovered_reads"] = recovered_reads  # remote reads that failed and succeeded on a retry
+        if self.cfg.data.decode_device == "cuda":  # samples the workers decoded (not JPEGs), so far
+            metrics["data_cpu_decoded"] = cpu_decoded
         metrics["grad_norm"] = grad_norm_value
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         metrics["nonfinite_steps_skipped"] = float(nonfinite.total)
