@@ -1,0 +1,82 @@
+"""NaFlex (issue 17) beyond the two-tower path: CoCa on a NaFlex tower (its attentional pooler reads the valid
+patches only), and a NaFlex tower under activation checkpointing, FSDP2 and torch.compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from contrastive.config import LossConfig
+from contrastive.data.naflex import NaFlexResize, PatchNormalize, pack
+from contrastive.dist.collectives import LocalCollectives
+from contrastive.errors import ConfigError
+from contrastive.losses import build_loss
+from contrastive.models import build_model
+from contrastive.types import Batch, ModelOutput
+from tests.conftest import compose_config, torchrun
+from tests.test_accumulation import assert_same_gradients, gradients
+from tests.test_naflex import _random_photo
+
+NORMALIZE = PatchNormalize([0.5] * 3, [0.5] * 3, 7)
+
+
+def _grids(max_patches: int):
+    """A wide, a tall and a near-square image, each on its own grid of at most `max_patches` patches."""
+    resize = NaFlexResize(7, "bilinear")
+    return [resize(_random_photo(height, width, seed=height), max_patches=max_patches)
+            for height, width in [(20, 60), (70, 25), (40, 45)]]
+
+
+def test_naflex_coca_equals_each_image_alone_and_takes_no_gradient_from_padding():
+    """A padded batch (three aspect ratios at 40 patches each, with padding) against each image run alone at its
+    exact patch count (no padding): the same embeddings, caption logits, loss and parameter gradients, and the
+    padding patches receive no gradient."""
+    cfg = compose_config(["model=tiny_naflex_coca", "loss=coca", "model.text.vocab_size=300"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    objective = build_loss(LossConfig(name="coca"))
+    images = _grids(36)
+    tokens = torch.randint(1, 300, (3, 16), generator=torch.Generator().manual_seed(1))
+    tokens[:, 12:] = 0
+    batch = Batch(images=torch.zeros(3), tokens=tokens)
+
+    packed = pack(images, 40)
+    assert not packed.valid.all()
+    patches = NORMALIZE(packed.patches, packed.valid).requires_grad_(True)
+    padded = model(patches, tokens, patch_coord=packed.coord, patch_valid=packed.valid)
+    padded_loss = objective(padded, batch, LocalCollectives()).loss
+    padded_loss.backward()
+    padded_grads = gradients(model)
+    assert patches.grad[packed.valid].abs().sum() > 0
+    assert patches.grad[~packed.valid].abs().max() == 0
+
+    model.zero_grad(set_to_none=True)
+    alone = []
+    for index, image in enumerate(images):
+        single = pack([image], image.grid[0] * image.grid[1])
+        assert single.valid.all()
+        alone.append(model(NORMALIZE(single.patches, single.valid), tokens[index:index + 1],
+                           patch_coord=single.coord, patch_valid=single.valid))
+    joined = ModelOutput(**{name: torch.cat([getattr(out, name) for out in alone])
+                            for name in ("image_features", "text_features", "caption_logits", "caption_targets")},
+                         logit_scale=alone[0].logit_scale)
+    alone_loss = objective(joined, batch, LocalCollectives()).loss
+    alone_loss.backward()
+    torch.testing.assert_close(padded.image_features, joined.image_features, atol=1e-5, rtol=0)
+    torch.testing.assert_close(padded.caption_logits, joined.caption_logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(padded_loss, alone_loss, atol=1e-5, rtol=0)
+    assert_same_gradients(padded_grads, gradients(model))
+
+
+def test_naflex_coca_has_no_open_clip_export(tmp_path):
+    from contrastive.export.open_clip_format import export_open_clip
+    model = build_model(compose_config(["model=tiny_naflex_coca", "model.text.vocab_size=300"]).model)
+    with pytest.raises(ConfigError, match="no open_clip counterpart"):
+        export_open_clip(model, tmp_path)
+
+
+@pytest.mark.distributed
+def test_naflex_loss_and_gradients_under_fsdp_with_and_without_activation_checkpointing_equal_one_process():
+    result = torchrun(["tests/dist_scripts/naflex_parity.py"], nproc=2)
+    verdicts = [line for line in result.stdout.splitlines() if line.startswith("naflex siglip fsdp")]
+    assert len(verdicts) == 2 and all(line.endswith("OK") for line in verdicts), result.stdout
