@@ -3,6 +3,8 @@ patches only), and a NaFlex tower under activation checkpointing, FSDP2 and torc
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -80,3 +82,41 @@ def test_naflex_loss_and_gradients_under_fsdp_with_and_without_activation_checkp
     result = torchrun(["tests/dist_scripts/naflex_parity.py"], nproc=2)
     verdicts = [line for line in result.stdout.splitlines() if line.startswith("naflex siglip fsdp")]
     assert len(verdicts) == 2 and all(line.endswith("OK") for line in verdicts), result.stdout
+
+
+def test_compiled_naflex_blocks_compile_once_per_sequence_length(monkeypatch):
+    """trainer.compile on a NaFlex tower over steps at lengths 16, 36, 16, 36: dynamo's graphs are counted by a
+    backend that runs them as traced (the guards that decide recompiles do not depend on the backend). Expected: one
+    graph per length for the image blocks and one for the text blocks, whose shapes never change; the repeated
+    lengths compile nothing."""
+    from contrastive.dist import init_distributed
+    from contrastive.dist.parallel import parallelize
+
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counting_backend))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)
+    torch._dynamo.reset()
+    cfg = compose_config(["model=tiny_naflex_siglip", "loss=siglip"])
+    torch.manual_seed(0)
+    model = parallelize(build_model(cfg.model), init_distributed("cpu"), compile_blocks=True, static_lengths=2)
+    objective = build_loss(cfg.loss)
+    resize = NaFlexResize(7, "bilinear")
+    tokens = torch.randint(1, 1000, (4, 16), generator=torch.Generator().manual_seed(1))
+    counts = []
+    try:
+        for step, seq_len in enumerate([16, 36, 16, 36]):
+            photos = [_random_photo(15 + 11 * index, 80 - 9 * index, seed=step * 4 + index) for index in range(4)]
+            packed = pack([resize(photo, max_patches=seq_len) for photo in photos], seq_len)
+            batch = Batch(images=NORMALIZE(packed.patches, packed.valid), tokens=tokens, patch_coord=packed.coord,
+                          patch_valid=packed.valid)
+            output = model(batch.images, tokens, patch_coord=batch.patch_coord, patch_valid=batch.patch_valid)
+            objective(output, batch, LocalCollectives()).loss.backward()
+            counts.append(len(graphs))
+    finally:
+        torch._dynamo.reset()
+    assert counts == [2, 3, 3, 3]

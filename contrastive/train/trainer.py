@@ -116,7 +116,8 @@ class Trainer:
         self.bf16 = cfg.trainer.precision == "bf16" or (cfg.trainer.precision == "auto"
                                                         and self.env.device.type == "cuda")
         self.parallel_model = parallelize(self.model, self.env, cfg.dist.strategy, cfg.dist.activation_checkpointing,
-                                          cfg.trainer.compile, bf16=self.bf16)
+                                          cfg.trainer.compile, bf16=self.bf16,
+                                          static_lengths=len(cfg.data.naflex_seq_lens))
         self.objective = build_loss(cfg.loss)
         self.forward_backward = build_forward_backward(self.parallel_model, self.objective, self.env.collectives,
                                                        cfg.trainer.accumulation_steps,
