@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from contrastive.config import LossConfig
-from contrastive.data.naflex import NaFlexResize, PatchNormalize, pack
+from contrastive.data.naflex import NaFlexResize, PatchNormalize, naflex_batch, pack
 from contrastive.dist.collectives import LocalCollectives
 from contrastive.errors import ConfigError
 from contrastive.losses import build_loss
@@ -120,3 +120,42 @@ def test_compiled_naflex_blocks_compile_once_per_sequence_length(monkeypatch):
     finally:
         torch._dynamo.reset()
     assert counts == [2, 3, 3, 3]
+
+
+def test_load_encoder_reads_a_siglip2_vision_model_export_equal_to_our_tower(tmp_path):
+    """contrastive-export --format transformers of a NaFlex SigLIP, read back by load_encoder: at two sequence
+    lengths on a wide and a tall image (eval rows, as contrastive-eval --seq-len feeds them) its features equal our
+    tower's; in a padded batch its valid patch tokens come in each image's grid and equal our tower's penultimate
+    block (export.bundle.VisionEncoder on the tower itself); whole 28 x 28 images give our fixed-size features."""
+    from contrastive.encoders import load_encoder, preprocess_from_config
+    from contrastive.encoders.naflex import at_seq_len
+    from contrastive.export.bundle import VisionEncoder
+    from contrastive.export.transformers_format import export_transformers
+
+    torch.manual_seed(0)
+    model = build_model(compose_config(["model=tiny_naflex_siglip"]).model).eval()
+    export_transformers(model, tmp_path)
+    encoder = load_encoder(tmp_path)
+    preprocess = preprocess_from_config(model.cfg)
+    assert encoder.kind == "transformers" and encoder.preprocess == preprocess
+    photos = [_random_photo(20, 70, seed=1), _random_photo(90, 25, seed=2)]
+    close = {"atol": 1e-5, "rtol": 1e-5}
+    with torch.no_grad():
+        for max_patches in (36, 64):
+            at_length = at_seq_len(encoder, max_patches)
+            rows = torch.stack([at_length.preprocess.transform()(photo) for photo in photos])
+            batch = naflex_batch(photos, preprocess, max_patches)
+            ours = model.encode_image(batch.patches, patch_coord=batch.coord, patch_valid=batch.valid)
+            torch.testing.assert_close(at_length.model.encode_image(rows), ours, **close)
+
+        batch = naflex_batch(photos, preprocess, 36)
+        assert not batch.valid.all()
+        theirs = encoder.model.forward_naflex(batch.patches, batch.coord, batch.valid)
+        reference = VisionEncoder(model.visual, preprocess).forward_naflex(batch.patches, batch.coord, batch.valid)
+        assert [tuple(tokens.shape[:2]) for tokens in theirs.patch_tokens] == [(3, 11), (11, 3)]
+        for got, expected in zip(theirs.patch_tokens, reference.patch_tokens):
+            torch.testing.assert_close(got, expected, **close)
+        torch.testing.assert_close(theirs.pooled, reference.pooled, **close)
+
+        images = torch.randn(2, 3, 28, 28)
+        torch.testing.assert_close(encoder.model.encode_image(images), model.encode_image(images), **close)
