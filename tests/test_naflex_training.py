@@ -159,3 +159,50 @@ def test_load_encoder_reads_a_siglip2_vision_model_export_equal_to_our_tower(tmp
 
         images = torch.randn(2, 3, 28, 28)
         torch.testing.assert_close(encoder.model.encode_image(images), model.encode_image(images), **close)
+
+
+def test_logged_flops_follow_each_steps_sequence_length(tmp_path):
+    """Four NaFlex steps at lengths drawn from [16, 36], logged once: the logged FLOP/s per sample/s is the mean of
+    the four steps' FLOPs per sample, each counted here (FlopCounterMode on a forward and backward of 4 samples at
+    that length), not the FLOPs of one step's length."""
+    import json
+    import random
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from contrastive.data.naflex import seq_len_for_step
+    from contrastive.train.trainer import Trainer
+    from tests.data_factory import jpeg, write_tar
+
+    rng = random.Random(0)
+    write_tar(tmp_path / "0.tar", [(f"{index:03d}", {"jpg": jpeg((rng.randint(10, 90), rng.randint(10, 90)), index),
+                                                     "txt": f"item {index}".encode()}) for index in range(40)])
+    lengths = [16, 36]
+    cfg = compose_config(["model=tiny_naflex_siglip", "loss=siglip", "debug=tiny", f"data.sources.0.shards={tmp_path}",
+                          "data.naflex_seq_lens=[16,36]", "data.batch_size=8", f"run_dir={tmp_path / 'run'}",
+                          "trainer.log_every=4", "trainer.checkpoint_every=100", "trainer.threads_per_process=1"])
+    steps = [seq_len_for_step(cfg.seed, step, lengths) for step in range(4)]
+    assert set(steps) == set(lengths)  # both lengths in the one log window
+    Trainer(cfg).train()
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [entry for entry in logged if "flops_per_second_per_device" in entry]
+    assert [entry["step"] for entry in logged] == [4]
+
+    model = build_model(cfg.model)
+    objective = build_loss(cfg.loss)
+    tokens = torch.randint(1, 1000, (4, 16))
+
+    def counted(seq_len: int) -> float:
+        batch = Batch(images=torch.randn(4, seq_len, 147), tokens=tokens,
+                      patch_coord=torch.zeros(4, seq_len, 2, dtype=torch.long),
+                      patch_valid=torch.ones(4, seq_len, dtype=torch.bool))
+        with FlopCounterMode(display=False) as counter:
+            output = model(batch.images, tokens, patch_coord=batch.patch_coord, patch_valid=batch.patch_valid)
+            objective(output, batch, LocalCollectives()).loss.backward()
+        return counter.get_total_flops() / 4
+
+    per_length = {seq_len: counted(seq_len) for seq_len in lengths}
+    expected = sum(per_length[seq_len] for seq_len in steps) / len(steps)
+    assert per_length[36] > 2 * per_length[16]
+    got = logged[0]["flops_per_second_per_device"] / logged[0]["samples_per_second"]
+    assert got == pytest.approx(expected, rel=1e-6)

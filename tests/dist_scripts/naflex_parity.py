@@ -12,6 +12,7 @@ import copy
 import sys
 
 import torch
+from PIL import Image
 from torch.distributed.tensor import DTensor
 
 from contrastive.data.naflex import NaFlexResize, PatchNormalize, pack
@@ -21,7 +22,6 @@ from contrastive.losses import build_loss
 from contrastive.models import build_model
 from contrastive.types import Batch
 from tests.conftest import compose_config
-from tests.test_naflex import _random_photo
 
 RTOL, ATOL = 1e-4, 1e-6  # fp32; the reductions differ in order from the one-process sums
 LOCAL_BATCH = 3
@@ -31,7 +31,9 @@ SEQ_LEN = 36
 def global_batch(world: int) -> Batch:
     size = world * LOCAL_BATCH
     resize = NaFlexResize(7, "bilinear")
-    photos = [_random_photo(15 + 11 * index, 80 - 9 * index, seed=index) for index in range(size)]
+    generator = torch.Generator().manual_seed(3)
+    photos = [Image.fromarray(torch.randint(0, 256, (15 + 11 * index, 80 - 9 * index, 3), generator=generator,
+                                            dtype=torch.uint8).numpy()) for index in range(size)]
     packed = pack([resize(photo, max_patches=SEQ_LEN) for photo in photos], SEQ_LEN)
     assert not packed.valid.all()  # some images are padded
     tokens = torch.randint(1, 1000, (size, 16), generator=torch.Generator().manual_seed(7))
