@@ -332,8 +332,8 @@ def _check_naflex(cfg: TrainConfig) -> None:
                                                 and all(w > 0 for w in data.naflex_seq_len_weights)),
             "data.naflex_seq_len_weights must be empty or one positive weight per data.naflex_seq_lens entry")
     tower = str(cfg.model.vision.get("timm_model_name") or "")
-    require(cfg.model.arch in ("clip", "cappa") and tower.startswith("naflexvit_"),
-            f"data.naflex_seq_lens needs model.arch=clip or cappa with a timm naflexvit_* image tower "
+    require(cfg.model.arch in ("clip", "cappa", "coca") and tower.startswith("naflexvit_"),
+            f"data.naflex_seq_lens needs model.arch=clip, cappa or coca with a timm naflexvit_* image tower "
             f"(model.vision.timm_model_name), got arch {cfg.model.arch!r} and tower {tower or None!r}")
     require(not (data.global_views or data.local_views or data.length_bucketing or cfg.trainer.stages),
             "data.naflex_seq_lens does not combine with data.global_views/local_views, data.length_bucketing or "

@@ -70,13 +70,17 @@ def _checkpoint_blocks(model: nn.Module, blocks: list[nn.Module]) -> list[nn.Mod
 
 
 def parallelize(model: nn.Module, env: DistEnv, strategy: str = "ddp", activation_checkpointing: bool = False,
-                compile_blocks: bool = False, bf16: bool = False) -> nn.Module:
+                compile_blocks: bool = False, bf16: bool = False, static_lengths: int = 0) -> nn.Module:
     """Prepare `model` (already on env.device) for training; returns the module to call in the training step.
 
     The optimiser must be built from `model` afterwards: FSDP turns its parameters into sharded DTensors in place.
     Compile works per block, so identical blocks share one compiled graph and FSDP's hooks stay outside it.
     With `bf16`, FSDP gathers bf16 copies of its fp32 shards and computes in them, and reduces gradients in fp32
     (the trainer then needs no autocast); DDP and a single process leave precision to the trainer's autocast.
+    `static_lengths`: how many token counts the blocks will see (NaFlex's data.naflex_seq_lens), 0 for one. Each
+    then gets its own static-shape graph, compiled the first time it comes: dynamo's default would compile the
+    first length statically, then again with a symbolic length (twice, as the first block's input is a view and
+    the others' are not), and the symbolic graphs give inductor less to specialise on.
     """
     if strategy not in STRATEGIES:
         raise ConfigError(f"dist.strategy={strategy!r} is not one of {', '.join(STRATEGIES)}")
@@ -84,8 +88,12 @@ def parallelize(model: nn.Module, env: DistEnv, strategy: str = "ddp", activatio
     if activation_checkpointing:
         blocks = _checkpoint_blocks(model, blocks)
     if compile_blocks:
+        if static_lengths:
+            # One cache entry per length per block code; past the limit dynamo would silently run eager.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, static_lengths)
+        options = {"dynamic": False} if static_lengths else {}
         for block in blocks:
-            block.compile()
+            block.compile(**options)
     if env.world_size == 1:
         return model  # nothing to shard or synchronise
     if strategy == "fsdp":

@@ -3,7 +3,7 @@ and is resized to the largest patch grid within that many patches, as in trainin
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -11,6 +11,15 @@ from torch import nn
 from contrastive.data.naflex import split_eval_rows
 from contrastive.encoders.encoder import LoadedEncoder
 from contrastive.errors import ConfigError
+
+
+@dataclass
+class NaFlexEncoderOutput:
+    """What a NaFlex image encoder gives a connector (export.bundle.VisionEncoder.forward_naflex, and
+    Siglip2VisionModel directories through load_encoder)."""
+
+    patch_tokens: list[torch.Tensor]  # per image (rows, columns, D): its valid patch tokens of the chosen layer
+    pooled: torch.Tensor  # (B, E): the attention-pool head's output over the valid patches
 
 
 class NaFlexAtLength(nn.Module):

@@ -81,6 +81,9 @@ def encoder_patch_tokens(encoder: LoadedEncoder, feature_layer: int = -1) -> Pat
     if hf_model is not None:  # transformers: hidden_states[k] is block k's output; CLIP's class token leads
         vision = getattr(hf_model, "vision_model", hf_model)  # a dual model's tower, or the vision model itself
         config = getattr(hf_model.config, "vision_config", hf_model.config)
+        if not hasattr(config, "image_size"):  # Siglip2VisionModel: no fixed square grid
+            raise ConfigError(f"{encoder.name} is a NaFlex {type(hf_model).__name__}; the dense probe reads one fixed "
+                              f"square grid: evaluate the checkpoint of ours it was exported from")
         if not -config.num_hidden_layers <= feature_layer <= -1:
             raise ConfigError(f"feature_layer={feature_layer} is outside -{config.num_hidden_layers}..-1")
         grid = config.image_size // config.patch_size

@@ -18,6 +18,7 @@ from torch import nn
 from contrastive.config import ModelConfig
 from contrastive.data.transforms import Preprocess
 from contrastive.encoders import preprocess_from_config
+from contrastive.encoders.naflex import NaFlexEncoderOutput
 from contrastive.errors import ConfigError
 from contrastive.export.base import EXPORT_FORMATS, Exported
 from contrastive.models.naflex import is_naflex_tower
@@ -50,12 +51,6 @@ def block_index(feature_layer: int, depth: int) -> int:
         raise ConfigError(f"feature_layer={feature_layer} is outside 1..{depth} and -{depth}..-1 "
                           f"for a {depth}-block tower")
     return feature_layer - 1 if feature_layer > 0 else depth + feature_layer
-
-
-@dataclass
-class NaFlexEncoderOutput:
-    patch_tokens: list[torch.Tensor]  # per image (rows, columns, D): its valid patch tokens of the chosen layer
-    pooled: torch.Tensor  # (B, E): the attention-pool head's output over the valid patches
 
 
 class VisionEncoder(nn.Module):

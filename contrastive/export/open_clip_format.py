@@ -41,9 +41,13 @@ def open_clip_model_config(model: nn.Module) -> tuple[nn.Module, dict]:
             # Only its presence matters: the weights file holds the trained value.
             model_cfg["init_logit_bias"] = float(module.logit_bias.detach().reshape(-1)[0])
     elif cfg.arch == "coca":
-        from contrastive.models.coca import multimodal_config
+        from contrastive.models.coca import NaFlexAttentionalPooling, multimodal_config
 
         module = model.coca
+        if isinstance(module.visual, NaFlexAttentionalPooling):
+            raise ConfigError("model.arch=coca on a NaFlex tower has no open_clip counterpart (open_clip's CoCa has "
+                              "no attentional pooler after a timm tower); evaluate the run directory itself "
+                              "(contrastive-eval --checkpoint RUN_DIR)")
         vision = {**vision, "attentional_pool": True, "output_tokens": True}
         text = {**text, "embed_cls": True, "output_tokens": True}
         model_cfg["multimodal_cfg"] = dataclasses.asdict(multimodal_config(cfg.decoder, CLIPTextCfg(**text), embed_dim))

@@ -2,7 +2,8 @@
 
 Model FLOPs are those of one forward and backward of the model and loss (PaLM's MFU convention): work done again
 by the feature cache's second forward or by activation checkpointing does not count, so MFU compares runs fairly.
-The count runs torch's FlopCounterMode (matmuls, convolutions, attention) on a few samples of the first batch;
+The count runs torch's FlopCounterMode (matmuls, convolutions, attention) on a few samples of the first batch at each
+input size (each stage; each NaFlex sequence length, which the trainer averages over its log window's steps);
 the contrastive logits grow with the batch but are a negligible share at any realistic width.
 """
 

@@ -116,12 +116,15 @@ class Trainer:
         self.bf16 = cfg.trainer.precision == "bf16" or (cfg.trainer.precision == "auto"
                                                         and self.env.device.type == "cuda")
         self.parallel_model = parallelize(self.model, self.env, cfg.dist.strategy, cfg.dist.activation_checkpointing,
-                                          cfg.trainer.compile, bf16=self.bf16)
+                                          cfg.trainer.compile, bf16=self.bf16,
+                                          static_lengths=len(cfg.data.naflex_seq_lens))
         self.objective = build_loss(cfg.loss)
         self.forward_backward = build_forward_backward(self.parallel_model, self.objective, self.env.collectives,
                                                        cfg.trainer.accumulation_steps,
                                                        self._autocast, randomness=self.model.randomness)
         self.flops_per_sample: dict[int, float] = {}  # stage index -> model FLOPs per sample at its sizes
+        self.flops_per_seq_len: dict[int, float] = {}  # NaFlex (one stage): sequence length -> the same
+        self._window_flops: list[float] = []  # FLOPs per sample of each step since the last log step
         plan = plan_run(cfg.data, world_size=self.env.world_size, seed=cfg.seed)  # None for an endless stream
         if plan is not None:  # every rank computes the same last step, so none waits in a collective
             cfg.trainer.max_steps = min(cfg.trainer.max_steps, plan.steps)
@@ -225,8 +228,9 @@ class Trainer:
                 if self.ema is not None:
                     self.ema.update(self.step)
                 self.logger.advance()
+                self._count_flops(batch)
                 if self.step % cfg.trainer.log_every == 0 or self.step == cfg.trainer.max_steps:
-                    metrics, preempted = self._log(result, grad_norm, batch)
+                    metrics, preempted = self._log(result, grad_norm)
                 if self.step % cfg.trainer.checkpoint_every == 0 or self.step == cfg.trainer.max_steps or preempted:
                     self.save()
                 if (cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < cfg.trainer.max_steps
@@ -242,25 +246,35 @@ class Trainer:
         return TrainResult(self.step, metrics.get("loss"), eval_metrics, preempted=preempted,
                            nonfinite_steps_skipped=self.nonfinite.read_total())
 
-    def _log(self, result, grad_norm: torch.Tensor, batch) -> tuple[dict[str, float], bool]:
+    def _log(self, result, grad_norm: torch.Tensor) -> tuple[dict[str, float], bool]:
         """Log the metrics of the steps since the previous log step; returns them and whether any rank must stop."""
         window_start, window_first_step = self._window
         metrics, preempted = self._log_step_reduction(result, grad_norm, self.nonfinite)
         elapsed = time.perf_counter() - window_start  # after the reduction: its host sync ends the window's work
         metrics["samples_per_second"] = (self.step - window_first_step) * self.cfg.data.batch_size / max(elapsed, 1e-9)
-        metrics.update(self._throughput(batch, metrics["samples_per_second"]))
+        metrics.update(self._throughput(metrics["samples_per_second"]))
         self.logger.log(self.step, metrics)
         self._window = (time.perf_counter(), self.step)
         return metrics, preempted
 
-    def _throughput(self, batch, samples_per_second: float) -> dict[str, float]:
-        if self.stage.index not in self.flops_per_sample:  # counted once per stage, at its input sizes
-            self.flops_per_sample[self.stage.index] = flops_per_sample(self.model, self.objective, batch,
-                                                                       autocast=self._autocast)
-            if len(self.stages) > 1 and self.env.is_main:
-                log.info("stage %d: %.4g model FLOPs per sample", self.stage.index,
-                         self.flops_per_sample[self.stage.index])
-        return throughput_metrics(self.flops_per_sample[self.stage.index], samples_per_second, self.env.world_size,
+    def _count_flops(self, batch) -> None:
+        """Note the step's model FLOPs per sample, counted the first time its sizes come: once per stage, and for
+        NaFlex once per sequence length, which changes from step to step. Every rank counts at the same step (the
+        sizes are a function of the step; under FSDP the count's forward gathers weights)."""
+        if batch.patch_coord is not None:
+            table, key, what = self.flops_per_seq_len, batch.images.shape[1], "sequence length"
+        else:
+            table, key, what = self.flops_per_sample, self.stage.index, "stage"
+        if key not in table:
+            table[key] = flops_per_sample(self.model, self.objective, batch, autocast=self._autocast)
+            if (len(self.stages) > 1 or table is self.flops_per_seq_len) and self.env.is_main:
+                log.info("%s %d: %.4g model FLOPs per sample", what, key, table[key])
+        self._window_flops.append(table[key])
+
+    def _throughput(self, samples_per_second: float) -> dict[str, float]:
+        """FLOP/s (and MFU) of the steps since the last log step, each at its own sizes' FLOPs per sample."""
+        window, self._window_flops = self._window_flops, []
+        return throughput_metrics(sum(window) / len(window), samples_per_second, self.env.world_size,
                                   self.cfg.trainer.peak_flops_per_device)
 
     def _log_step_reduction(self, result, grad_norm: torch.Tensor,
