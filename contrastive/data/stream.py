@@ -42,7 +42,7 @@ from contrastive.data.reader import RawSample, iter_shard
 from contrastive.data.reinforced import normalized_rows, read_sample_files
 from contrastive.data.remote import DEFAULT_RETRY, RetryPolicy
 from contrastive.data.shards import shards_for_slot, slot_seed
-from contrastive.data.transforms import IMAGE_EXTENSIONS, BadSample, decode_image
+from contrastive.data.transforms import IMAGE_EXTENSIONS, BadSample, decode_image, stored_decode_size
 from contrastive.errors import InputError
 from contrastive.types import Batch, StreamPosition, TeacherTargets
 
@@ -332,12 +332,16 @@ class ImageTextStream(IterableDataset):
                                               consumed))
                 transform = self.transform.crop_with_region if self.decoder_tasks is not None else self.transform
                 transform = partial(transform, generator=augment, **sizing)
+                decode_size = self.decode_size
                 if self.reinforced:  # one of the stored augmentations, drawn from the sample's generator
                     stored = read_sample_files(raw, self.reinforced)
-                    choice = int(torch.randint(len(stored.augmentations), (1,), generator=augment))
-                    transform = partial(self.transform, params=stored.augmentations[choice])
+                    choice = int(torch.randint(len(stored.boxes), (1,), generator=augment))
+                    params = stored.augmentation(choice)
+                    transform = partial(self.transform, params=params, source_size=stored.source_size)
+                    # JPEGs draft-decoded just large enough for this box at the student's size (StoredCrop scales it)
+                    decode_size = stored_decode_size([params], stored.source_size, self.image_size)
                 image, caption, label = decode_sample(raw, transform, self.image_size,
-                                                      decode_size=self.decode_size, min_image_size=self.min_image_size)
+                                                      decode_size=decode_size, min_image_size=self.min_image_size)
                 if self.decoder_tasks is not None:
                     image, region = image
                     boxes, phrases = read_boxes(raw.get("json"))
