@@ -272,6 +272,14 @@ def test_demo_distillation_recipes_run_on_two_ranks(recipe, demo_root, teachers,
     assert all(np.isfinite(row["loss"]) for row in rows if "loss" in row)
 
 
+@pytest.mark.distributed
+def test_teachers_sharded_under_fsdp2_and_in_bf16_give_the_unsharded_embeddings(teachers):
+    """On 2 ranks: the FSDP2-sharded teacher holds about half of its weights per rank and gives the unsharded fp32
+    teacher's embeddings (1e-5); in bf16 (sharded and not) within bf16 precision, and not bit for bit."""
+    result = torchrun(["tests/dist_scripts/sharded_teacher.py", str(teachers["ours"])], nproc=2)
+    assert result.stdout.count("sharded teacher ") == 3, result.stdout
+
+
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 def test_stored_embeddings_read_as_numpy_writes_them_and_normalise_to_unit_rows(dtype):
     """The reinforced reader's .npy parsing (a cached header, the values viewed in place) gives what np.load gives,
