@@ -242,6 +242,11 @@ def test_reinforced_jpegs_stay_draft_decoded_and_replay_to_the_stored_embedding(
         record, data = records[key], dict(samples)[key]["jpg"]
         stored = torch.nn.functional.normalize(torch.from_numpy(record["demo.image"]), dim=-1)
         choice = int((stored @ batch.teachers["demo"].image_features[index]).argmax())
+        # the stored rows reach the batch as unit vectors, the text row and the teacher's temperature with them
+        torch.testing.assert_close(batch.teachers["demo"].image_features[index], stored[choice])
+        torch.testing.assert_close(batch.teachers["demo"].text_features[index],
+                                   torch.nn.functional.normalize(torch.from_numpy(record["demo.text"]), dim=-1))
+        assert batch.teachers["demo"].logit_scale.item() == pytest.approx(teacher.logit_scale)
         box, flip = record["boxes"][choice].tolist(), bool(record["flips"][choice])
         pixels = _draft_decoded(data, [box], preprocess.image_size)
         assert pixels.shape[-1] <= source[1] // 4

@@ -402,7 +402,7 @@ class ImageTextStream(IterableDataset):
                     teacher_images=views[0] if self.teacher_view else None,
                     tokens=self.tokenizer(captions), keys=keys, labels=torch.tensor(labels),
                     stream_position=window_end, captions=captions,
-                    teachers=self._stored_targets(stored_rows),
+                    teachers=self._stored_targets(stored_rows, in_worker),
                     **self._decoder_fields(decoder_texts),
                 )
                 images, view_buffers = _batch_tensor(images.shape, window_in_shared_memory), None  # sent: fresh ones
@@ -412,16 +412,35 @@ class ImageTextStream(IterableDataset):
             window_start, skip_batches = window_end, 0
             captions, labels, keys, stored_rows, decoder_texts = [], [], [], [], []
 
-    def _stored_targets(self, rows: list[dict]) -> dict[str, TeacherTargets]:
-        """A batch's stored teacher targets (reinforced data), teacher -> TeacherTargets."""
+    def _stored_targets(self, rows: list[dict], in_worker: bool) -> dict[str, TeacherTargets]:
+        """A batch's stored teacher targets (reinforced data), teacher -> TeacherTargets, all views of one float32
+        buffer: a DataLoader worker hands each storage to the main process through a file descriptor and a
+        socket round trip (~1 ms on a loaded machine), once per storage however many tensors view it."""
+        if not rows:
+            return {}
+        columns = {name: list(zip(*(row[name] for row in rows))) for name in self.reinforced}  # image, text, s, b
+        sizes = {name: (image[0].shape[-1], None if text[0] is None else text[0].shape[-1])
+                 for name, (image, text, _, _) in columns.items()}
+        total = sum(len(rows) * (image + (text or 0)) + 2 for image, text in sizes.values())
+        buffer, offset = _batch_tensor((total,), in_worker, torch.float32), 0
+
+        def take(count: int) -> torch.Tensor:
+            nonlocal offset
+            offset += count
+            return buffer[offset - count:offset]
+
         targets = {}
-        for name in self.reinforced:
-            image, text, scale, bias = zip(*(row[name] for row in rows))
+        for name, (image, text, scale, bias) in columns.items():
+            image_width, text_width = sizes[name]
+            image_rows = normalized_rows(image, out=take(len(rows) * image_width).view(len(rows), image_width))
+            text_rows = None if text[0] is None else normalized_rows(
+                text, out=take(len(rows) * text_width).view(len(rows), text_width))
+            scalars = take(2)
+            scalars[0], scalars[1] = scale[0] or 0.0, bias[0] or 0.0
             targets[name] = TeacherTargets(
-                image_features=normalized_rows(image),
-                text_features=None if text[0] is None else normalized_rows(text),
-                logit_scale=None if scale[0] is None else torch.tensor(scale[0]),
-                logit_bias=None if bias[0] is None else torch.tensor(bias[0]))
+                image_features=image_rows, text_features=text_rows,
+                logit_scale=None if scale[0] is None else scalars[0],
+                logit_bias=None if bias[0] is None else scalars[1])
         return targets
 
     def _decoder_fields(self, decoder_texts: list[tuple[str, str, int]]) -> dict[str, torch.Tensor]:
