@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import tarfile
 
 import numpy as np
@@ -21,17 +22,20 @@ from torchvision.transforms.v2 import functional
 from contrastive.checkpoint_io import checkpoint_path
 from contrastive.cli.data import main as data_main
 from contrastive.config import DistillationConfig, TeacherConfig
-from contrastive.data.reinforced import from_npy, normalized_rows
+from contrastive.data.loader import build_train_loader
+from contrastive.data.reinforced import from_npy, normalized_rows, read_sample_files
 from contrastive.data.transforms import RandomCropFlip, TeacherViewCrops
 from contrastive.dist import init_distributed
-from contrastive.encoders import load_encoder, weights_hash
-from contrastive.errors import ConfigError
+from contrastive.encoders import load_encoder, preprocess_from_config, weights_hash
+from contrastive.errors import ConfigError, InputError
 from contrastive.export import EXPORT_FORMATS
+from contrastive.models.tokenizer import build_tokenizer
 from contrastive.train.checkpoint import save_checkpoint
 from contrastive.train.teachers import Teachers
 from contrastive.train.trainer import Trainer
 from contrastive.types import Batch
 from tests.conftest import compose_config, tiny_run_overrides, torchrun
+from tests.data_factory import jpeg, write_tar
 from tests.export_models import randomized, tiny_config
 
 TEACHER_SIZE = 35  # the students' test_tiny takes 28 x 28 in 4 x 4 patches; the teacher 35 x 35 in 5 x 5
@@ -168,19 +172,89 @@ def test_reinforced_set_is_valid_resumes_and_replays_to_the_stored_embedding(rei
     teacher = load_encoder(teachers["ours"])
     members = _members(reinforced / "0.tar")
     for key in sorted({name.split(".")[0] for name in members})[:4]:
-        metadata = json.loads(members[f"{key}.distill.json"])
-        stored = np.load(io.BytesIO(members[f"{key}.demo.img.npy"]))
+        record = np.load(io.BytesIO(members[f"{key}.distill.npy"]))
         pixels = functional.pil_to_tensor(Image.open(io.BytesIO(members[f"{key}.png"])).convert("RGB"))
-        assert len(metadata["augmentations"]) == len(stored) == 3
-        for params, embedding in zip(metadata["augmentations"], stored):
-            view = functional.resized_crop(pixels, params["top"], params["left"], params["height"], params["width"],
-                                           [TEACHER_SIZE, TEACHER_SIZE],
-                                           interpolation=v1.InterpolationMode.BICUBIC, antialias=True)
-            view = functional.horizontal_flip(view) if params["flip"] else view
-            normalised = functional.normalize(view.float()[None] / 255, [0.4, 0.45, 0.5], [0.2, 0.25, 0.3])
-            with torch.no_grad():
-                replayed = teacher.model.encode_image(normalised)[0]
-            torch.testing.assert_close(torch.from_numpy(embedding), replayed, atol=1e-5, rtol=0)
+        assert record["source_size"].tolist() == list(pixels.shape[-2:])
+        assert len(record["boxes"]) == len(record["flips"]) == len(record["demo.image"]) == 3
+        assert record["demo.logit_scale"] == teacher.logit_scale
+        _assert_replayed(teacher, pixels, record["boxes"], record["flips"], record["demo.image"])
+
+
+def _assert_replayed(teacher, pixels, boxes, flips, embeddings):
+    """Each stored box and flip, cut by torchvision from `pixels` (as decoded), through the teacher gives the
+    stored embedding (1e-5)."""
+    for (top, left, height, width), flip, embedding in zip(boxes.tolist(), flips.tolist(), embeddings):
+        view = functional.resized_crop(pixels, top, left, height, width, [TEACHER_SIZE, TEACHER_SIZE],
+                                       interpolation=v1.InterpolationMode.BICUBIC, antialias=True)
+        view = functional.horizontal_flip(view) if flip else view
+        normalised = functional.normalize(view.float()[None] / 255, [0.4, 0.45, 0.5], [0.2, 0.25, 0.3])
+        with torch.no_grad():
+            replayed = teacher.model.encode_image(normalised)[0]
+        torch.testing.assert_close(torch.from_numpy(embedding.astype(np.float32)), replayed, atol=1e-5, rtol=0)
+
+
+def _draft_decoded(data: bytes, boxes, side: int) -> torch.Tensor:
+    """PIL's own draft decoding, asked for the shorter side at which every box keeps `side` pixels across."""
+    image = Image.open(io.BytesIO(data))
+    width, height = image.size
+    request = math.ceil(side * max(max(height / h, width / w) for _, _, h, w in boxes))
+    image.draft("RGB", (request, request))
+    return functional.pil_to_tensor(image.convert("RGB"))
+
+
+def _scaled(box, source, decoded):
+    """A box in source pixels on the draft-decoded image: each edge scaled and rounded."""
+    (top, left, height, width), (source_height, source_width), (decoded_height, decoded_width) = box, source, decoded
+    top_, bottom = round(top * decoded_height / source_height), round((top + height) * decoded_height / source_height)
+    left_, right = round(left * decoded_width / source_width), round((left + width) * decoded_width / source_width)
+    return top_, left_, bottom - top_, right - left_
+
+
+def test_reinforced_jpegs_stay_draft_decoded_and_replay_to_the_stored_embedding(teachers, tmp_path):
+    """Large JPEGs: boxes are stored in the JPEG's own pixels; reinforce and the training stream both decode at a
+    reduced DCT scale (asserted: 1000 x 750 decodes at 1/8) and scale the boxes to it. Replaying each stored box on
+    PIL's draft decode gives the stored teacher embedding (1e-5), and the stream's student crop equals torchvision's
+    crop of the scaled box on the draft decode at the student's size."""
+    source = (750, 1000)
+    samples = [(f"big{i}", {"jpg": jpeg(source[::-1], seed=i), "txt": f"a large photo {i}".encode()})
+               for i in range(4)]
+    (tmp_path / "in").mkdir()
+    write_tar(tmp_path / "in" / "0.tar", samples)
+    out = tmp_path / "out"
+    assert data_main(["reinforce", str(tmp_path / "in" / "0.tar"), "--teacher", f"demo={teachers['ours']}",
+                      "--out", str(out), "--augmentations", "2", "--crop-scale", "0.5", "1.0", "--horizontal-flip",
+                      "--dtype", "float32", "--device", "cpu"]) == 0
+    teacher, members = load_encoder(teachers["ours"]), _members(out / "0.tar")
+    records = {key: np.load(io.BytesIO(members[f"{key}.distill.npy"])) for key, _ in samples}
+    for key, files in samples:
+        record = records[key]
+        assert record["source_size"].tolist() == list(source)
+        pixels = _draft_decoded(files["jpg"], record["boxes"].tolist(), TEACHER_SIZE)
+        assert pixels.shape[-2:] == (math.ceil(source[0] / 8), math.ceil(source[1] / 8))  # 1/8 scale
+        boxes = np.array([_scaled(box, source, pixels.shape[-2:]) for box in record["boxes"].tolist()])
+        _assert_replayed(teacher, pixels, boxes, record["flips"], record["demo.image"])
+    cfg = compose_config(["model=test_tiny", "debug=tiny", f"data.sources.0.shards={out / '0.tar'}",
+                          "data.batch_size=4"])
+    preprocess = preprocess_from_config(cfg.model)
+    batch = next(iter(build_train_loader(cfg.data, preprocess, build_tokenizer(cfg.model), rank=0, world_size=1,
+                                         seed=0, reinforced=("demo",))))
+    for index, key in enumerate(batch.keys):
+        record, data = records[key], dict(samples)[key]["jpg"]
+        stored = torch.nn.functional.normalize(torch.from_numpy(record["demo.image"]), dim=-1)
+        choice = int((stored @ batch.teachers["demo"].image_features[index]).argmax())
+        # the stored rows reach the batch as unit vectors, the text row and the teacher's temperature with them
+        torch.testing.assert_close(batch.teachers["demo"].image_features[index], stored[choice])
+        torch.testing.assert_close(batch.teachers["demo"].text_features[index],
+                                   torch.nn.functional.normalize(torch.from_numpy(record["demo.text"]), dim=-1))
+        assert batch.teachers["demo"].logit_scale.item() == pytest.approx(teacher.logit_scale)
+        box, flip = record["boxes"][choice].tolist(), bool(record["flips"][choice])
+        pixels = _draft_decoded(data, [box], preprocess.image_size)
+        assert pixels.shape[-1] <= source[1] // 4
+        expected = functional.resized_crop(pixels, *_scaled(box, source, pixels.shape[-2:]),
+                                           [preprocess.image_size] * 2, interpolation=v1.InterpolationMode.BICUBIC,
+                                           antialias=True)
+        torch.testing.assert_close(batch.images[index], functional.horizontal_flip(expected) if flip else expected,
+                                   atol=0, rtol=0)
 
 
 @pytest.mark.distributed
@@ -203,6 +277,14 @@ def test_demo_distillation_recipes_run_on_two_ranks(recipe, demo_root, teachers,
     assert all(np.isfinite(row["loss"]) for row in rows if "loss" in row)
 
 
+@pytest.mark.distributed
+def test_teachers_sharded_under_fsdp2_and_in_bf16_give_the_unsharded_embeddings(teachers):
+    """On 2 ranks: the FSDP2-sharded teacher holds about half of its weights per rank and gives the unsharded fp32
+    teacher's embeddings (1e-5); in bf16 (sharded and not) within bf16 precision, and not bit for bit."""
+    result = torchrun(["tests/dist_scripts/sharded_teacher.py", str(teachers["ours"])], nproc=2)
+    assert result.stdout.count("sharded teacher ") == 3, result.stdout
+
+
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 def test_stored_embeddings_read_as_numpy_writes_them_and_normalise_to_unit_rows(dtype):
     """The reinforced reader's .npy parsing (a cached header, the values viewed in place) gives what np.load gives,
@@ -220,3 +302,7 @@ def test_stored_embeddings_read_as_numpy_writes_them_and_normalise_to_unit_rows(
             from_npy(corrupt)
     expected = rows.astype(np.float64) / np.linalg.norm(rows.astype(np.float64), axis=1, keepdims=True)
     torch.testing.assert_close(normalized_rows(list(rows)), torch.from_numpy(expected).float(), atol=1e-7, rtol=0)
+    # a sample of the format before the one-record layout (boxes in full-resolution pixels) is refused in one line
+    with pytest.raises(InputError, match="older contrastive-data reinforce.*write the set again"):
+        read_sample_files({"__url__": "old/0.tar", "distill.json": b"{}", "demo.img.npy": buffer.getvalue()},
+                          ("demo",))

@@ -1,12 +1,15 @@
 """`reinforce`: run the teachers once over a data set and write it again with their outputs (MobileCLIP's reinforced
 data sets; the per-sample format is contrastive.data.reinforced).
 
-Each sample gets K random augmentations (crop box and flip, drawn from a generator seeded by the run's seed and
-the sample's key, so a rerun draws the same ones); every teacher embeds each augmentation, cut at its own
-resolution from the full-resolution image, and the caption. Output shards keep their input names; each is written
-under a temporary name and renamed when whole, so a killed run resumes by skipping the shards that exist. Under
-torchrun each rank takes every world_size-th shard; ranks meet only at the end, where rank 0 writes
-`reinforce.json` (the teachers and their hashes, the options, and the size overhead).
+Each sample gets K random augmentations (crop box and flip, drawn on the stored image's size from a generator
+seeded by the run's seed and the sample's key, so a rerun draws the same ones); every teacher embeds each
+augmentation, cut at its own resolution, and the caption. JPEGs are decoded as the training stream decodes them: at
+a reduced DCT scale (draft mode) where every box keeps the largest teacher's resolution across, the boxes scaled to
+the decoded image (transforms.scale_crop), so a stored augmentation replayed on the same decode gives the same
+pixels. Output shards keep their input names; each is written under a temporary name and renamed when whole, so a
+killed run resumes by skipping the shards that exist. Under torchrun each rank takes every world_size-th shard;
+ranks meet only at the end, where rank 0 writes `reinforce.json` (the teachers and their hashes, the options, and
+the size overhead).
 """
 
 from __future__ import annotations
@@ -24,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.transforms.v2 import functional
+from PIL import Image
 
 from contrastive.data.reader import iter_shard
-from contrastive.data.reinforced import FULL_RESOLUTION, TEACHER_NAME, StoredTargets, encode_sample_files
+from contrastive.data.reinforced import TEACHER_NAME, StoredTargets, encode_sample_files
 from contrastive.data.transforms import (
     IMAGE_EXTENSIONS,
     BadSample,
@@ -35,6 +38,8 @@ from contrastive.data.transforms import (
     RandomCropFlip,
     apply_crop,
     decode_image,
+    scale_crop,
+    stored_decode_size,
     teacher_input,
 )
 from contrastive.encoders import LoadedEncoder, weights_hash
@@ -67,12 +72,15 @@ def draw_augmentations(height: int, width: int, key: str, options: ReinforceOpti
 
 
 @torch.no_grad()
-def embed_views(encoder: LoadedEncoder, pixels: list[torch.Tensor], augmentations: list[list[CropParams]],
-                device: torch.device, batch_size: int) -> list[np.ndarray]:
-    """Per sample, (K, D) the teacher's L2-normalised embeddings of its augmentations."""
+def embed_views(encoder: LoadedEncoder, pixels: list[torch.Tensor], source_sizes: list[tuple[int, int]],
+                augmentations: list[list[CropParams]], device: torch.device, batch_size: int) -> list[np.ndarray]:
+    """Per sample, (K, D) the teacher's L2-normalised embeddings of its augmentations (boxes in the stored image's
+    pixels, `pixels` as decoded)."""
     preprocess = encoder.preprocess
-    views = [apply_crop(image, params, preprocess.image_size, preprocess.interpolation)
-             for image, sample_augmentations in zip(pixels, augmentations) for params in sample_augmentations]
+    views = [apply_crop(image, scale_crop(params, source_size, tuple(image.shape[-2:])), preprocess.image_size,
+                        preprocess.interpolation)
+             for image, source_size, sample_augmentations in zip(pixels, source_sizes, augmentations)
+             for params in sample_augmentations]
     features = []
     for start in range(0, len(views), batch_size):
         batch = teacher_input(torch.stack(views[start:start + batch_size]).to(device), preprocess)
@@ -89,9 +97,10 @@ def embed_texts(encoder: LoadedEncoder, captions: list[str], device: torch.devic
     return torch.cat(rows).numpy()
 
 
-def _decoded(raw: dict) -> tuple[torch.Tensor, str]:
-    """(uint8 (3, H, W) at full resolution, where stored crop boxes lie; the caption), or BadSample as training
-    would count it."""
+def _decoded(raw: dict, key: str, size: int,
+             options: ReinforceOptions) -> tuple[torch.Tensor, tuple[int, int], list[CropParams], str]:
+    """(uint8 (3, h, w) as decoded for crops of `size` pixels across, the stored image's (height, width), the
+    augmentations drawn on it, the caption), or BadSample as training would count it."""
     data = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
     if data is None:
         raise BadSample("missing_image")
@@ -103,7 +112,13 @@ def _decoded(raw: dict) -> tuple[torch.Tensor, str]:
         raise BadSample("bad_caption_encoding", str(error)) from error
     if not caption:
         raise BadSample("empty_caption")
-    return functional.pil_to_tensor(decode_image(data, FULL_RESOLUTION)), caption
+    try:
+        width, height = Image.open(io.BytesIO(data)).size  # the header alone: no pixels decoded yet
+    except Exception as error:  # PIL raises many types for bad bytes
+        raise BadSample("corrupt_image", str(error)) from error
+    augmentations = draw_augmentations(height, width, key, options)
+    pixels = decode_image(data, stored_decode_size(augmentations, (height, width), size), pixels=True)
+    return pixels, (height, width), augmentations, caption
 
 
 def reinforce_shard(url: str, teachers: dict[str, LoadedEncoder], destination: Path, device: torch.device,
@@ -111,29 +126,32 @@ def reinforce_shard(url: str, teachers: dict[str, LoadedEncoder], destination: P
     """Write `destination` (a whole tar, renamed into place at the end): every good sample of `url` with its
     reinforcement. Returns (samples written, skip counts)."""
     skipped: Counter = Counter()
-    samples, pixels, captions, augmentations = [], [], [], []
+    samples, pixels, source_sizes, captions, augmentations = [], [], [], [], []
+    largest = max(encoder.preprocess.image_size for encoder in teachers.values())
     for raw in iter_shard(url, skipped):
         try:
-            image, caption = _decoded(raw)
+            image, source_size, sample_augmentations, caption = _decoded(raw, str(raw["__key__"]), largest, options)
         except BadSample as bad:
             skipped[bad.reason] += 1
             continue
         samples.append(raw)
         pixels.append(image)
+        source_sizes.append(source_size)
         captions.append(caption)
-        augmentations.append(draw_augmentations(image.shape[-2], image.shape[-1], str(raw["__key__"]), options))
-    embeddings = {name: embed_views(encoder, pixels, augmentations, device, options.batch_size)
+        augmentations.append(sample_augmentations)
+    embeddings = {name: embed_views(encoder, pixels, source_sizes, augmentations, device, options.batch_size)
                   for name, encoder in teachers.items()}
     texts = {name: embed_texts(encoder, captions, device, options.batch_size) if encoder.has_text_tower else None
              for name, encoder in teachers.items()}
     temporary = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
     with tarfile.open(temporary, "w", format=tarfile.USTAR_FORMAT) as archive:
         for index, raw in enumerate(samples):
-            targets = StoredTargets(
-                augmentations[index], {name: embeddings[name][index] for name in teachers},
-                {name: None if texts[name] is None else texts[name][index] for name in teachers},
-                {name: encoder.logit_scale for name, encoder in teachers.items()},
-                {name: encoder.logit_bias for name, encoder in teachers.items()})
+            targets = StoredTargets.of(
+                source_sizes[index], augmentations[index],
+                image_embeddings={name: embeddings[name][index] for name in teachers},
+                text_embeddings={name: None if texts[name] is None else texts[name][index] for name in teachers},
+                logit_scales={name: encoder.logit_scale for name, encoder in teachers.items()},
+                logit_biases={name: encoder.logit_bias for name, encoder in teachers.items()})
             files = {ext: data for ext, data in raw.items() if not ext.startswith("__")}
             files.update(encode_sample_files(targets, options.dtype))
             for extension, data in files.items():

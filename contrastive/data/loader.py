@@ -15,7 +15,6 @@ from contrastive.data.boxes import DecoderTasks
 from contrastive.data.naflex import NaFlexResize, PatchNormalize
 from contrastive.data.plan import RunPlan, plan_finite_run
 from contrastive.data.reader import iter_shard
-from contrastive.data.reinforced import FULL_RESOLUTION
 from contrastive.data.remote import RECOVERED_READ, RetryPolicy
 from contrastive.data.shards import check_epoch_mode_slots, check_shards_exist, expand_shards
 from contrastive.data.stream import ImageTextStream, NaFlexSchedule, Source, StreamLayout, decode_sample
@@ -113,8 +112,7 @@ def build_train_loader(
         transform = TeacherViewCrops(transform, *teacher_view)
         decode_size = max(decode_size, train_decode_size(teacher_view[0], tuple(data.crop_scale)))
     if reinforced:
-        transform = StoredCrop(image_size, preprocess.interpolation)
-        decode_size = FULL_RESOLUTION  # stored crop boxes are in the full-resolution image's pixels
+        transform = StoredCrop(image_size, preprocess.interpolation)  # the stream sets each sample's decode size
     naflex = patch_normalize = None
     if data.naflex_seq_lens:
         if preprocess.patch_size is None:

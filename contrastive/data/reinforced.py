@@ -2,19 +2,23 @@
 their teachers' embeddings and the augmentations they were computed on (`contrastive-data reinforce` writes them,
 the training stream reads them with loss.distillation.reinforced=true).
 
-Per sample, beside the original files:
-- `KEY.distill.json`: {"augmentations": [{"top", "left", "height", "width", "flip"}, ...] (in the decoded image's
-  pixels), "teachers": {name: {"logit_scale": float | null, "logit_bias": float | null}}}
-- `KEY.<teacher>.img.npy`: (K, D) the teacher's L2-normalised image embedding of each of the K augmentations
-- `KEY.<teacher>.txt.npy`: (D,) its text embedding of the caption, where the teacher has a text tower
-stored as float16 by default (float32 on request).
+Per sample, beside the original files, one member `KEY.distill.npy`: a 0-d structured array (one tar member, one
+cached header parse and one view of the bytes per sample: three members per sample read a third slower) with
+- `source_size`: (2,) int32, the image's (height, width) as stored, before any JPEG draft decoding
+- `boxes`: (K, 4) int32, each augmentation's crop (top, left, height, width) in the stored image's pixels; a reader
+  that decodes a JPEG at a reduced scale scales them to the decoded size (transforms.scale_crop)
+- `flips`: (K,) bool
+- `<teacher>.image`: (K, D) the teacher's L2-normalised image embedding of each augmentation
+- `<teacher>.text`: (D,) its text embedding of the caption, where the teacher has a text tower
+- `<teacher>.logit_scale`, `<teacher>.logit_bias`: float64 scalars, where the teacher has them
+embeddings stored as float16 by default (float32 on request). Sets written before this format (a `distill.json`
+and per-teacher `.img.npy` / `.txt.npy` members, boxes in full-resolution pixels) are refused in one line.
 """
 
 from __future__ import annotations
 
 import functools
 import io
-import json
 import math
 import re
 from collections.abc import Sequence
@@ -24,19 +28,12 @@ import numpy as np
 import torch
 
 from contrastive.data.transforms import BadSample, CropParams
+from contrastive.errors import InputError
 
-METADATA = "distill.json"
-TEACHER_NAME = re.compile(r"[A-Za-z0-9_-]+")  # a teacher's name is part of its files' extensions
-FULL_RESOLUTION = 1 << 16  # a decode size that keeps JPEGs at full size: crop boxes are stored in those pixels
+RECORD = "distill.npy"
+OLD_FORMAT_MEMBER = "distill.json"  # the metadata member of the format before RECORD
+TEACHER_NAME = re.compile(r"[A-Za-z0-9_-]+")  # a teacher's name is part of its record's field names
 DTYPES = {"float16": np.float16, "float32": np.float32}
-
-
-def image_extension(teacher: str) -> str:
-    return f"{teacher}.img.npy"
-
-
-def text_extension(teacher: str) -> str:
-    return f"{teacher}.txt.npy"
 
 
 def to_npy(array: np.ndarray) -> bytes:
@@ -48,7 +45,7 @@ def to_npy(array: np.ndarray) -> bytes:
 @functools.lru_cache(maxsize=256)
 def _npy_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
     """(shape, fortran order, dtype) of an .npy header. Parsing one (numpy evaluates it as a Python literal) costs
-    more than the rest of a reinforced sample's reading, and a data set's headers repeat: one shape per teacher."""
+    more than the rest of a reinforced sample's reading, and a data set's headers repeat: one per teacher set and K."""
     stream = io.BytesIO(header)
     version = np.lib.format.read_magic(stream)
     if version == (1, 0):
@@ -71,47 +68,72 @@ def from_npy(data: bytes) -> np.ndarray:
 class StoredTargets:
     """One sample's reinforcement: its augmentations and, per teacher, their embeddings."""
 
-    augmentations: list[CropParams]
+    source_size: tuple[int, int]  # (height, width) of the stored image, the pixels the boxes are in
+    boxes: np.ndarray  # (K, 4) int: top, left, height, width
+    flips: np.ndarray  # (K,) bool
     image_embeddings: dict[str, np.ndarray]  # teacher -> (K, D)
     text_embeddings: dict[str, np.ndarray | None]  # teacher -> (D,) or None
     logit_scales: dict[str, float | None]
     logit_biases: dict[str, float | None]
 
+    @classmethod
+    def of(cls, source_size: tuple[int, int], augmentations: list[CropParams], **rest) -> StoredTargets:
+        boxes = np.asarray([[p.top, p.left, p.height, p.width] for p in augmentations], dtype=np.int32)
+        return cls(source_size, boxes.reshape(len(augmentations), 4),
+                   np.asarray([p.flip for p in augmentations], dtype=bool), **rest)
+
+    def augmentation(self, index: int) -> CropParams:
+        """The index-th stored augmentation (built on demand: training replays one per sample)."""
+        return CropParams(*self.boxes[index].tolist(), flip=bool(self.flips[index]))
+
 
 def encode_sample_files(targets: StoredTargets, dtype: str = "float16") -> dict[str, bytes]:
-    """The files a reinforced sample adds, extension -> bytes."""
-    metadata = {"augmentations": [params.to_dict() for params in targets.augmentations],
-                "teachers": {name: {"logit_scale": targets.logit_scales[name], "logit_bias": targets.logit_biases[name]}
-                             for name in targets.image_embeddings}}
-    files = {METADATA: json.dumps(metadata).encode()}
+    """The member a reinforced sample adds, extension -> bytes."""
+    values = {"source_size": np.asarray(targets.source_size, dtype=np.int32),
+              "boxes": targets.boxes.astype(np.int32), "flips": targets.flips.astype(bool)}
     for name, embeddings in targets.image_embeddings.items():
-        files[image_extension(name)] = to_npy(embeddings.astype(DTYPES[dtype]))
+        values[f"{name}.image"] = embeddings.astype(DTYPES[dtype])
         if targets.text_embeddings.get(name) is not None:
-            files[text_extension(name)] = to_npy(targets.text_embeddings[name].astype(DTYPES[dtype]))
-    return files
+            values[f"{name}.text"] = targets.text_embeddings[name].astype(DTYPES[dtype])
+        for field, scalars in (("logit_scale", targets.logit_scales), ("logit_bias", targets.logit_biases)):
+            if scalars.get(name) is not None:
+                values[f"{name}.{field}"] = np.float64(scalars[name])
+    record = np.zeros((), dtype=[(field, value.dtype, value.shape) for field, value in values.items()])
+    for field, value in values.items():
+        record[field] = value
+    return {RECORD: to_npy(record)}
 
 
 def read_sample_files(raw: dict, teachers: tuple[str, ...]) -> StoredTargets:
-    """A raw sample's reinforcement for `teachers`; BadSample("missing_teacher_embeddings") where any is absent."""
-    if METADATA not in raw or any(image_extension(name) not in raw for name in teachers):
-        raise BadSample("missing_teacher_embeddings", f"needs {METADATA} and the embeddings of {', '.join(teachers)}: "
-                        "write them with contrastive-data reinforce")
+    """A raw sample's reinforcement for `teachers`; BadSample("missing_teacher_embeddings") where any is absent,
+    InputError where the sample is in the format before RECORD."""
+    if RECORD not in raw:
+        if OLD_FORMAT_MEMBER in raw:
+            raise InputError(f"{raw.get('__url__')}: written by an older contrastive-data reinforce (a "
+                             f"{OLD_FORMAT_MEMBER} per sample, crop boxes in full-resolution pixels); write the set "
+                             f"again with contrastive-data reinforce")
+        raise BadSample("missing_teacher_embeddings", f"needs {RECORD}: write it with contrastive-data reinforce")
     try:
-        metadata = json.loads(raw[METADATA])
-        augmentations = [CropParams(**params) for params in metadata["augmentations"]]
-        images = {name: from_npy(raw[image_extension(name)]) for name in teachers}
-        texts = {name: from_npy(raw[text_extension(name)]) if text_extension(name) in raw else None
-                 for name in teachers}
-        teacher_info = {name: metadata["teachers"][name] for name in teachers}
-    except (ValueError, KeyError, TypeError) as error:
+        record = from_npy(raw[RECORD])
+        fields = record.dtype.names or ()
+        missing = [name for name in teachers if f"{name}.image" not in fields]
+        if missing:
+            raise KeyError(f"no embeddings of {', '.join(missing)}")
+        height, width = record["source_size"].tolist()
+        boxes, flips = record["boxes"], record["flips"]
+        images = {name: record[f"{name}.image"] for name in teachers}
+        texts = {name: record[f"{name}.text"] if f"{name}.text" in fields else None for name in teachers}
+        scalars = {field: {name: float(record[f"{name}.{field}"]) if f"{name}.{field}" in fields else None
+                           for name in teachers} for field in ("logit_scale", "logit_bias")}
+    except (ValueError, KeyError, TypeError, IndexError) as error:
         raise BadSample("missing_teacher_embeddings", f"unreadable reinforcement: {error}") from error
-    if any(len(embeddings) != len(augmentations) for embeddings in images.values()):
+    if len(flips) != len(boxes) or any(len(embeddings) != len(boxes) for embeddings in images.values()):
         raise BadSample("missing_teacher_embeddings", "embedding count differs from the augmentation count")
-    return StoredTargets(augmentations, images, texts, {n: i["logit_scale"] for n, i in teacher_info.items()},
-                         {n: i["logit_bias"] for n, i in teacher_info.items()})
+    return StoredTargets((height, width), boxes, flips, images, texts, scalars["logit_scale"], scalars["logit_bias"])
 
 
-def normalized_rows(embeddings: Sequence[np.ndarray]) -> torch.Tensor:
+def normalized_rows(embeddings: Sequence[np.ndarray], out: torch.Tensor | None = None) -> torch.Tensor:
     """Stored embeddings (fp16 rounding moves them off the unit sphere), (D,) each -> fp32 unit rows (N, D), in one
-    tensor operation per batch."""
-    return torch.nn.functional.normalize(torch.from_numpy(np.stack(embeddings).astype(np.float32)), dim=-1, eps=1e-12)
+    tensor operation per batch; into `out` where given."""
+    return torch.nn.functional.normalize(torch.from_numpy(np.stack(embeddings).astype(np.float32)), dim=-1, eps=1e-12,
+                                         out=out)

@@ -42,7 +42,14 @@ from contrastive.data.reader import RawSample, iter_shard
 from contrastive.data.reinforced import normalized_rows, read_sample_files
 from contrastive.data.remote import DEFAULT_RETRY, RetryPolicy
 from contrastive.data.shards import shards_for_slot, slot_seed
-from contrastive.data.transforms import IMAGE_EXTENSIONS, BadSample, DeviceJpeg, DeviceJpegCrop, decode_image
+from contrastive.data.transforms import (
+    IMAGE_EXTENSIONS,
+    BadSample,
+    DeviceJpeg,
+    DeviceJpegCrop,
+    decode_image,
+    stored_decode_size,
+)
 from contrastive.errors import InputError
 from contrastive.types import Batch, StreamPosition, TeacherTargets
 
@@ -352,13 +359,17 @@ class ImageTextStream(IterableDataset):
                                               consumed))
                 transform = self.transform.crop_with_region if self.decoder_tasks is not None else self.transform
                 transform = partial(transform, generator=augment, **sizing)
+                decode_size = self.decode_size
                 if self.reinforced:  # one of the stored augmentations, drawn from the sample's generator
                     stored = read_sample_files(raw, self.reinforced)
-                    choice = int(torch.randint(len(stored.augmentations), (1,), generator=augment))
-                    transform = partial(self.transform, params=stored.augmentations[choice])
+                    choice = int(torch.randint(len(stored.boxes), (1,), generator=augment))
+                    params = stored.augmentation(choice)
+                    transform = partial(self.transform, params=params, source_size=stored.source_size)
+                    # JPEGs draft-decoded just large enough for this box at the student's size (StoredCrop scales it)
+                    decode_size = stored_decode_size([params], stored.source_size, self.image_size)
                 # crop transforms take uint8 tensors (transforms.as_pixels); NaFlex's resize takes PIL images
                 image, caption, label = decode_sample(raw, transform, self.image_size,
-                                                      decode_size=self.decode_size, min_image_size=self.min_image_size,
+                                                      decode_size=decode_size, min_image_size=self.min_image_size,
                                                       pixels=self.naflex is None, device_jpeg=None
                                                       if self.device_jpeg is None
                                                       else partial(self.device_jpeg, generator=augment))
@@ -428,7 +439,7 @@ class ImageTextStream(IterableDataset):
                     teacher_images=views[0] if self.teacher_view else None,
                     tokens=self.tokenizer(captions), keys=keys, labels=torch.tensor(labels),
                     stream_position=window_end, captions=captions,
-                    teachers=self._stored_targets(stored_rows),
+                    teachers=self._stored_targets(stored_rows, in_worker),
                     jpeg_bytes=jpeg_bytes, jpeg_crops=jpeg_crops,
                     **self._decoder_fields(decoder_texts),
                 )
@@ -441,16 +452,35 @@ class ImageTextStream(IterableDataset):
             captions, labels, keys, stored_rows, decoder_texts = [], [], [], [], []
             jpeg_bytes, jpeg_crops = [], []
 
-    def _stored_targets(self, rows: list[dict]) -> dict[str, TeacherTargets]:
-        """A batch's stored teacher targets (reinforced data), teacher -> TeacherTargets."""
+    def _stored_targets(self, rows: list[dict], in_worker: bool) -> dict[str, TeacherTargets]:
+        """A batch's stored teacher targets (reinforced data), teacher -> TeacherTargets, all views of one float32
+        buffer: a DataLoader worker hands each storage to the main process through a file descriptor and a
+        socket round trip (~1 ms on a loaded machine), once per storage however many tensors view it."""
+        if not rows:
+            return {}
+        columns = {name: list(zip(*(row[name] for row in rows))) for name in self.reinforced}  # image, text, s, b
+        sizes = {name: (image[0].shape[-1], None if text[0] is None else text[0].shape[-1])
+                 for name, (image, text, _, _) in columns.items()}
+        total = sum(len(rows) * (image + (text or 0)) + 2 for image, text in sizes.values())
+        buffer, offset = _batch_tensor((total,), in_worker, torch.float32), 0
+
+        def take(count: int) -> torch.Tensor:
+            nonlocal offset
+            offset += count
+            return buffer[offset - count:offset]
+
         targets = {}
-        for name in self.reinforced:
-            image, text, scale, bias = zip(*(row[name] for row in rows))
+        for name, (image, text, scale, bias) in columns.items():
+            image_width, text_width = sizes[name]
+            image_rows = normalized_rows(image, out=take(len(rows) * image_width).view(len(rows), image_width))
+            text_rows = None if text[0] is None else normalized_rows(
+                text, out=take(len(rows) * text_width).view(len(rows), text_width))
+            scalars = take(2)
+            scalars[0], scalars[1] = scale[0] or 0.0, bias[0] or 0.0
             targets[name] = TeacherTargets(
-                image_features=normalized_rows(image),
-                text_features=None if text[0] is None else normalized_rows(text),
-                logit_scale=None if scale[0] is None else torch.tensor(scale[0]),
-                logit_bias=None if bias[0] is None else torch.tensor(bias[0]))
+                image_features=image_rows, text_features=text_rows,
+                logit_scale=None if scale[0] is None else scalars[0],
+                logit_bias=None if bias[0] is None else scalars[1])
         return targets
 
     def _decoder_fields(self, decoder_texts: list[tuple[str, str, int]]) -> dict[str, torch.Tensor]:

@@ -311,11 +311,36 @@ class CropParams:
 
 def apply_crop(pixels: torch.Tensor, params: CropParams, size: int,
                interpolation: v2.InterpolationMode | str) -> torch.Tensor:
-    """uint8 (3, H, W) -> uint8 (3, size, size): the crop resized (antialiased), then the flip."""
-    mode = _interpolation(interpolation) if isinstance(interpolation, str) else interpolation
-    crop = functional.resized_crop(pixels, params.top, params.left, params.height, params.width, [size, size],
-                                   interpolation=mode, antialias=True)
-    return functional.horizontal_flip(crop) if params.flip else crop
+    """uint8 (3, H, W), planar or channels-last (as_pixels) -> uint8 (3, size, size): the crop resized
+    (antialiased), then the flip. torch's kernel straight away, as torchvision's resized_crop calls it after its
+    checks: the same pixels whichever the layout."""
+    mode = (_interpolation(interpolation) if isinstance(interpolation, str) else interpolation).value
+    crop = pixels[:, params.top:params.top + params.height, params.left:params.left + params.width].unsqueeze(0)
+    crop = torch.nn.functional.interpolate(crop, size=(size, size), mode=mode,
+                                           align_corners=None if mode == "nearest" else False,
+                                           antialias=mode != "nearest")[0]
+    return crop.flip(-1) if params.flip else crop
+
+
+def scale_crop(params: CropParams, source_size: tuple[int, int], decoded_size: tuple[int, int]) -> CropParams:
+    """A crop box drawn on the stored image (height, width) `source_size`, on the same image decoded at
+    `decoded_size` (a JPEG draft-decoded at 1/2, 1/4 or 1/8 scale): each edge scaled and rounded, at least one
+    pixel kept. The identity where the sizes agree (full decoding, every other format)."""
+    if tuple(source_size) == tuple(decoded_size):
+        return params
+    (source_height, source_width), (height, width) = source_size, decoded_size
+    top = min(round(params.top * height / source_height), height - 1)
+    left = min(round(params.left * width / source_width), width - 1)
+    bottom = max(round((params.top + params.height) * height / source_height), top + 1)
+    right = max(round((params.left + params.width) * width / source_width), left + 1)
+    return CropParams(top, left, bottom - top, right - left, params.flip)
+
+
+def stored_decode_size(boxes: list[CropParams], source_size: tuple[int, int], size: int) -> int:
+    """The decode size (decode_image's draft request) at which each of `boxes`, drawn on a `source_size` image,
+    keeps at least about `size` pixels on both sides once scaled to the decoded image (scale_crop)."""
+    height, width = source_size
+    return math.ceil(size * max(max(height / box.height, width / box.width) for box in boxes))
 
 
 class TeacherViewCrops:
@@ -336,13 +361,17 @@ class TeacherViewCrops:
 
 
 class StoredCrop:
-    """(PIL image, params) -> uint8 (3, size, size): a stored augmentation (a reinforced data set's) replayed."""
+    """(PIL image, params, source_size) -> uint8 (3, size, size): a stored augmentation (a reinforced data set's, its
+    box in the stored image's pixels) replayed on the image as decoded, draft decoding included (scale_crop)."""
 
     def __init__(self, size: int, interpolation: str) -> None:
         self.size, self.interpolation = size, _interpolation(interpolation)
 
-    def __call__(self, image: Image.Image | torch.Tensor, params: CropParams) -> torch.Tensor:
-        return apply_crop(_planar(image), params, self.size, self.interpolation)
+    def __call__(self, image: Image.Image | torch.Tensor, params: CropParams,
+                 source_size: tuple[int, int]) -> torch.Tensor:
+        pixels = as_pixels(image)
+        return apply_crop(pixels, scale_crop(params, source_size, tuple(pixels.shape[-2:])), self.size,
+                          self.interpolation)
 
 
 def teacher_input(pixels: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
