@@ -11,7 +11,6 @@ import copy
 import sys
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from contrastive.dist import LocalCollectives, init_distributed, shutdown_distributed
 from contrastive.dist.parallel import parallelize
@@ -19,6 +18,7 @@ from contrastive.losses import build_loss
 from contrastive.models import build_model
 from contrastive.types import Batch
 from tests.conftest import compose_config
+from tests.dist_scripts.parity import full_gradients, parity_failures, report
 
 RTOL, ATOL = 1e-4, 1e-6  # fp32; the reductions differ in order from the one-process sums
 LOCAL_BATCH = 3
@@ -48,11 +48,7 @@ def loss_and_gradients(model, objective, batch: Batch, collectives) -> tuple[tor
                    decoder_prompt_lengths=batch.decoder_prompt_lengths)
     loss = objective(output, batch, collectives).loss
     loss.backward()
-    grads = {}
-    for name, parameter in model.named_parameters():
-        grad = parameter.grad
-        grads[name] = grad.full_tensor() if isinstance(grad, DTensor) else grad.clone()
-    return loss.detach(), grads
+    return loss.detach(), full_gradients(model)
 
 
 def main() -> int:
@@ -72,17 +68,10 @@ def main() -> int:
         loss, grads = loss_and_gradients(model, objective, local, env.collectives)
         mean_loss = env.collectives.all_reduce_mean(loss)
         if env.rank == 0:
-            plain = {name.removeprefix("module."): grad for name, grad in grads.items()}
-            failures = [] if plain.keys() == expected.keys() else ["parameter names differ"]
-            failures += [f"{name}: max abs diff {(plain[name] - grad).abs().max().item():.2e}"
-                         for name, grad in expected.items()
-                         if name in plain and not torch.allclose(plain[name], grad, rtol=RTOL, atol=ATOL)]
-            if not torch.allclose(mean_loss, expected_loss, rtol=1e-5):
-                failures.append(f"loss {mean_loss.item()} vs {expected_loss.item()}")
+            failures = parity_failures(mean_loss, grads, expected_loss, expected, RTOL, ATOL)
             all_ok &= not failures
-            print(f"siglip_locca {strategy} world={env.world_size}: loss {mean_loss.item():.6f} (one process "
-                  f"{expected_loss.item():.6f}), {len(expected)} gradients: "
-                  + ("OK" if not failures else "FAIL " + "; ".join(failures[:5])), flush=True)
+            report(f"siglip_locca {strategy} world={env.world_size}", mean_loss, expected_loss, len(expected),
+                   failures)
     ok = env.collectives.broadcast_object(all_ok)
     shutdown_distributed()
     return 0 if ok else 1

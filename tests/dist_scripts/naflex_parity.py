@@ -13,7 +13,6 @@ import sys
 
 import torch
 from PIL import Image
-from torch.distributed.tensor import DTensor
 
 from contrastive.data.naflex import NaFlexResize, PatchNormalize, pack
 from contrastive.dist import LocalCollectives, init_distributed, shutdown_distributed
@@ -22,6 +21,7 @@ from contrastive.losses import build_loss
 from contrastive.models import build_model
 from contrastive.types import Batch
 from tests.conftest import compose_config
+from tests.dist_scripts.parity import full_gradients, parity_failures, report
 
 RTOL, ATOL = 1e-4, 1e-6  # fp32; the reductions differ in order from the one-process sums
 LOCAL_BATCH = 3
@@ -51,12 +51,7 @@ def loss_and_gradients(model, objective, batch: Batch, collectives) -> tuple[tor
     output = model(batch.images, batch.tokens, patch_coord=batch.patch_coord, patch_valid=batch.patch_valid)
     loss = objective(output, batch, collectives).loss
     loss.backward()
-    grads = {}
-    for name, parameter in model.named_parameters():
-        grad = parameter.grad
-        grads[name.replace("_checkpoint_wrapped_module.", "")] = (grad.full_tensor() if isinstance(grad, DTensor)
-                                                                   else grad.clone())
-    return loss.detach(), grads
+    return loss.detach(), full_gradients(model)
 
 
 def main() -> int:
@@ -74,16 +69,10 @@ def main() -> int:
         loss, grads = loss_and_gradients(model, objective, local, env.collectives)
         mean_loss = env.collectives.all_reduce_mean(loss)
         if env.rank == 0:
-            failures = [] if grads.keys() == expected.keys() else ["parameter names differ"]
-            failures += [f"{name}: max abs diff {(grads[name] - grad).abs().max().item():.2e}"
-                         for name, grad in expected.items()
-                         if name in grads and not torch.allclose(grads[name], grad, rtol=RTOL, atol=ATOL)]
-            if not torch.allclose(mean_loss, expected_loss, rtol=1e-5):
-                failures.append(f"loss {mean_loss.item()} vs {expected_loss.item()}")
+            failures = parity_failures(mean_loss, grads, expected_loss, expected, RTOL, ATOL)
             all_ok &= not failures
-            print(f"naflex siglip fsdp activation_checkpointing={checkpointing} world={env.world_size}: loss "
-                  f"{mean_loss.item():.6f} (one process {expected_loss.item():.6f}), {len(expected)} gradients: "
-                  + ("OK" if not failures else "FAIL " + "; ".join(failures[:5])), flush=True)
+            report(f"naflex siglip fsdp activation_checkpointing={checkpointing} world={env.world_size}", mean_loss,
+                   expected_loss, len(expected), failures)
     ok = env.collectives.broadcast_object(all_ok)
     shutdown_distributed()
     return 0 if ok else 1
