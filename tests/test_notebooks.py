@@ -17,6 +17,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 def _execute(name: str, tmp_path, monkeypatch, **env: str) -> None:
     monkeypatch.setenv("CONTRASTIVE_NOTEBOOK_WORK", str(tmp_path / "work"))
     monkeypatch.setenv("WANDB_MODE", "disabled")
+    # One thread: two OpenMP threads on a busy 2-core machine spin against each other (the linear-probe notebook
+    # took 778 s instead of ~76 s beside one other 2-thread job); one thread costs little when the machine is free.
+    monkeypatch.setenv("CONTRASTIVE_THREADS", "1")
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     notebook = nbformat.read(REPO / "notebooks" / name, as_version=4)
