@@ -95,11 +95,6 @@ def as_pixels(image: Image.Image | torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(np.asarray(image)).permute(2, 0, 1)
 
 
-def _planar(image: Image.Image | torch.Tensor) -> torch.Tensor:
-    """uint8 (3, H, W), contiguous planes: what torchvision's functional ops were given before tensors came in."""
-    return image.contiguous() if isinstance(image, torch.Tensor) else functional.pil_to_tensor(image)
-
-
 def naflex_decode_size(patch_size: int, max_patches: int) -> int:
     """The shorter side to decode JPEGs at (draft mode) for NaFlex: a grid within max_patches patches has at most
     about sqrt(max_patches) of them on its shorter side, and draft decoding keeps the aspect ratio."""
@@ -203,7 +198,7 @@ class RandomCropFlip:
                          generator: torch.Generator) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
         """The random resized crop without the flip, and its region (top, left, height, width) in source pixels:
         what moves a sample's boxes with it (contrastive.data.boxes.crop_boxes)."""
-        pixels = _planar(image)  # uint8 (3, H, W)
+        pixels = as_pixels(image)  # uint8 (3, H, W)
         region = self.crop_box(*pixels.shape[-2:], generator)
         return apply_crop(pixels, CropParams(*region, flip=False), self.size, self.interpolation), region
 
@@ -354,7 +349,7 @@ class TeacherViewCrops:
 
     def __call__(self, image: Image.Image | torch.Tensor,
                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        pixels = _planar(image)
+        pixels = as_pixels(image)
         params = self.student.draw(*pixels.shape[-2:], generator)
         return (apply_crop(pixels, params, self.student.size, self.student.interpolation),
                 apply_crop(pixels, params, self.teacher_size, self.teacher_interpolation))
