@@ -44,6 +44,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from provenance import git_commit  # benchmarks/ is on the path: run as a script, or by the scripts importing this
+
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 224
 CROP_SCALE = (0.9, 1.0)
@@ -219,13 +221,6 @@ def run_reference(pattern: str, args: argparse.Namespace) -> dict[str, float]:
     return time_batches(data.dataloader, args.batches, args.workers, args.batch_size)
 
 
-def _commit() -> str:
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
-                           text=True, check=False)
-    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards-dir", type=Path, default=Path(tempfile.gettempdir()) / "contrastive-bench-shards")
@@ -247,7 +242,7 @@ def main() -> None:
         print(json.dumps(run_reference(patterns[args.sets[0]], args)))
         return
     sys.path.insert(0, str(REPO))  # our code from this checkout, installed or not
-    figures = {"commit": _commit(), "command": shlex.join([sys.executable, *sys.argv]), "image_size": IMAGE_SIZE,
+    figures = {"commit": git_commit(), "command": shlex.join([sys.executable, *sys.argv]), "image_size": IMAGE_SIZE,
                "crop_scale": CROP_SCALE, "batch_size": args.batch_size, "workers": args.workers,
                "load_average_before": os.getloadavg(), "sets": {}}
     if args.profile:
