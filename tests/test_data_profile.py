@@ -43,6 +43,6 @@ def test_profile_smoke_run_reports_every_stage_and_the_stages_add_up(tmp_path):
             assert math.isclose(profile["sum_us"], sum(stages.values()), rel_tol=1e-9)
             assert math.isclose(profile["sum_us_without_normalise"], profile["sum_us"] - stages["normalise"],
                                 rel_tol=1e-9)
-            # The stages are disjoint intervals inside the loop, so they cannot exceed it; what they leave out is
-            # the loop's own bookkeeping, a small part of decoding and resizing images.
-            assert 0.6 * profile["measured_us"] < profile["sum_us"] <= profile["measured_us"], (name, pipeline)
+            # The stages are disjoint intervals inside the loop, so they cannot exceed it (a stage timed twice
+            # would). No lower bound: how much of the loop they cover depends on the machine's load.
+            assert profile["sum_us"] <= profile["measured_us"], (name, pipeline)
