@@ -10,7 +10,9 @@ its device; here that normalisation runs in the main process on the CPU, inside 
 wall second and per CPU second of all processes (for ours also without the main process's normalisation, which a
 GPU node's device does), timed after the first batch of every worker (start-up excluded),
 medians over rounds that alternate ours and open_clip (which goes first alternates too), ours / open_clip per set,
-and the load average before and after (the machine may be shared).
+and the load average before and after (the machine may be shared). Both pipelines run under the same allocator
+setting: torch's CPU allocator with transparent huge pages for allocations of 2 MB and more, which contrastive turns
+on when it is imported (THP_MEM_ALLOC_ENABLE=1, contrastive/__init__.py), unless --allocator default.
 
 --profile prints where our per-sample time goes instead (one process, no workers): reading the tar, decoding,
 the crop and resize, copying into the batch, tokenizing and normalising (per batch, shown per sample).
@@ -147,8 +149,7 @@ def _our_parts():
 
 
 def run_ours(pattern: str, args: argparse.Namespace) -> dict[str, float]:
-    from torch.utils.data import DataLoader
-
+    from contrastive.data.batch_memory import StreamLoader
     from contrastive.data.shards import expand_shards
     from contrastive.data.stream import ImageTextStream, Source, StreamLayout
 
@@ -157,8 +158,7 @@ def run_ours(pattern: str, args: argparse.Namespace) -> dict[str, float]:
                           shuffle_buffer=args.shuffle_buffer)
     stream = ImageTextStream([Source("bench", expand_shards(pattern), 1.0)], layout, transform, tokenizer,
                              IMAGE_SIZE, args.batch_size, decode_size=decode_size)
-    loader = DataLoader(stream, batch_size=None, num_workers=args.workers, persistent_workers=args.workers > 0,
-                        prefetch_factor=4 if args.workers else None)
+    loader = StreamLoader(stream, num_workers=args.workers)  # as contrastive.data.loader builds it
     return time_batches(loader, args.batches, args.workers, args.batch_size, normalize.batch)
 
 
@@ -234,9 +234,14 @@ def main() -> None:
     parser.add_argument("--profile-samples", type=int, default=512)
     parser.add_argument("--reference-python", default=sys.executable,
                         help="interpreter with open_clip_train and webdataset<=0.2.86 (see the docstring)")
+    parser.add_argument("--allocator", choices=("huge-pages", "default"), default="huge-pages",
+                        help="torch's CPU allocator for both pipelines: THP_MEM_ALLOC_ENABLE=1 (what contrastive "
+                             "sets) or torch's default")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--run-reference", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    # torch reads it at its first allocation, so before anything here imports torch; the reference inherits it
+    os.environ["THP_MEM_ALLOC_ENABLE"] = "1" if args.allocator == "huge-pages" else "0"
     patterns = {name: build_shards(args.shards_dir, name) for name in args.sets}
     if args.run_reference:
         print(json.dumps(run_reference(patterns[args.sets[0]], args)))
@@ -244,6 +249,8 @@ def main() -> None:
     sys.path.insert(0, str(REPO))  # our code from this checkout, installed or not
     figures = {"commit": git_commit(), "command": shlex.join([sys.executable, *sys.argv]), "image_size": IMAGE_SIZE,
                "crop_scale": CROP_SCALE, "batch_size": args.batch_size, "workers": args.workers,
+               "allocator": {"both_pipelines": args.allocator,
+                             "THP_MEM_ALLOC_ENABLE": os.environ["THP_MEM_ALLOC_ENABLE"]},
                "load_average_before": os.getloadavg(), "sets": {}}
     if args.profile:
         figures["profile_ms_per_sample"] = {
@@ -259,7 +266,7 @@ def main() -> None:
                 command = [args.reference_python, __file__, "--run-reference", "--sets", name,
                            "--shards-dir", str(args.shards_dir), "--batch-size", str(args.batch_size),
                            "--workers", str(args.workers), "--batches", str(args.batches),
-                           "--shuffle-buffer", str(args.shuffle_buffer)]
+                           "--shuffle-buffer", str(args.shuffle_buffer), "--allocator", args.allocator]
                 for pipeline in (("ours", "open_clip") if round_index % 2 == 0 else ("open_clip", "ours")):
                     if pipeline == "ours":
                         runs[name]["ours"].append(run_ours(patterns[name], args))

@@ -123,6 +123,9 @@ class Batch:
     # the sample itself (not a JPEG), whose crop is already in `images`.
     jpeg_bytes: list[bytes | None] = field(default_factory=list)
     jpeg_crops: list[tuple[int, int, int, int, bool]] = field(default_factory=list)
+    # (DataLoader worker, its batch number) when `images` is that worker's reusable shared memory, which the main
+    # process copies out of and releases (contrastive.data.batch_memory.StreamLoader)
+    shared_images: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]

@@ -18,6 +18,7 @@ from contrastive.data.transforms import (
     BatchNormalize,
     build_train_transform,
     decode_image,
+    jpeg_frame,
     train_decode_size,
 )
 from contrastive.types import Batch
@@ -110,13 +111,44 @@ def test_large_jpeg_crops_decoded_at_reduced_scale_stay_close_to_full_resolution
         assert mean_absolute_error([data], IMAGE_SIZE) < DRAFT_SCALE_MAE
 
 
-@pytest.mark.parametrize("source", ["256px_rgb", "256px_greyscale", "fashion_mnist_png", "draft_reduced_jpeg"])
+def jpeg_variant(variant: str) -> bytes:
+    """JPEGs as cameras and web encoders write them: progressive, with EXIF and ICC segments before the frame,
+    greyscale, CMYK, 4:2:0 with optimised tables."""
+    image = Image.open(io.BytesIO(photo_like(200, 300)))
+    exif = Image.Exif()
+    exif[0x010F] = "camera maker " * 20  # a long APP1 segment
+    options = {"baseline": {}, "progressive": {"progressive": True},
+               "exif_and_icc": {"exif": exif.tobytes(), "icc_profile": bytes(range(256)) * 20},
+               "optimized_420": {"optimize": True, "subsampling": 2}, "greyscale": {}, "cmyk": {}}[variant]
+    image = image.convert("L") if variant == "greyscale" else image.convert("CMYK") if variant == "cmyk" else image
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90, **options)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("variant", ["baseline", "progressive", "exif_and_icc", "optimized_420", "greyscale", "cmyk"])
+def test_jpeg_frame_reads_the_size_and_components_pil_reads(variant):
+    data = jpeg_variant(variant)
+    image = Image.open(io.BytesIO(data))
+    assert jpeg_frame(data) == (image.height, image.width, len(image.getbands()))
+
+
+def test_jpeg_frame_declines_what_is_not_a_readable_jpeg_header(demo_root):
+    data = jpeg_variant("exif_and_icc")
+    for not_readable in (fashion_mnist_images(demo_root, 1)[0], data[:300], b"\xff\xd8" + b"\x00" * 50, b""):
+        assert jpeg_frame(not_readable) is None
+
+
+@pytest.mark.parametrize("source", ["256px_rgb", "256px_greyscale", "fashion_mnist_png", "draft_reduced_jpeg",
+                                    "progressive", "exif_and_icc"])
 def test_decoded_pixels_are_pils_decode_exactly(demo_root, source):
     """decode_image(pixels=True) hands the transforms PIL's pixels, bit for bit, whichever decoder ran."""
     data = {"256px_rgb": lambda: photo_like(240, 320),
             "256px_greyscale": lambda: jpeg(np.asarray(Image.open(io.BytesIO(photo_like(256, 256))).convert("L"))),
             "fashion_mnist_png": lambda: fashion_mnist_images(demo_root, 1)[0],
-            "draft_reduced_jpeg": lambda: photo_like(1000, 750)}[source]()
+            "draft_reduced_jpeg": lambda: photo_like(1000, 750),
+            "progressive": lambda: jpeg_variant("progressive"), "exif_and_icc": lambda: jpeg_variant("exif_and_icc"),
+            }[source]()
     decode_size = train_decode_size(IMAGE_SIZE, CROP_SCALE)
     expected = np.asarray(decode_image(data, decode_size)).transpose(2, 0, 1)
     pixels = decode_image(data, decode_size, pixels=True)
@@ -142,3 +174,16 @@ def test_device_normalisation_is_the_float_formula_on_every_view():
         assert normalised.dtype == torch.float32
         assert torch.allclose(normalised.double(), expected, atol=1e-5)
     assert batch.local_views is None
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_crops_of_channels_last_pixels_come_out_channels_last_with_the_same_pixels(flip):
+    """The stream's batches are channels-last: a crop that comes out planar costs a transposing write, and torch's
+    uint8 resize runs its slower planar path (it reads the layout off the batched crop's strides)."""
+    pixels = decode_image(photo_like(256, 256), 237, pixels=True)
+    assert pixels.permute(1, 2, 0).is_contiguous()
+    transform = build_train_transform(IMAGE_SIZE, "bicubic", crop_scale=CROP_SCALE, horizontal_flip=flip)
+    crop = transform(pixels, torch.Generator().manual_seed(1))
+    planar = transform(pixels.contiguous(), torch.Generator().manual_seed(1))
+    assert crop.permute(1, 2, 0).is_contiguous() and planar.is_contiguous()
+    assert torch.equal(crop, planar)

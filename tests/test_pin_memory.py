@@ -50,7 +50,7 @@ def _full_batch() -> Batch:
         teacher_images=torch.randint(0, 256, (2, 3, 6, 6), dtype=torch.uint8), captions=["a", "b"],
         teachers={"t": _teacher_targets()}, patch_coord=torch.zeros(2, 5, 2, dtype=torch.long),
         patch_valid=torch.ones(2, 5, dtype=torch.bool), jpeg_bytes=[b"\xff\xd8", None],
-        jpeg_crops=[(0, 1, 2, 3, True), (0, 0, 0, 0, False)],
+        jpeg_crops=[(0, 1, 2, 3, True), (0, 0, 0, 0, False)], shared_images=(1, 5),
     )
     missing = {f.name for f in dataclasses.fields(Batch)} - set(values)
     assert not missing, f"Batch fields this test does not fill, so cannot check: {sorted(missing)}"

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from contrastive.config import DataConfig, LoccaConfig
+from contrastive.data.batch_memory import StreamLoader
 from contrastive.data.boxes import DecoderTasks
 from contrastive.data.naflex import NaFlexResize, PatchNormalize
 from contrastive.data.plan import RunPlan, plan_finite_run
@@ -143,10 +144,7 @@ def build_train_loader(
             (locca.caption, locca.referring, locca.grounded_caption), locca.location_bins, image_size),
         device_jpeg=DeviceJpegCrop(transform, decode_size, data.min_image_size) if device_decode else None,
     )
-    return DataLoader(
-        stream, batch_size=None, num_workers=data.num_workers, pin_memory=pin_memory,
-        persistent_workers=data.num_workers > 0, prefetch_factor=4 if data.num_workers > 0 else None,
-    )
+    return StreamLoader(stream, num_workers=data.num_workers, pin_memory=pin_memory)
 
 
 def _check_device_decode(data: DataConfig, teachers_or_boxes: bool) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -36,6 +35,7 @@ from functools import partial
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from contrastive.data.batch_memory import BatchMemory, ImageRing, shared_tensor
 from contrastive.data.boxes import DecoderTasks, crop_boxes, read_boxes, tokenize_decoder_texts
 from contrastive.data.naflex import NaFlexImage, pack, seq_len_for_step
 from contrastive.data.reader import RawSample, iter_shard
@@ -165,17 +165,14 @@ def decode_sample(
 
 def _batch_tensor(shape: tuple[int, ...], in_worker: bool, dtype: torch.dtype = torch.uint8,
                   channels_last: bool = False) -> torch.Tensor:
-    """A tensor for one batch (uint8 images; float32 for NaFlex patches, normalised in the workers). In a DataLoader
-    worker it is made in shared memory, so sending it to the main process passes a handle instead of copying the
-    batch again (what torch's default_collate does). `channels_last`: (B, C, H, W) laid out as (B, H, W, C), as
-    the crops come out of the resize: writing one in is then a straight copy, not a transpose (which cost about as
+    """A tensor for one batch (uint8 images; float32 for NaFlex patches, normalised in the workers), in shared memory
+    inside a DataLoader worker (batch_memory.shared_tensor). `channels_last`: (B, C, H, W) laid out as (B, H, W, C),
+    as the crops come out of the resize: writing one in is then a straight copy, not a transpose (which cost about as
     much as the resize). BatchNormalize hands the model contiguous planes."""
+    if in_worker:
+        return shared_tensor(shape, dtype, channels_last)
     memory = (shape[0], *shape[2:], shape[1]) if channels_last else shape
-    if not in_worker:
-        tensor = torch.empty(memory, dtype=dtype)
-    else:
-        storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape), device="cpu")
-        tensor = torch.empty(0, dtype=dtype).new(storage).view(memory)
+    tensor = torch.empty(memory, dtype=dtype)
     return tensor.permute(0, 3, 1, 2) if channels_last else tensor
 
 
@@ -230,6 +227,8 @@ class ImageTextStream(IterableDataset):
         self.naflex = naflex
         self.decoder_tasks = decoder_tasks
         self.device_jpeg = device_jpeg
+        # set by batch_memory.StreamLoader before its workers start: they then reuse the images' shared memory
+        self.batch_memory: BatchMemory | None = None
 
     def _source_samples(self, source: Source, worker: int, position: tuple[int, int, int], skipped: Counter,
                         capped: bool):
@@ -323,8 +322,12 @@ class ImageTextStream(IterableDataset):
         # Without bucketing a window is one batch, so crops go straight into the memory it is sent in; with bucketing
         # the window buffer is reused and each batch is gathered out of it into memory of its own.
         window_in_shared_memory = in_worker and self.bucket_batches is None
-        images = (_batch_tensor((window, 3, size, size), window_in_shared_memory, channels_last=True)
-                  if self.naflex is None else None)
+        ring = (ImageRing(self.batch_memory, loader_worker, (window, 3, size, size))
+                if window_in_shared_memory and self.batch_memory is not None and self.naflex is None else None)
+        images, images_number = ((ring.take() if ring is not None
+                                  else (_batch_tensor((window, 3, size, size), window_in_shared_memory,
+                                                      channels_last=True), None))
+                                 if self.naflex is None else (None, None))
         step = self.start_step + loader_worker  # the training step of this worker's next batch (NaFlex)
         sizing = {} if self.naflex is None else {"max_patches": self.naflex.seq_len(self.layout.seed, step)}
         naflex_images: list[NaFlexImage] = []
@@ -442,8 +445,12 @@ class ImageTextStream(IterableDataset):
                     teachers=self._stored_targets(stored_rows, in_worker),
                     jpeg_bytes=jpeg_bytes, jpeg_crops=jpeg_crops,
                     **self._decoder_fields(decoder_texts),
+                    shared_images=None if ring is None else (loader_worker, images_number),
                 )
-                images = _batch_tensor(images.shape, window_in_shared_memory, channels_last=True)  # sent: fresh ones
+                # sent: the next batch's images go elsewhere (a released ring buffer, or fresh memory)
+                images, images_number = (ring.take() if ring is not None else
+                                         (_batch_tensor(images.shape, window_in_shared_memory, channels_last=True),
+                                          None))
                 view_buffers = None
             else:
                 yield from self._length_buckets(images, captions, labels, keys, window_start, window_end,

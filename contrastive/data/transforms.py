@@ -51,6 +51,35 @@ def _eight_bit_greyscale(image: Image.Image) -> Image.Image:
 
 
 JPEG_END = b"\xff\xd9"  # the end-of-image marker; a JPEG without it is cut short
+# Start-of-frame markers of the 8-bit Huffman JPEGs PIL and torchvision both decode: baseline, extended, progressive
+JPEG_FRAME_MARKERS = frozenset({0xC0, 0xC1, 0xC2})
+JPEG_SCAN_START = 0xDA  # entropy-coded data follows; a frame header comes before it
+
+
+def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
+    """(height, width, components) read from a JPEG's frame header, walking its marker segments (a few, each a length
+    apart), or None where the bytes are not a well-formed 8-bit Huffman JPEG up to its frame header. Asking PIL
+    (Image.open parses every segment in Python) costs about a tenth of decoding a 256 px JPEG."""
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    offset = 2
+    while offset + 4 <= len(data):
+        if data[offset] != 0xFF:
+            return None
+        marker = data[offset + 1]
+        if marker == 0xFF:  # a fill byte before the marker
+            offset += 1
+            continue
+        if marker in JPEG_FRAME_MARKERS:
+            header = data[offset + 4:offset + 10]
+            if len(header) < 6 or header[0] != 8:
+                return None
+            height, width = int.from_bytes(header[1:3], "big"), int.from_bytes(header[3:5], "big")
+            return (height, width, header[5]) if height and width else None
+        if marker == JPEG_SCAN_START or 0xC3 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return None  # a scan before any frame, or a frame type (lossless, arithmetic) left to PIL
+        offset += 2 + int.from_bytes(data[offset + 2:offset + 4], "big")
+    return None
 
 
 def decode_image(data: bytes, decode_size: int, min_size: int = 1,
@@ -58,19 +87,23 @@ def decode_image(data: bytes, decode_size: int, min_size: int = 1,
     """Decode to RGB. A JPEG larger than twice `decode_size` is decoded at a reduced DCT scale (libjpeg's draft
     mode: 1/2, 1/4 or 1/8, never below `decode_size` on either side), which skips most of the decoding work.
 
-    `pixels`: return uint8 (3, H, W) with channels-last memory (as_pixels) instead of a PIL image. A JPEG that draft
-    mode would not reduce is then decoded by torchvision's decode_jpeg straight into a tensor, without the copy out
-    of PIL: the same libjpeg-turbo and the same pixels (tests/test_image_path.py). Truncated JPEGs (no end marker)
-    and CMYK ones stay on PIL's path, which refuses or converts them as before."""
+    `pixels`: return uint8 (3, H, W) with channels-last memory (as_pixels) instead of a PIL image. A complete RGB or
+    greyscale JPEG that draft mode would not reduce is then decoded by torchvision's decode_jpeg straight into a
+    tensor, its size read from the frame header (jpeg_frame), without PIL: the same libjpeg-turbo and the same pixels
+    (tests/test_image_path.py). Truncated JPEGs (no end marker), CMYK ones and every other format stay on PIL's
+    path, which refuses or converts them as before."""
     try:
+        frame = jpeg_frame(data) if pixels and data.endswith(JPEG_END) else None
+        if frame is not None and frame[2] in (1, 3):
+            if min(frame[:2]) < min_size:
+                raise BadSample("wrong_image_size", f"size {frame[1::-1]} is below data.min_image_size={min_size}")
+            if min(side // decode_size for side in frame[:2]) < 2:  # PIL's draft: no reduction below 2
+                return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         image = Image.open(io.BytesIO(data))
         if image.mode not in RGB_CONVERTIBLE_MODES | SIXTEEN_BIT_MODES:
             raise BadSample("wrong_image_mode", f"mode {image.mode}")
         if min(image.size) < min_size:
             raise BadSample("wrong_image_size", f"size {image.size} is below data.min_image_size={min_size}")
-        if (pixels and image.format == "JPEG" and image.mode in ("RGB", "L") and data.endswith(JPEG_END)
-                and min(side // decode_size for side in image.size) < 2):  # PIL's draft: no reduction below 2
-            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         if image.format == "JPEG":
             image.draft("RGB", (decode_size, decode_size))
         image.load()  # decode here, so corrupt data is a BadSample and not an error in the transform
@@ -183,16 +216,7 @@ class RandomCropFlip:
 
     def __call__(self, image: Image.Image | torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         pixels = as_pixels(image)  # (3, H, W) channels-last
-        top, left, height, width = self.crop_box(*pixels.shape[-2:], generator)
-        crop = pixels[:, top:top + height, left:left + width].unsqueeze(0)  # (1, 3, h, w)
-        # torch's kernel straight away (torchvision's resized_crop calls the same one after its checks); channels-last
-        # uint8 takes its vectorised path (planar input runs ~3x slower)
-        crop = torch.nn.functional.interpolate(crop, size=(self.size, self.size), mode=self.interpolation.value,
-                                               align_corners=None if self.interpolation.value == "nearest" else False,
-                                               antialias=self.interpolation.value != "nearest")[0]
-        if self.horizontal_flip and torch.rand(1, generator=generator).item() < 0.5:
-            crop = crop.flip(-1)
-        return crop
+        return apply_crop(pixels, self.draw(*pixels.shape[-2:], generator), self.size, self.interpolation)
 
     def crop_with_region(self, image: Image.Image | torch.Tensor,
                          generator: torch.Generator) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
@@ -306,11 +330,16 @@ class CropParams:
 
 def apply_crop(pixels: torch.Tensor, params: CropParams, size: int,
                interpolation: v2.InterpolationMode | str) -> torch.Tensor:
-    """uint8 (3, H, W), planar or channels-last (as_pixels) -> uint8 (3, size, size): the crop resized
-    (antialiased), then the flip. torch's kernel straight away, as torchvision's resized_crop calls it after its
-    checks: the same pixels whichever the layout."""
+    """uint8 (3, H, W), planar or channels-last (as_pixels) -> uint8 (3, size, size) in the same layout: the crop
+    resized (antialiased), then the flip. torch's kernel straight away, as torchvision's resized_crop calls it after
+    its checks: the same pixels whichever the layout (tests/test_image_path.py)."""
     mode = (_interpolation(interpolation) if isinstance(interpolation, str) else interpolation).value
-    crop = pixels[:, params.top:params.top + params.height, params.left:params.left + params.width].unsqueeze(0)
+    # (1, 3, h, w) made from the (H, W, 3) view, so the batch dimension's stride spans the crop: from channels-last
+    # pixels torch's uint8 resize then sees channels-last and takes its vectorised path, and returns channels-last
+    # (unsqueezing the (3, H, W) view gives a stride it reads as planar: 1.5x slower, and a planar crop that the
+    # write into the stream's channels-last batch has to transpose)
+    crop = (pixels.permute(1, 2, 0)[params.top:params.top + params.height, params.left:params.left + params.width]
+            .unsqueeze(0).permute(0, 3, 1, 2))
     crop = torch.nn.functional.interpolate(crop, size=(size, size), mode=mode,
                                            align_corners=None if mode == "nearest" else False,
                                            antialias=mode != "nearest")[0]

@@ -1,0 +1,99 @@
+"""Shared memory for the training stream's image batches, written again once the main process is done with it.
+
+A DataLoader worker hands a batch's tensors to the main process as handles to shared memory. Fresh shared memory for
+every batch costs a file, a mapping, and a page fault for every 4 KiB the crops are written into: on the 256 px
+benchmark about as much per sample as resizing the crop (benchmarks/data_throughput.py). Each worker here keeps a
+ring of image buffers instead and writes into one again only once the main process has released the batch last sent
+in it. `StreamLoader` releases each batch as it yields it, after the images are out of the shared buffer: the
+DataLoader's pinned copy where it pins, else a copy of its own (a memcpy, a few percent of the fresh buffer's cost).
+
+A buffer that is not released is never written again: the worker takes fresh memory instead. A consumer that keeps
+every batch, or one that iterates a plain DataLoader over the stream and never releases, gets correct batches, only
+without the saving (tests/test_batch_memory.py).
+
+Batches are numbered per DataLoader worker by a counter in shared memory that outlives the worker's iterators, so a
+new iterator (persistent workers) never mistakes an old batch's release for one of its own. The main process yields
+a worker's batches in the order that worker sent them, and drops the ones an abandoned iterator never yielded, so
+releasing batch k releases every earlier batch of that worker too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import torch
+from torch.utils.data import DataLoader
+
+from contrastive.types import Batch
+
+
+def shared_tensor(shape: tuple[int, ...], dtype: torch.dtype = torch.uint8,
+                  channels_last: bool = False) -> torch.Tensor:
+    """A tensor in fresh shared memory: sending it to the main process passes a handle instead of copying it (what
+    torch's default_collate does). `channels_last`: (B, C, H, W) laid out as (B, H, W, C)."""
+    memory = (shape[0], *shape[2:], shape[1]) if channels_last else shape
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape), device="cpu")
+    tensor = torch.empty(0, dtype=dtype).new(storage).view(memory)
+    return tensor.permute(0, 3, 1, 2) if channels_last else tensor
+
+
+class BatchMemory:
+    """Made in the main process before the workers start; `sent` is written by the workers, `released` by the main
+    process (StreamLoader), one counter each per DataLoader worker."""
+
+    def __init__(self, num_workers: int, depth: int) -> None:
+        self.depth = depth  # ring buffers per worker: more than the batches a worker can have in flight
+        self.sent = torch.zeros(max(1, num_workers), dtype=torch.int64).share_memory_()
+        self.released = torch.zeros(max(1, num_workers), dtype=torch.int64).share_memory_()  # batches below: done
+
+    def release(self, worker: int, number: int) -> None:
+        self.released[worker] = max(int(self.released[worker]), number + 1)
+
+
+class ImageRing:
+    """A DataLoader worker's image buffers, for one iterator of the stream."""
+
+    def __init__(self, memory: BatchMemory, worker: int, shape: tuple[int, ...]) -> None:
+        self.memory, self.worker, self.shape = memory, worker, shape
+        self.buffers: dict[int, tuple[torch.Tensor, int]] = {}  # ring slot -> (buffer, number of the batch it held)
+        self.fresh = 0  # buffers allocated, reused ones not counted
+
+    def take(self) -> tuple[torch.Tensor, int]:
+        """A channels-last uint8 buffer for the worker's next batch, and that batch's number."""
+        number = int(self.memory.sent[self.worker])
+        self.memory.sent[self.worker] = number + 1
+        slot = number % self.memory.depth
+        held = self.buffers.get(slot)
+        if held is not None and held[1] < int(self.memory.released[self.worker]):
+            buffer = held[0]
+        else:
+            buffer = shared_tensor(self.shape, channels_last=True)
+            self.fresh += 1
+        self.buffers[slot] = (buffer, number)
+        return buffer, number
+
+
+class StreamLoader(DataLoader):
+    """A DataLoader over an ImageTextStream whose workers reuse image memory (BatchMemory): each batch it yields owns
+    its images, and is released to its worker as it is yielded."""
+
+    def __init__(self, stream, *, num_workers: int, pin_memory: bool = False, prefetch_factor: int = 4) -> None:
+        super().__init__(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                         persistent_workers=num_workers > 0,
+                         prefetch_factor=prefetch_factor if num_workers > 0 else None)
+        if num_workers > 0:
+            # a worker has at most prefetch_factor batches sent and not yet yielded; two more spare a fresh buffer
+            # when the consumer is a batch behind
+            stream.batch_memory = BatchMemory(num_workers, prefetch_factor + 2)
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            yield self._own(batch)
+
+    def _own(self, batch: Batch) -> Batch:
+        if batch.shared_images is None:
+            return batch
+        owned = batch if batch.images.is_pinned() else replace(batch, images=batch.images.clone())  # pinning copied it
+        self.dataset.batch_memory.release(*batch.shared_images)
+        return owned
