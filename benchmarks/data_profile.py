@@ -20,8 +20,9 @@ Pipelines:
                    the worker into a float32 batch in shared memory; captions tokenised per batch. (Draft decoding
                    predates issue 18: the first commit has it.)
   current          this checkout's path, the functions the stream calls: decode_image, the train transform, the
-                   crop written into the batch's shared memory, captions tokenised per batch. Its normalisation runs
-                   on the trainer's device (BatchNormalize); here it is timed on the CPU and reported apart
+                   crop written into the batch's shared memory (a worker's ring of buffers, each written again once
+                   the main process has copied its batch out, that copy included), captions tokenised per batch. Its
+                   normalisation runs on the trainer's device (BatchNormalize); here it is timed on the CPU and apart
                    (`sum_us_without_normalise` is the CPU work per sample of a GPU node's data workers).
 
 Each pipeline also reports `measured_us`, the wall time of its whole loop per sample; what the stages do not cover
@@ -51,9 +52,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data_throughput import CROP_SCALE, IMAGE_SIZE, MEAN, SETS, STD, build_shards
 from provenance import git_commit
 
+from contrastive.data.batch_memory import BatchMemory, ImageRing, shared_tensor
 from contrastive.data.reader import iter_shard
 from contrastive.data.shards import expand_shards
-from contrastive.data.stream import _batch_tensor
 from contrastive.data.transforms import (
     BatchNormalize,
     build_train_transform,
@@ -147,7 +148,7 @@ def _before_issue_18(tokenizer) -> Callable:
                                        interpolation=transform.interpolation, antialias=True)
 
     def normalise(window: torch.Tensor) -> torch.Tensor:  # the old BatchNormalize, into the worker's shared batch
-        out = _batch_tensor(tuple(window.shape), True, torch.float32)
+        out = shared_tensor(tuple(window.shape), torch.float32)
         return out.copy_(window).sub_(shift).mul_(scale)
 
     def run(raws, samples: int, batch_size: int, clock: StageClock) -> None:
@@ -179,8 +180,11 @@ def _current(tokenizer) -> Callable:
         return transform(image, generator)
 
     def run(raws, samples: int, batch_size: int, clock: StageClock) -> None:
-        shape = (batch_size, 3, IMAGE_SIZE, IMAGE_SIZE)
-        images = clock.timed("collate", _batch_tensor, shape, True, torch.uint8, True)
+        # the worker's ring of shared image buffers (contrastive.data.batch_memory), released batch by batch as the
+        # main process's StreamLoader does once it has copied the images out (that copy is timed under collate)
+        memory = BatchMemory(1, depth=6)
+        ring = ImageRing(memory, 0, (batch_size, 3, IMAGE_SIZE, IMAGE_SIZE))
+        images, number = clock.timed("collate", ring.take)
         captions: list[str] = []
         for index in range(samples):
             raw = clock.timed("read", next, raws)
@@ -191,9 +195,10 @@ def _current(tokenizer) -> Callable:
             if len(captions) == batch_size:
                 tokens = clock.timed("tokenise", tokenizer, captions)
                 clock.timed("collate", _shared, tokens)
-                clock.timed("normalise", normalize, images)  # on the trainer's device in training
-                # the sent batch belongs to the receiver: a fresh one, channels-last as the stream makes it
-                images = clock.timed("collate", _batch_tensor, shape, True, torch.uint8, True)
+                owned = clock.timed("collate", images.clone)
+                memory.release(0, number)
+                clock.timed("normalise", normalize, owned)  # on the trainer's device in training
+                images, number = clock.timed("collate", ring.take)
                 captions = []
 
     return run
