@@ -25,8 +25,10 @@ Pipelines:
                    normalisation runs on the trainer's device (BatchNormalize); here it is timed on the CPU and apart
                    (`sum_us_without_normalise` is the CPU work per sample of a GPU node's data workers).
 
-Each pipeline also reports `measured_us`, the wall time of its whole loop per sample; what the stages do not cover
-(the loop itself) is the difference. The shards are benchmarks/data_throughput.py's 256 px and 500-1000 px sets.
+All three run under the host-memory policy our trainer applies on CPU (contrastive/train/host_memory.py: freed
+blocks are reused, not handed back to the kernel). Each pipeline also reports `measured_us`, the wall time of its
+whole loop per sample; what the stages do not cover (the loop itself) is the difference. The shards are
+benchmarks/data_throughput.py's 256 px and 500-1000 px sets.
 A speed profile wants a quiet machine; this one only tells where the time goes.
 """
 
@@ -61,6 +63,7 @@ from contrastive.data.transforms import (
     decode_image,
     train_decode_size,
 )
+from contrastive.train.host_memory import reuse_freed_host_memory
 
 STAGES = ("read", "decode", "crop_resize", "normalise", "tokenise", "collate")
 
@@ -250,6 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.samples < args.batch_size or args.samples % args.batch_size:
         parser.error("--samples must be a positive multiple of --batch-size (the profile times whole batches)")
     torch.set_num_threads(1)  # one thread for every pipeline, so the profile is like for like
+    reuse_freed_host_memory()  # and the host-memory policy our trainer applies on CPU, for every pipeline
     command = shlex.join([sys.executable, *(sys.argv if argv is None else [__file__, *argv])])
     figures = {"commit": git_commit(), "command": command,
                "samples": args.samples, "batch_size": args.batch_size, "threads": 1,

@@ -10,9 +10,12 @@ its device; here that normalisation runs in the main process on the CPU, inside 
 wall second and per CPU second of all processes (for ours also without the main process's normalisation, which a
 GPU node's device does), timed after the first batch of every worker (start-up excluded),
 medians over rounds that alternate ours and open_clip (which goes first alternates too), ours / open_clip per set,
-and the load average before and after (the machine may be shared). Both pipelines run under the same allocator
-setting: torch's CPU allocator with transparent huge pages for allocations of 2 MB and more, which contrastive turns
-on when it is imported (THP_MEM_ALLOC_ENABLE=1, contrastive/__init__.py), unless --allocator default.
+and the load average before and after (the machine may be shared). Both pipelines run under the same host-memory
+setting (--allocator): `reuse-freed` (the default) is what our trainer applies on CPU (trainer.reuse_freed_host_memory,
+contrastive/train/host_memory.py: glibc serves every block from its heap and keeps freed ones, instead of fresh
+mmap'd pages for each large block); ours gets it through that function, the reference through glibc's equivalent
+environment variables (MALLOC_MMAP_MAX_=0, MALLOC_TRIM_THRESHOLD_). `huge-pages` sets THP_MEM_ALLOC_ENABLE=1 for
+both (torch backs blocks of 2 MB and more with transparent huge pages); `default` is glibc's and torch's default.
 
 --profile prints where our per-sample time goes instead (one process, no workers): reading the tar, decoding,
 the crop and resize, copying into the batch, tokenizing and normalising (per batch, shown per sample).
@@ -54,6 +57,12 @@ CROP_SCALE = (0.9, 1.0)
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 TARGET_RATIO = 2.5  # on the 256px set (issue 18)
+# --allocator -> environment of both pipelines (reuse-freed: ours also calls the trainer's reuse_freed_host_memory)
+ALLOCATORS = {
+    "reuse-freed": {"THP_MEM_ALLOC_ENABLE": "0", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)},
+    "huge-pages": {"THP_MEM_ALLOC_ENABLE": "1"},
+    "default": {"THP_MEM_ALLOC_ENABLE": "0"},
+}
 # name -> (samples, samples per shard, smallest and largest side of the original, img2dataset's 256 px border resize)
 SETS = {"256px": (4096, 256, (200, 400), True), "500-1000px": (1024, 128, (500, 1000), False)}
 
@@ -235,14 +244,20 @@ def main() -> None:
     parser.add_argument("--profile-samples", type=int, default=512)
     parser.add_argument("--reference-python", default=sys.executable,
                         help="interpreter with open_clip_train and webdataset<=0.2.86 (see the docstring)")
-    parser.add_argument("--allocator", choices=("huge-pages", "default"), default="huge-pages",
-                        help="torch's CPU allocator for both pipelines: THP_MEM_ALLOC_ENABLE=1 (what contrastive "
-                             "sets) or torch's default")
+    parser.add_argument("--allocator", choices=ALLOCATORS, default="reuse-freed",
+                        help="host-memory setting of both pipelines (see the docstring)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--run-reference", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    # torch reads it at its first allocation, so before anything here imports torch; the reference inherits it
-    os.environ["THP_MEM_ALLOC_ENABLE"] = "1" if args.allocator == "huge-pages" else "0"
+    # torch reads THP_MEM_ALLOC_ENABLE at its first allocation, so before anything here imports torch; glibc reads
+    # its variables at start-up, so they reach the reference (a subprocess) only; the reference inherits them all
+    os.environ.update(ALLOCATORS[args.allocator])
+    if args.allocator == "reuse-freed" and not args.run_reference:
+        sys.path.insert(0, str(REPO))
+        from contrastive.train.host_memory import reuse_freed_host_memory
+
+        if not reuse_freed_host_memory():
+            sys.exit("--allocator reuse-freed needs glibc (mallopt)")
     patterns = {name: build_shards(args.shards_dir, name) for name in args.sets}
     if args.run_reference:
         print(json.dumps(run_reference(patterns[args.sets[0]], args)))
@@ -250,8 +265,7 @@ def main() -> None:
     sys.path.insert(0, str(REPO))  # our code from this checkout, installed or not
     figures = {"commit": git_commit(), "command": shlex.join([sys.executable, *sys.argv]), "image_size": IMAGE_SIZE,
                "crop_scale": CROP_SCALE, "batch_size": args.batch_size, "workers": args.workers,
-               "allocator": {"both_pipelines": args.allocator,
-                             "THP_MEM_ALLOC_ENABLE": os.environ["THP_MEM_ALLOC_ENABLE"]},
+               "allocator": {"both_pipelines": args.allocator, "environment": ALLOCATORS[args.allocator]},
                "load_average_before": os.getloadavg(), "sets": {}}
     if args.profile:
         figures["profile_ms_per_sample"] = {

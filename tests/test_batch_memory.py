@@ -4,11 +4,6 @@ the same stream through a plain DataLoader, whose workers take fresh shared memo
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -78,25 +73,3 @@ def test_the_ring_reuses_a_buffer_only_after_its_batch_is_released():
     assert buffer.data_ptr() not in {b.data_ptr() for b, _ in taken} and ring.fresh == 6
     assert buffer.is_contiguous(memory_format=torch.channels_last) and buffer.is_shared()
 
-
-THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-HUGE_PAGES_OF_A_LARGE_TENSOR = """
-import contrastive, torch
-tensor = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, every page touched
-kilobytes = [int(line.split()[1]) for line in open("/proc/self/smaps") if line.startswith("AnonHugePages:")]
-print(sum(kilobytes))
-"""
-
-
-@pytest.mark.skipif(not THP_MODE.exists() or "[madvise]" not in THP_MODE.read_text(),
-                    reason="needs Linux transparent huge pages in madvise mode (torch asks for them per allocation)")
-def test_importing_contrastive_first_backs_large_cpu_tensors_with_huge_pages():
-    """contrastive/__init__.py sets THP_MEM_ALLOC_ENABLE before torch reads it; THP_MEM_ALLOC_ENABLE=0 opts out."""
-    def huge_kilobytes(**env: str) -> int:
-        environment = {key: value for key, value in os.environ.items() if key != "THP_MEM_ALLOC_ENABLE"}
-        result = subprocess.run([sys.executable, "-c", HUGE_PAGES_OF_A_LARGE_TENSOR], env={**environment, **env},
-                                capture_output=True, text=True, timeout=120, check=True)
-        return int(result.stdout.split()[-1])
-
-    assert huge_kilobytes() >= 32 << 10  # at least half of it in 2 MiB pages
-    assert huge_kilobytes(THP_MEM_ALLOC_ENABLE="0") == 0

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from contrastive.curation import filtering, reinforce, scoring
 from contrastive.curation.extra import require
+from contrastive.data.reinforced import MANIFEST
 from contrastive.data.shards import check_shards_exist, expand_shards
 from contrastive.dist import init_distributed, shutdown_distributed
 from contrastive.encoders import load_encoder
@@ -260,7 +261,7 @@ def _run_reinforce(args: argparse.Namespace) -> int:
         print(f"rank {env.rank}: wrote {result['written']} shards ({result['samples']} samples), "
               f"{result['resumed']} already done; bad samples: {dict(result['skipped']) or 'none'}")
         if env.is_main:
-            manifest = json.loads((args.out / reinforce.MANIFEST).read_text())
+            manifest = json.loads((args.out / MANIFEST).read_text())
             print(f"wrote {args.out}: {manifest['output_bytes']} bytes from {manifest['input_bytes']}, size overhead "
                   f"{100 * manifest['size_overhead']:.1f}% ({args.augmentations} augmentations, {args.dtype})")
     finally:

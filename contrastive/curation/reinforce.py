@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from contrastive.data.reader import iter_shard
-from contrastive.data.reinforced import TEACHER_NAME, StoredTargets, encode_sample_files
+from contrastive.data.reinforced import MANIFEST, TEACHER_NAME, StoredTargets, encode_sample_files
 from contrastive.data.transforms import (
     IMAGE_EXTENSIONS,
     BadSample,
@@ -46,7 +46,6 @@ from contrastive.encoders import LoadedEncoder, weights_hash
 from contrastive.errors import ConfigError
 
 log = logging.getLogger(__name__)
-MANIFEST = "reinforce.json"
 
 
 @dataclass(frozen=True)

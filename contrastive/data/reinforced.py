@@ -19,21 +19,27 @@ from __future__ import annotations
 
 import functools
 import io
+import json
+import logging
 import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from contrastive.data.remote import protocol_of
 from contrastive.data.transforms import BadSample, CropParams
-from contrastive.errors import InputError
+from contrastive.errors import ConfigError, InputError
 
 RECORD = "distill.npy"
+MANIFEST = "reinforce.json"  # beside the shards, written last: the teachers (source, sha256 of weights), the options
 OLD_FORMAT_MEMBER = "distill.json"  # the metadata member of the format before RECORD
 TEACHER_NAME = re.compile(r"[A-Za-z0-9_-]+")  # a teacher's name is part of its record's field names
 DTYPES = {"float16": np.float16, "float32": np.float32}
+log = logging.getLogger(__name__)
 
 
 def to_npy(array: np.ndarray) -> bytes:
@@ -137,3 +143,31 @@ def normalized_rows(embeddings: Sequence[np.ndarray], out: torch.Tensor | None =
     tensor operation per batch; into `out` where given."""
     return torch.nn.functional.normalize(torch.from_numpy(np.stack(embeddings).astype(np.float32)), dim=-1, eps=1e-12,
                                          out=out)
+
+
+def check_set_teachers(urls: list[str], source_name: str, teacher_hashes: dict[str, str]) -> None:
+    """Refuse, before training, a reinforced source whose shards were not written by the configured teachers: each
+    shard directory's MANIFEST must name every teacher of loss.distillation.teachers with the same weights hash
+    (contrastive.encoders.weights_hash). Stored embeddings of other weights would be distilled silently otherwise.
+    Shards in an object store are not checked (logged)."""
+    directories = sorted({str(Path(url).parent) for url in urls if protocol_of(url) is None})
+    if len(directories) < len({str(Path(url).parent) for url in urls}):
+        log.warning("data source %r: the teachers of its shards in an object store are not checked against "
+                    "loss.distillation.teachers (their %s is not read)", source_name, MANIFEST)
+    for directory in directories:
+        path = Path(directory) / MANIFEST
+        try:
+            written = json.loads(path.read_text())["teachers"]
+        except FileNotFoundError:
+            raise ConfigError(f"data source {source_name!r}: no {path}; contrastive-data reinforce writes it once "
+                              f"every shard is done (run it again to finish the set)") from None
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise InputError(f"data source {source_name!r}: unreadable {path}: {error}") from None
+        for name, digest in teacher_hashes.items():
+            stored = written.get(name, {}).get("sha256") if isinstance(written.get(name), dict) else None
+            if stored != digest:
+                raise ConfigError(
+                    f"data source {source_name!r}: {path} was written with teacher {name!r} "
+                    f"{'absent' if stored is None else f'sha256 {stored[:12]}'}, and loss.distillation.teachers has "
+                    f"{name!r} with sha256 {digest[:12]}: reinforce the set with this teacher or configure the "
+                    f"teacher it was written with")

@@ -23,7 +23,9 @@ from omegaconf import OmegaConf
 from contrastive import checkpoint_io
 from contrastive.config import TrainConfig, validate
 from contrastive.data.loader import build_train_loader, plan_run
+from contrastive.data.reinforced import check_set_teachers
 from contrastive.data.remote import RECOVERED_READ
+from contrastive.data.shards import expand_shards
 from contrastive.data.stream import CPU_DECODED, SHARD_LOSS_REASONS, SKIP_REASONS
 from contrastive.data.transforms import BatchNormalize, decode_on_device
 from contrastive.dist import DistEnv, init_distributed
@@ -104,6 +106,9 @@ class Trainer:
         # Teachers: frozen, loaded before the student (its adaptor heads take their widths). A reinforced data set
         # holds their outputs; they are still read then, for their hashes and widths, but never run.
         self.teachers = Teachers(distill, self.env, cfg.dist.strategy) if distill.teachers else None
+        if self.teachers is not None and distill.reinforced:  # the stored embeddings must be these teachers'
+            for source in cfg.data.sources:
+                check_set_teachers(expand_shards(source.shards), source.name, self.teachers.hashes)
         self.model = build_model(cfg.model, cfg.loss.self_distillation).to(self.env.device)
         if self.teachers is not None and (distill.feature_weight or distill.patch_weight):
             self.model.attach_distillation_heads(self.teachers.widths(), distill.adaptor_hidden)
