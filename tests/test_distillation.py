@@ -144,6 +144,27 @@ def test_online_distillation_trains_and_resume_refuses_another_teacher(demo_root
         Trainer(OmegaConf.to_object(compose_config(other)))
 
 
+def test_training_from_a_reinforced_set_refuses_other_teacher_weights_before_training(reinforced, teachers,
+                                                                                       demo_root, tmp_path):
+    """The set's reinforce.json names the weights hash of each teacher; the configured teacher must match it."""
+    def trainer_for(teacher, shards):
+        overrides = [*tiny_run_overrides(demo_root, tmp_path / "run"),
+                     f"+loss.distillation.teachers=[{{name: demo, path: {teacher}}}]",
+                     "loss.distillation.reinforced=true", "loss.distillation.contrastive_weight=1",
+                     f"data.sources.0.shards={shards}", "data.resampled=true", "trainer.max_steps=1"]
+        return Trainer(OmegaConf.to_object(compose_config(overrides)))
+
+    trainer_for(teachers["open_clip"], reinforced)  # the same weights in another format: accepted
+    with pytest.raises(ConfigError, match=r"was written with teacher 'demo' sha256 \w+, and loss.distillation"):
+        trainer_for(teachers["other"], reinforced)
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    for shard in reinforced.glob("*.tar"):
+        (unfinished / shard.name).write_bytes(shard.read_bytes())
+    with pytest.raises(ConfigError, match="no .*reinforce.json; contrastive-data reinforce writes it once"):
+        trainer_for(teachers["ours"], unfinished)
+
+
 def _members(path):
     with tarfile.open(path) as archive:
         return {member.name: archive.extractfile(member).read() for member in archive.getmembers()}
