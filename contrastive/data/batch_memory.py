@@ -7,7 +7,10 @@ ring of image buffers instead and writes into one again only once the main proce
 in it. `StreamLoader` releases each batch as it yields it, after the images are out of the shared buffer: the
 DataLoader's pinned copy where it pins, else a copy of its own (a memcpy, a few percent of the fresh buffer's cost).
 
-A buffer that is not released is never written again: the worker takes fresh memory instead. A consumer that keeps
+The ring holds the plain crop batches (one image per sample, the trainer's default path, with or without teachers'
+targets or LocCa tasks); extra views, NaFlex patches, length-bucketed batches and data.decode_device=cuda (whose
+unwritten rows must stay black) take fresh memory as before. A buffer that is not released is never written again:
+the worker takes fresh memory instead. A consumer that keeps
 every batch, or one that iterates a plain DataLoader over the stream and never releases, gets correct batches, only
 without the saving (tests/test_batch_memory.py).
 

@@ -322,8 +322,11 @@ class ImageTextStream(IterableDataset):
         # Without bucketing a window is one batch, so crops go straight into the memory it is sent in; with bucketing
         # the window buffer is reused and each batch is gathered out of it into memory of its own.
         window_in_shared_memory = in_worker and self.bucket_batches is None
+        # Not with data.decode_device=cuda: the rows the device decodes are not written here, and a sample neither
+        # decoder takes stays as the buffer has it, which must be black (fresh memory), not an older batch's pixels.
         ring = (ImageRing(self.batch_memory, loader_worker, (window, 3, size, size))
-                if window_in_shared_memory and self.batch_memory is not None and self.naflex is None else None)
+                if window_in_shared_memory and self.batch_memory is not None and self.naflex is None
+                and self.device_jpeg is None else None)
         images, images_number = ((ring.take() if ring is not None
                                   else (_batch_tensor((window, 3, size, size), window_in_shared_memory,
                                                       channels_last=True), None))
