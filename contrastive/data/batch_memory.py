@@ -5,14 +5,14 @@ every batch costs a file, a mapping, and a page fault for every 4 KiB the crops 
 benchmark about as much per sample as resizing the crop (benchmarks/data_throughput.py). Each worker here keeps a
 ring of image buffers instead and writes into one again only once the main process has released the batch last sent
 in it. `StreamLoader` releases each batch as it yields it, after the images are out of the shared buffer: the
-DataLoader's pinned copy where it pins, else a copy of its own (a memcpy, a few percent of the fresh buffer's cost).
+DataLoader's pinned copy where it pins, else a copy of its own (one memcpy in the main process, no page faults where
+the trainer's host-memory policy recycles freed blocks).
 
 The ring holds the plain crop batches (one image per sample, the trainer's default path, with or without teachers'
 targets or LocCa tasks); extra views, NaFlex patches, length-bucketed batches and data.decode_device=cuda (whose
 unwritten rows must stay black) take fresh memory as before. A buffer that is not released is never written again:
-the worker takes fresh memory instead. A consumer that keeps
-every batch, or one that iterates a plain DataLoader over the stream and never releases, gets correct batches, only
-without the saving (tests/test_batch_memory.py).
+the worker takes fresh memory instead. A consumer that keeps every batch, or one that iterates a plain DataLoader
+over the stream and never releases, gets correct batches, only without the saving (tests/test_batch_memory.py).
 
 Batches are numbered per DataLoader worker by a counter in shared memory that outlives the worker's iterators, so a
 new iterator (persistent workers) never mistakes an old batch's release for one of its own. The main process yields
