@@ -43,6 +43,18 @@ class _CountingReader:
         return data
 
 
+def _member_bytes(archive: tarfile.TarFile, member: tarfile.TarInfo, seekable_file) -> bytes:
+    """A member's data. From a seekable file, read straight at the member's offset: what extractfile's file object
+    does, without building one per member (about a third of a small member's reading time)."""
+    if seekable_file is None or member.issparse():
+        return archive.extractfile(member).read()
+    seekable_file.seek(member.offset_data)
+    data = seekable_file.read(member.size)
+    if len(data) != member.size:
+        raise EOFError(f"{member.name}: {len(data)} of {member.size} bytes before the end of the file")
+    return data
+
+
 def iter_shard(url: str, skipped: Counter, retry: RetryPolicy = DEFAULT_RETRY) -> Iterator[RawSample]:
     """Yield the samples of one shard; an unopenable or truncated shard is counted and ends early, not fatally."""
     try:
@@ -74,7 +86,7 @@ def iter_shard(url: str, skipped: Counter, retry: RetryPolicy = DEFAULT_RETRY) -
                     if current is not None:
                         yield current
                     current = {"__key__": key, "__url__": url}
-                current[extension] = archive.extractfile(member).read()
+                current[extension] = _member_bytes(archive, member, stream if seekable else None)
             # tarfile ends quietly at EOF; a complete archive has a zero block after the last member.
             size = stream.seek(0, io.SEEK_END) if seekable else counting.bytes_read
             if size < archive.offset + tarfile.BLOCKSIZE:
