@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import tarfile
 from collections import Counter
@@ -12,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from contrastive.config import ModelConfig
 from contrastive.data.loader import build_train_loader
+from contrastive.data.reader import iter_shard
 from contrastive.data.shards import expand_shards, shards_for_slot
 from contrastive.data.stream import ImageTextStream, Source, StreamLayout
 from contrastive.data.transforms import Preprocess, build_train_transform
@@ -214,3 +216,16 @@ def test_resume_does_not_count_a_truncated_shard_of_the_current_epoch_twice(tmp_
                                positions={0: straight[k - 1].stream_position}), 7 - k, 0)
     assert [b.keys for b in resumed] == [b.keys for b in straight[k:]]
     assert resumed[-1].stream_position.skipped == straight[-1].stream_position.skipped
+
+
+@pytest.mark.parametrize("name", ["shard.tar.gz", "named_plain.tar"])
+def test_a_gzip_compressed_shard_reads_every_sample_and_counts_nothing(demo_root, tmp_path, name):
+    """Compressed shards stream (whatever their name); the end-of-archive check measures the decompressed stream, so
+    a complete compressed shard is not taken for a truncated one."""
+    plain = expand_shards(str(demo_root / "train"))[0]
+    compressed = tmp_path / name
+    compressed.write_bytes(gzip.compress(open(plain, "rb").read()))
+    expected, skipped = list(iter_shard(plain, Counter())), Counter()
+    samples = list(iter_shard(str(compressed), skipped))
+    assert [s["__key__"] for s in samples] == [s["__key__"] for s in expected] and not skipped
+    assert all(a["png"] == b["png"] for a, b in zip(samples, expected))

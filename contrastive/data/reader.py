@@ -30,17 +30,15 @@ def split_key(name: str) -> tuple[str, str]:
     return key, extension.lower()
 
 
-class _CountingReader:
-    """Counts the bytes tarfile pulls, to tell a proper end-of-archive marker from a file that just stops."""
+COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")  # gzip, bzip2, xz: what tarfile's "r|*" would detect
 
-    def __init__(self, raw) -> None:
-        self.raw = raw
-        self.bytes_read = 0
 
-    def read(self, size: int = -1) -> bytes:
-        data = self.raw.read(size)
-        self.bytes_read += len(data)
-        return data
+def _compressed(file) -> bool:
+    """A seekable file's first bytes are a compressor's magic (a compressed shard named .tar); the position is kept."""
+    start = file.tell()
+    head = file.read(6)
+    file.seek(start)
+    return head.startswith(COMPRESSED_MAGIC)
 
 
 def _member_bytes(archive: tarfile.TarFile, member: tarfile.TarInfo, seekable_file) -> bytes:
@@ -69,10 +67,9 @@ def iter_shard(url: str, skipped: Counter, retry: RetryPolicy = DEFAULT_RETRY) -
     members = 0
     # A local uncompressed tar is read with seeks over its headers (a third less time per member than the streaming
     # reader, which pulls every byte through its own buffer); pipes, object stores and compressed shards stream.
-    seekable = url.endswith(".tar") and getattr(stream, "seekable", lambda: False)()
+    seekable = url.endswith(".tar") and getattr(stream, "seekable", lambda: False)() and not _compressed(stream)
     try:
-        counting = stream if seekable else _CountingReader(stream)
-        with stream, tarfile.open(fileobj=counting, mode="r:" if seekable else "r|*") as archive:
+        with stream, tarfile.open(fileobj=stream, mode="r:" if seekable else "r|*") as archive:
             for member in archive:
                 members += 1
                 if not member.isreg():
@@ -88,7 +85,8 @@ def iter_shard(url: str, skipped: Counter, retry: RetryPolicy = DEFAULT_RETRY) -
                     current = {"__key__": key, "__url__": url}
                 current[extension] = _member_bytes(archive, member, stream if seekable else None)
             # tarfile ends quietly at EOF; a complete archive has a zero block after the last member.
-            size = stream.seek(0, io.SEEK_END) if seekable else counting.bytes_read
+            # (streaming: the position in the decompressed stream, so a compressed shard is measured like a plain one)
+            size = stream.seek(0, io.SEEK_END) if seekable else archive.fileobj.pos
             if size < archive.offset + tarfile.BLOCKSIZE:
                 raise EOFError(f"no end-of-archive marker after {size} bytes")
     except (tarfile.TarError, EOFError, OSError, ValueError) as error:
