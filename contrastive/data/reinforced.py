@@ -151,7 +151,7 @@ def check_set_teachers(urls: list[str], source_name: str, teacher_hashes: dict[s
     (contrastive.encoders.weights_hash). Stored embeddings of other weights would be distilled silently otherwise.
     Shards in an object store are not checked (logged)."""
     directories = sorted({str(Path(url).parent) for url in urls if protocol_of(url) is None})
-    if len(directories) < len({str(Path(url).parent) for url in urls}):
+    if any(protocol_of(url) is not None for url in urls):
         log.warning("data source %r: the teachers of its shards in an object store are not checked against "
                     "loss.distillation.teachers (their %s is not read)", source_name, MANIFEST)
     for directory in directories:
@@ -164,7 +164,8 @@ def check_set_teachers(urls: list[str], source_name: str, teacher_hashes: dict[s
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise InputError(f"data source {source_name!r}: unreadable {path}: {error}") from None
         for name, digest in teacher_hashes.items():
-            stored = written.get(name, {}).get("sha256") if isinstance(written.get(name), dict) else None
+            entry = written.get(name)
+            stored = entry.get("sha256") if isinstance(entry, dict) else None
             if stored != digest:
                 raise ConfigError(
                     f"data source {source_name!r}: {path} was written with teacher {name!r} "
