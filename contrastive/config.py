@@ -210,7 +210,8 @@ class TrainerConfig:
     keep_every_steps: int | None = None  # also keep every checkpoint whose step is a multiple of this
     max_nonfinite_steps: int = 5  # consecutive NaN/Inf steps (skipped) before the run stops
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
-    threads_per_process: int | None = None  # CPU threads; None divides the cores among local ranks
+    # CPU threads; None: the cores divided among local ranks, less one per data worker (at least one)
+    threads_per_process: int | None = None
     progress_bar: bool = True
     deterministic: bool = False
     # Micro-batches per optimiser step; contrastive losses see every micro-batch's negatives (feature cache).

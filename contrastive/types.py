@@ -7,7 +7,32 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Protocol
 
+import numpy as np
 import torch
+
+# A batch's tensors of up to this many bytes cross from a DataLoader worker to the main process inside the pickle,
+# by value. torch hands a tensor over as a shared-memory handle: a file descriptor the main process fetches over a
+# socket from a server thread in the worker, which must first get the worker's GIL, held by the decoding loop for up
+# to its 5 ms switch interval. Receiving a ready batch of benchmarks/reinforced_step_time.py's took 16 ms with four
+# handles (tokens, labels, teachers' targets, images), 12 ms with scratch's three; 8 ms for both by value (and the
+# image buffer by reference, contrastive.data.batch_memory.RingImages).
+BY_VALUE_BYTES = 1 << 20
+
+
+def _by_value(value: Any) -> Any:
+    """A small CPU tensor as a numpy array, which pickles by value; anything else as it is."""
+    if (isinstance(value, torch.Tensor) and value.device.type == "cpu" and not value.requires_grad
+            and value.dtype != torch.bfloat16 and value.numel() * value.element_size() <= BY_VALUE_BYTES):
+        return value.numpy()
+    return value
+
+
+def _from_by_value(value: Any) -> Any:
+    return torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+
+
+def _rebuild(cls: type, state: dict[str, Any]) -> Any:
+    return cls(**{name: _from_by_value(value) for name, value in state.items()})
 
 
 @dataclass(frozen=True)
@@ -77,6 +102,9 @@ class TeacherTargets:
     logit_bias: torch.Tensor | None = None  # scalar, SigLIP teachers
     patch_tokens: torch.Tensor | None = None  # (B, N_t, W_t), online open_clip ViT teachers only
 
+    def __reduce__(self):  # small tensors by value (BY_VALUE_BYTES); no field holds a numpy array
+        return _rebuild, (type(self), {f.name: _by_value(getattr(self, f.name)) for f in fields(self)})
+
     def pin_memory(self) -> TeacherTargets:
         return replace(self, **{f.name: getattr(self, f.name).pin_memory()
                                 for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)})
@@ -129,6 +157,9 @@ class Batch:
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    def __reduce__(self):  # small tensors by value (BY_VALUE_BYTES); no field holds a numpy array
+        return _rebuild, (type(self), {f.name: _by_value(getattr(self, f.name)) for f in fields(self)})
 
     def pin_memory(self) -> Batch:
         """Page-locked copies of the tensors. DataLoader(pin_memory=True) calls this (it passes a dataclass through

@@ -1,19 +1,29 @@
-"""Reused shared memory for image batches (contrastive.data.batch_memory): a worker writes a buffer again only after the
-main process released the batch last sent in it, so every batch a consumer holds keeps its pixels. The reference is
-the same stream through a plain DataLoader, whose workers take fresh shared memory for every batch."""
+"""How batches cross from a DataLoader worker to the main process. Reused shared memory for image batches
+(contrastive.data.batch_memory): a worker writes a buffer again only after the main process released the batch last
+sent in it, so every batch a consumer holds keeps its pixels; the reference is the same stream through a plain
+DataLoader, whose workers take fresh shared memory for every batch. A buffer's handle crosses once, and a batch's
+small tensors cross by value (contrastive.types.BY_VALUE_BYTES)."""
 
 from __future__ import annotations
+
+import dataclasses
+import gc
+import pickle
+from multiprocessing.reduction import ForkingPickler
 
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from contrastive.data import batch_memory
 from contrastive.data.batch_memory import BatchMemory, ImageRing, StreamLoader
 from contrastive.data.shards import expand_shards
 from contrastive.data.stream import ImageTextStream, Source, StreamLayout
 from contrastive.data.transforms import build_train_transform
 from contrastive.models import build_tokenizer
+from contrastive.types import BY_VALUE_BYTES, Batch, TeacherTargets
 from tests.conftest import compose_config
+from tests.test_pin_memory import _full_batch
 
 BATCHES = 16  # with 2 workers, 8 each: past the ring's 6 buffers, so buffers are written again
 
@@ -73,3 +83,55 @@ def test_the_ring_reuses_a_buffer_only_after_its_batch_is_released():
     assert buffer.data_ptr() not in {b.data_ptr() for b, _ in taken} and ring.fresh == 6
     assert buffer.is_contiguous(memory_format=torch.channels_last) and buffer.is_shared()
 
+
+
+def test_a_ring_buffer_crosses_as_shared_memory_once_then_as_its_place_in_the_ring():
+    """The first batch in a buffer carries its shared-memory handle; later batches in it carry only the slot, which
+    the receiving process maps to the buffer it already has. A fresh buffer (its slot's batch not released) is sent
+    again. Pickling in one process stands in for the worker-to-main crossing."""
+    memory = BatchMemory(1, depth=1)
+    ring = ImageRing(memory, 0, (2, 3, 4, 4))
+    buffer, number = ring.take()
+    buffer.fill_(7)
+    sent = ForkingPickler.dumps(ring.sendable(number))
+    assert b"rebuild_storage_fd" in bytes(sent)
+    received = pickle.loads(sent)
+    assert torch.equal(received, buffer)
+    memory.release(0, number)
+    reused, number = ring.take()
+    assert reused.data_ptr() == buffer.data_ptr()
+    reused.fill_(9)  # the worker writes the next batch into the same memory
+    sent = ForkingPickler.dumps(ring.sendable(number))
+    assert b"rebuild_storage_fd" not in bytes(sent)
+    assert pickle.loads(sent) is received and torch.equal(received, reused)
+    fresh, number = ring.take()  # batch 1 not released: its slot gets new memory, which must cross again
+    fresh.fill_(3)
+    sent = ForkingPickler.dumps(ring.sendable(number))
+    assert b"rebuild_storage_fd" in bytes(sent)
+    assert torch.equal(pickle.loads(sent), fresh)
+    token = memory.token
+    del memory, ring
+    gc.collect()
+    assert not [key for key in batch_memory._RECEIVED if key[0] == token]  # the received buffers went with it
+
+
+def test_a_batch_sends_its_small_tensors_by_value_and_large_ones_as_shared_memory():
+    """Every field arrives equal; tensors up to BY_VALUE_BYTES arrive as plain memory (by value, no file descriptor
+    to fetch from the worker), larger ones and bfloat16 (no numpy dtype) as shared memory."""
+    batch = dataclasses.replace(_full_batch(), images=torch.randint(0, 256, (BY_VALUE_BYTES // 48 + 1, 3, 4, 4),
+                                                                    dtype=torch.uint8))
+    batch.teachers["t"].patch_tokens = torch.randn(2, 3, 4, dtype=torch.bfloat16)
+    received = pickle.loads(ForkingPickler.dumps(batch))
+    assert type(received) is Batch
+    for field in dataclasses.fields(Batch):
+        before, after = getattr(batch, field.name), getattr(received, field.name)
+        if isinstance(before, torch.Tensor):
+            assert after.dtype == before.dtype and torch.equal(after, before), field.name
+            assert after.is_shared() == (field.name == "images"), field.name
+        elif field.name != "teachers":
+            assert after == before, field.name
+    for target_field in dataclasses.fields(TeacherTargets):
+        before = getattr(batch.teachers["t"], target_field.name)
+        after = getattr(received.teachers["t"], target_field.name)
+        assert after.dtype == before.dtype and torch.equal(after, before), target_field.name
+        assert after.is_shared() == (target_field.name == "patch_tokens"), target_field.name

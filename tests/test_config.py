@@ -9,6 +9,7 @@ import torch
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
+import contrastive.train.trainer as trainer_module
 from contrastive.config import ModelConfig, TrainConfig, validate
 from contrastive.errors import ConfigError
 from contrastive.losses import list_losses
@@ -97,3 +98,18 @@ def test_extra_views_refuse_stages_and_length_bucketing(combined):
     _validate(compose_config(["data.local_views=2"]))  # alone, the extra views are a valid setting
     with pytest.raises(ValueError, match="do not combine with trainer.stages or data.length_bucketing"):
         _validate(compose_config(["data.local_views=2", combined]))
+
+
+def test_training_threads_default_to_the_cores_the_data_workers_leave(monkeypatch):
+    """8 cores shared by 2 local ranks: 4 each, less one per data worker, at least one; an explicit setting wins."""
+    monkeypatch.setattr(trainer_module.os, "cpu_count", lambda: 8)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    before = torch.get_num_threads()
+    try:
+        for workers, threads in ((0, 4), (1, 3), (3, 1), (6, 1)):
+            trainer_module._set_threads(compose_config([f"data.num_workers={workers}"]))
+            assert torch.get_num_threads() == threads, workers
+        trainer_module._set_threads(compose_config(["data.num_workers=6", "trainer.threads_per_process=5"]))
+        assert torch.get_num_threads() == 5
+    finally:
+        torch.set_num_threads(before)

@@ -14,6 +14,11 @@ unwritten rows must stay black) take fresh memory as before. A buffer that is no
 the worker takes fresh memory instead. A consumer that keeps every batch, or one that iterates a plain DataLoader
 over the stream and never releases, gets correct batches, only without the saving (tests/test_batch_memory.py).
 
+A ring buffer's shared-memory handle crosses to the main process once: torch hands a tensor over as a file
+descriptor that the main process fetches over a socket from a server thread in the worker, which waits for the
+worker's GIL (up to its 5 ms switch interval while the worker decodes). A batch in a buffer the main process already
+has carries the buffer's place in the ring instead (RingImages), and the main process looks it up.
+
 Batches are numbered per DataLoader worker by a counter in shared memory that outlives the worker's iterators, so a
 new iterator (persistent workers) never mistakes an old batch's release for one of its own. The main process yields
 a worker's batches in the order that worker sent them, and drops the ones an abandoned iterator never yielded, so
@@ -23,7 +28,9 @@ releasing batch k releases every earlier batch of that worker too.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+import uuid
+import weakref
+from dataclasses import dataclass, replace
 
 import torch
 from torch.utils.data import DataLoader
@@ -41,6 +48,35 @@ def shared_tensor(shape: tuple[int, ...], dtype: torch.dtype = torch.uint8,
     return tensor.permute(0, 3, 1, 2) if channels_last else tensor
 
 
+# In the receiving process: (BatchMemory.token, DataLoader worker, ring slot) -> the buffer last received for it
+_RECEIVED: dict[tuple[str, int, int], torch.Tensor] = {}
+
+
+def _received_buffer(key: tuple[str, int, int], buffer: torch.Tensor | None) -> torch.Tensor:
+    if buffer is not None:
+        _RECEIVED[key] = buffer
+    return _RECEIVED[key]
+
+
+def _forget_received(token: str) -> None:
+    for key in [key for key in _RECEIVED if key[0] == token]:
+        del _RECEIVED[key]
+
+
+@dataclass
+class RingImages:
+    """A ring buffer as a batch's `images` between the worker's yield and its pickling (the DataLoader worker sends
+    it at once): pickled, it is the buffer's shared-memory handle the first time this buffer is sent, and only its
+    place in the ring after that. Unpickled, it is the buffer."""
+
+    buffer: torch.Tensor
+    key: tuple[str, int, int]
+    first_send: bool
+
+    def __reduce__(self):
+        return _received_buffer, (self.key, self.buffer if self.first_send else None)
+
+
 class BatchMemory:
     """Made in the main process before the workers start; `sent` is written by the workers, `released` by the main
     process (StreamLoader), one counter each per DataLoader worker."""
@@ -49,6 +85,8 @@ class BatchMemory:
         self.depth = depth  # ring buffers per worker: more than the batches a worker can have in flight
         self.sent = torch.zeros(max(1, num_workers), dtype=torch.int64).share_memory_()
         self.released = torch.zeros(max(1, num_workers), dtype=torch.int64).share_memory_()  # batches below: done
+        self.token = uuid.uuid4().hex  # names its buffers in the receiving process
+        weakref.finalize(self, _forget_received, self.token)  # the received buffers go with the loader
 
     def release(self, worker: int, number: int) -> None:
         self.released[worker] = max(int(self.released[worker]), number + 1)
@@ -61,6 +99,7 @@ class ImageRing:
         self.memory, self.worker, self.shape = memory, worker, shape
         self.buffers: dict[int, tuple[torch.Tensor, int]] = {}  # ring slot -> (buffer, number of the batch it held)
         self.fresh = 0  # buffers allocated, reused ones not counted
+        self.unsent: set[int] = set()  # slots whose buffer the main process has not received yet
 
     def take(self) -> tuple[torch.Tensor, int]:
         """A channels-last uint8 buffer for the worker's next batch, and that batch's number."""
@@ -73,8 +112,16 @@ class ImageRing:
         else:
             buffer = shared_tensor(self.shape, channels_last=True)
             self.fresh += 1
+            self.unsent.add(slot)
         self.buffers[slot] = (buffer, number)
         return buffer, number
+
+    def sendable(self, number: int) -> RingImages:
+        """Batch `number`'s images, as the batch sent to the main process carries them."""
+        slot = number % self.memory.depth
+        first_send = slot in self.unsent
+        self.unsent.discard(slot)
+        return RingImages(self.buffers[slot][0], (self.memory.token, self.worker, slot), first_send)
 
 
 class StreamLoader(DataLoader):

@@ -138,11 +138,10 @@ def read_sample_files(raw: dict, teachers: tuple[str, ...]) -> StoredTargets:
     return StoredTargets((height, width), boxes, flips, images, texts, scalars["logit_scale"], scalars["logit_bias"])
 
 
-def normalized_rows(embeddings: Sequence[np.ndarray], out: torch.Tensor | None = None) -> torch.Tensor:
+def normalized_rows(embeddings: Sequence[np.ndarray]) -> torch.Tensor:
     """Stored embeddings (fp16 rounding moves them off the unit sphere), (D,) each -> fp32 unit rows (N, D), in one
-    tensor operation per batch; into `out` where given."""
-    return torch.nn.functional.normalize(torch.from_numpy(np.stack(embeddings).astype(np.float32)), dim=-1, eps=1e-12,
-                                         out=out)
+    tensor operation per batch."""
+    return torch.nn.functional.normalize(torch.from_numpy(np.stack(embeddings).astype(np.float32)), dim=-1, eps=1e-12)
 
 
 def check_set_teachers(urls: list[str], source_name: str, teacher_hashes: dict[str, str]) -> None:

@@ -438,14 +438,15 @@ class ImageTextStream(IterableDataset):
             elif self.bucket_batches is None:
                 views = view_buffers or ()
                 yield Batch(
-                    images=images,
+                    # from a ring: a RingImages until the DataLoader worker pickles the batch (the buffer again after)
+                    images=images if ring is None else ring.sendable(images_number),
                     global_views=views[0] if views and not self.teacher_view else None,
                     local_views=views[1] if len(views) > 1 else None,
                     # uint8: each teacher resizes and normalises its view its own way (transforms.teacher_input)
                     teacher_images=views[0] if self.teacher_view else None,
                     tokens=self.tokenizer(captions), keys=keys, labels=torch.tensor(labels),
                     stream_position=window_end, captions=captions,
-                    teachers=self._stored_targets(stored_rows, in_worker),
+                    teachers=self._stored_targets(stored_rows),
                     jpeg_bytes=jpeg_bytes, jpeg_crops=jpeg_crops,
                     **self._decoder_fields(decoder_texts),
                     shared_images=None if ring is None else (loader_worker, images_number),
@@ -462,35 +463,17 @@ class ImageTextStream(IterableDataset):
             captions, labels, keys, stored_rows, decoder_texts = [], [], [], [], []
             jpeg_bytes, jpeg_crops = [], []
 
-    def _stored_targets(self, rows: list[dict], in_worker: bool) -> dict[str, TeacherTargets]:
-        """A batch's stored teacher targets (reinforced data), teacher -> TeacherTargets, all views of one float32
-        buffer: a DataLoader worker hands each storage to the main process through a file descriptor and a
-        socket round trip (~1 ms on a loaded machine), once per storage however many tensors view it."""
-        if not rows:
-            return {}
-        columns = {name: list(zip(*(row[name] for row in rows))) for name in self.reinforced}  # image, text, s, b
-        sizes = {name: (image[0].shape[-1], None if text[0] is None else text[0].shape[-1])
-                 for name, (image, text, _, _) in columns.items()}
-        total = sum(len(rows) * (image + (text or 0)) + 2 for image, text in sizes.values())
-        buffer, offset = _batch_tensor((total,), in_worker, torch.float32), 0
-
-        def take(count: int) -> torch.Tensor:
-            nonlocal offset
-            offset += count
-            return buffer[offset - count:offset]
-
+    def _stored_targets(self, rows: list[dict]) -> dict[str, TeacherTargets]:
+        """A batch's stored teacher targets (reinforced data), teacher -> TeacherTargets. In plain memory: sent from a
+        DataLoader worker, tensors up to types.BY_VALUE_BYTES travel inside the batch's pickle."""
         targets = {}
-        for name, (image, text, scale, bias) in columns.items():
-            image_width, text_width = sizes[name]
-            image_rows = normalized_rows(image, out=take(len(rows) * image_width).view(len(rows), image_width))
-            text_rows = None if text[0] is None else normalized_rows(
-                text, out=take(len(rows) * text_width).view(len(rows), text_width))
-            scalars = take(2)
-            scalars[0], scalars[1] = scale[0] or 0.0, bias[0] or 0.0
+        for name in self.reinforced if rows else ():
+            image, text, scale, bias = zip(*(row[name] for row in rows))
             targets[name] = TeacherTargets(
-                image_features=image_rows, text_features=text_rows,
-                logit_scale=None if scale[0] is None else scalars[0],
-                logit_bias=None if bias[0] is None else scalars[1])
+                image_features=normalized_rows(image),
+                text_features=None if text[0] is None else normalized_rows(text),
+                logit_scale=None if scale[0] is None else torch.tensor(scale[0], dtype=torch.float32),
+                logit_bias=None if bias[0] is None else torch.tensor(bias[0], dtype=torch.float32))
         return targets
 
     def _decoder_fields(self, decoder_texts: list[tuple[str, str, int]]) -> dict[str, torch.Tensor]:

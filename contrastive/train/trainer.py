@@ -68,10 +68,13 @@ class TrainResult:
 
 
 def _set_threads(cfg: TrainConfig) -> None:
+    """trainer.threads_per_process, or by default the cores of this rank's share that its data workers leave. One
+    worker and two training threads on two cores made CPU steps about 1.6x slower and erratic: medians of 118-133 ms
+    against 77-79 ms with one thread, in benchmarks/reinforced_step_time.py's runs, rounds from 95 to 154 ms."""
     threads = cfg.trainer.threads_per_process
     if threads is None:
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        threads = max(1, (os.cpu_count() or 1) // local_ranks)
+        threads = max(1, (os.cpu_count() or 1) // local_ranks - cfg.data.num_workers)
     torch.set_num_threads(threads)
 
 
