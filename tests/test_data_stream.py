@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from contrastive.config import ModelConfig
 from contrastive.data.loader import build_train_loader
-from contrastive.data.reader import iter_shard
+from contrastive.data.reader import iter_shard, split_key
 from contrastive.data.shards import expand_shards, shards_for_slot
 from contrastive.data.stream import ImageTextStream, Source, StreamLayout
 from contrastive.data.transforms import Preprocess, build_train_transform
@@ -229,3 +229,71 @@ def test_a_gzip_compressed_shard_reads_every_sample_and_counts_nothing(demo_root
     samples = list(iter_shard(str(compressed), skipped))
     assert [s["__key__"] for s in samples] == [s["__key__"] for s in expected] and not skipped
     assert all(a["png"] == b["png"] for a, b in zip(samples, expected))
+
+
+def _tarfile_samples(path) -> list[dict]:
+    """The reference: a shard's samples as tarfile reads them (regular members grouped by key, in order)."""
+    samples: list[dict] = []
+    with tarfile.open(path) as archive:
+        for member in archive:
+            key, extension = split_key(member.name)
+            if not member.isreg() or key.startswith("__") or not extension:
+                continue
+            if not samples or samples[-1]["__key__"] != key:
+                samples.append({"__key__": key, "__url__": str(path)})
+            samples[-1][extension] = archive.extractfile(member).read()
+    return samples
+
+
+def _write_members(path, tar_format: int, entries: list[tuple[str, bytes | str | None]], **options) -> None:
+    """entries: (name, bytes: a file | str: a symlink to it | None: a directory)."""
+    with tarfile.open(path, "w", format=tar_format, **options) as archive:
+        for name, content in entries:
+            info = tarfile.TarInfo(name)
+            if content is None:
+                info.type = tarfile.DIRTYPE
+            elif isinstance(content, str):
+                info.type, info.linkname = tarfile.SYMTYPE, content
+            else:
+                info.size = len(content)
+            archive.addfile(info, io.BytesIO(content) if isinstance(content, bytes) else None)
+
+
+@pytest.mark.parametrize("tar_format", ["ustar", "gnu", "pax", "pax_global_header"])
+def test_a_local_shard_reads_as_tarfile_reads_it_whatever_its_headers(tmp_path, tar_format):
+    """Plain ustar headers are read directly, anything else (a GNU long name, pax records) by tarfile from there on:
+    the samples are tarfile's either way, nothing is counted."""
+    long_directory = "d" * 120  # a name over 100 characters: ustar splits it into prefix and name
+    entries = [("a/", None), ("a/k0.txt", b"first"), ("a/k0.cls", b"3"), ("__meta__.json", b"{}"),
+               (f"{long_directory}/k1.txt", b"long"), ("a/link.txt", "a/k0.txt"), ("a/k2.txt", b""),
+               ("a/k2.jpg", bytes(range(256)) * 3)]
+    if tar_format != "ustar":  # names only extension records hold: a GNU long name, a pax path, in the middle
+        entries[5:5] = [("x" * 300 + "/k3.txt", b"longer"), ("a/k\u00e9.txt", "é".encode())]
+    options = {"pax_headers": {"comment": "global"}} if tar_format == "pax_global_header" else {}
+    fmt = {"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT}.get(tar_format, tarfile.PAX_FORMAT)
+    _write_members(tmp_path / "shard.tar", fmt, entries, **options)
+    skipped = Counter()
+    samples = list(iter_shard(str(tmp_path / "shard.tar"), skipped))
+    assert samples == _tarfile_samples(tmp_path / "shard.tar") and not skipped
+    assert [s["__key__"] for s in samples][:2] == ["a/k0", f"{long_directory}/k1"]
+
+
+def test_a_plain_shard_is_read_without_tarfile(demo_root, monkeypatch):
+    plain = expand_shards(str(demo_root / "train"))[0]
+    expected = _tarfile_samples(plain)
+    monkeypatch.setattr(tarfile, "open", None)  # any use of tarfile's reader fails
+    skipped = Counter()
+    assert list(iter_shard(plain, skipped)) == expected and not skipped
+
+
+def test_a_bad_header_inside_a_shard_is_counted_after_the_samples_before_it(tmp_path):
+    """A header whose checksum is wrong ends tarfile's reading silently; here it is a truncated shard, counted, and
+    the samples before it are used but the last (whose members could have gone on), as for a cut shard."""
+    samples = [(f"s{i:04d}", {"png": png(), "txt": b"a bag."}) for i in range(6)]
+    whole = bytearray(write_tar(tmp_path / "whole.tar", samples).read_bytes())
+    header, _, _ = _member_offsets(bytes(whole))["s0004.png"]
+    whole[header] ^= 0x01  # a bit of the name flipped: the checksum no longer holds
+    (tmp_path / "bad.tar").write_bytes(whole)
+    skipped = Counter()
+    assert [s["__key__"] for s in iter_shard(str(tmp_path / "bad.tar"), skipped)] == [f"s{i:04d}" for i in range(3)]
+    assert skipped == {"truncated_shard": 1}
