@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-steps", type=int, default=8, help="model-only steps per arm and round")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-workers", type=int, default=1)
+    parser.add_argument("--threads", type=int, help="trainer.threads_per_process (default: the trainer's, the "
+                                                     "cores the data workers leave)")
     parser.add_argument("--train-samples", type=int, default=1024, help="first N Fashion-MNIST train images")
     parser.add_argument("--augmentations", type=int, default=2, help="stored crops per image in the reinforced set")
     parser.add_argument("--crop-scale", type=float, nargs=2, default=[0.7, 1.0])
@@ -78,7 +81,8 @@ def compose_run(args: argparse.Namespace, roots: dict[str, Path], arm: str, step
                                          "smoke": False})
     overrides = run_overrides(quality_args, roots, arm, 0) + [
         "trainer.log_every=1", f"data.num_workers={args.num_workers}", "data.shuffle_buffer=256",
-        "eval.at_end=false", "eval.every_steps=0"]
+        "eval.at_end=false", "eval.every_steps=0"] + (
+        [] if args.threads is None else [f"trainer.threads_per_process={args.threads}"])
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose("train", overrides=overrides)
 
@@ -172,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python", f"benchmarks/{Path(__file__).name}",
                              *(sys.argv[1:] if argv is None else argv)]),
         "settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
+        "training_threads": torch.get_num_threads(),  # as the last run's trainer set them
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "total_seconds": time.perf_counter() - started,
         "step_seconds": steps, "loader_seconds_per_batch": loads, "model_step_seconds": models,
