@@ -68,9 +68,10 @@ class TrainResult:
 
 
 def _set_threads(cfg: TrainConfig) -> None:
-    """trainer.threads_per_process, or by default the cores of this rank's share that its data workers leave. One
-    worker and two training threads on two cores made CPU steps about 1.6x slower and erratic: medians of 118-133 ms
-    against 77-79 ms with one thread, in benchmarks/reinforced_step_time.py's runs, rounds from 95 to 154 ms."""
+    """trainer.threads_per_process, or by default the cores of this rank's share that its data workers leave. With
+    one data worker on two cores, two training threads made benchmarks/reinforced_step_time.py's plain CPU step 112 ms
+    against 80 ms with one (medians; benchmarks/results/reinforced_step_time_quiet_6x20_2threads.json and
+    reinforced_step_time_quiet_10x20_616fda0.json)."""
     threads = cfg.trainer.threads_per_process
     if threads is None:
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
