@@ -69,9 +69,9 @@ class TrainResult:
 
 def _set_threads(cfg: TrainConfig) -> None:
     """trainer.threads_per_process, or by default the cores of this rank's share that its data workers leave. With
-    one data worker on two cores, two training threads made benchmarks/reinforced_step_time.py's plain CPU step 112 ms
-    against 80 ms with one (medians; benchmarks/results/reinforced_step_time_quiet_6x20_2threads.json and
-    reinforced_step_time_quiet_10x20_616fda0.json)."""
+    one data worker on two cores, two training threads made benchmarks/reinforced_step_time.py's plain CPU step 111 ms
+    against 74-77 ms with one (medians; benchmarks/results/reinforced_step_time_quiet_6x20_2threads.json,
+    reinforced_step_time_quiet_10x20.json and its _run2)."""
     threads = cfg.trainer.threads_per_process
     if threads is None:
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
