@@ -35,6 +35,11 @@ def _rebuild(cls: type, state: dict[str, Any]) -> Any:
     return cls(**{name: _from_by_value(value) for name, value in state.items()})
 
 
+def _reduce_by_value(instance: Any) -> tuple:
+    """A dataclass's pickling with its small tensors by value (BY_VALUE_BYTES); its fields hold no numpy arrays."""
+    return _rebuild, (type(instance), {f.name: _by_value(getattr(instance, f.name)) for f in fields(instance)})
+
+
 @dataclass(frozen=True)
 class StreamPosition:
     """Where one logical data worker's stream stands after a batch: what restarts it exactly there.
@@ -102,8 +107,7 @@ class TeacherTargets:
     logit_bias: torch.Tensor | None = None  # scalar, SigLIP teachers
     patch_tokens: torch.Tensor | None = None  # (B, N_t, W_t), online open_clip ViT teachers only
 
-    def __reduce__(self):  # small tensors by value (BY_VALUE_BYTES); no field holds a numpy array
-        return _rebuild, (type(self), {f.name: _by_value(getattr(self, f.name)) for f in fields(self)})
+    __reduce__ = _reduce_by_value
 
     def pin_memory(self) -> TeacherTargets:
         return replace(self, **{f.name: getattr(self, f.name).pin_memory()
@@ -158,8 +162,7 @@ class Batch:
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def __reduce__(self):  # small tensors by value (BY_VALUE_BYTES); no field holds a numpy array
-        return _rebuild, (type(self), {f.name: _by_value(getattr(self, f.name)) for f in fields(self)})
+    __reduce__ = _reduce_by_value
 
     def pin_memory(self) -> Batch:
         """Page-locked copies of the tensors. DataLoader(pin_memory=True) calls this (it passes a dataclass through
